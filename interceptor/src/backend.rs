@@ -1,0 +1,113 @@
+//! The example backend (`wakegate-interceptor backend`): a small HTTP app with a configurable
+//! boot delay, to play a slow-starting app in the quick start, the tests and load tests. It binds
+//! its port only after the delay, as a real app does once it has booted.
+//!
+//! Paths: `/healthz`; `/echo` streams the request body back; `/headers` lists the request
+//! headers; `/sleep?ms=N` answers after N ms; `/exit` ends the process mid-request; anything
+//! else says hello. Every response carries `X-Backend-Pid`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use tokio_util::sync::CancellationToken;
+
+use crate::server::{self, ConnectionSettings};
+
+/// Flags of the example backend.
+#[derive(Clone, Debug, clap::Args)]
+pub struct BackendArgs {
+    /// Port to listen on (local mode sets PORT for the commands it starts).
+    #[arg(long, env = "PORT", default_value_t = 18001)]
+    pub port: u16,
+    /// Address to listen on.
+    #[arg(long, env = "WAKEGATE_BACKEND_HOST", default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    /// Time to wait before binding the port, to play a slow boot (e.g. 2s, 500ms).
+    #[arg(long, env = "WAKEGATE_BACKEND_BOOT_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub boot_delay: Duration,
+    /// Name used in the greeting.
+    #[arg(long, env = "WAKEGATE_BACKEND_NAME", default_value = "wakegate example backend")]
+    pub name: String,
+}
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Runs the backend until SIGTERM or SIGINT.
+pub async fn run(args: BackendArgs) -> anyhow::Result<()> {
+    let addr = SocketAddr::new(args.host, args.port);
+    tracing::info!(%addr, boot_delay_ms = args.boot_delay.as_millis() as u64, "backend booting");
+    tokio::time::sleep(args.boot_delay).await;
+    let listener = server::bind(addr)?;
+    tracing::info!(%addr, pid = std::process::id(), "backend listening");
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            crate::signal::terminated().await;
+            stop.cancel();
+        }
+    });
+    let name: std::sync::Arc<str> = args.name.into();
+    let settings = ConnectionSettings {
+        header_read_timeout: Duration::from_secs(10),
+    };
+    server::serve(
+        listener,
+        move |req, _remote| handle(req, name.clone()),
+        settings,
+        stop,
+        Duration::from_secs(5),
+    )
+    .await;
+    Ok(())
+}
+
+async fn handle(req: Request<Incoming>, name: std::sync::Arc<str>) -> Response<Body> {
+    let mut rsp = match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/echo" => Response::new(req.into_body().boxed()),
+        "/headers" => {
+            let mut out = format!("{} {} {:?}\n", req.method(), req.uri(), req.version());
+            for (k, v) in req.headers() {
+                out.push_str(&format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())));
+            }
+            text(StatusCode::OK, out)
+        }
+        "/sleep" => {
+            let ms = query_u64(&req, "ms").unwrap_or(1000);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            text(StatusCode::OK, format!("slept {ms} ms\n"))
+        }
+        "/exit" => {
+            tracing::warn!("exiting on request to /exit");
+            std::process::exit(3);
+        }
+        path => text(
+            StatusCode::OK,
+            format!("hello from {name} (pid {}) at {path}\n", std::process::id()),
+        ),
+    };
+    rsp.headers_mut()
+        .insert("x-backend-pid", HeaderValue::from(std::process::id()));
+    rsp
+}
+
+fn query_u64<B>(req: &Request<B>, key: &str) -> Option<u64> {
+    req.uri()
+        .query()?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    let mut rsp = Response::new(Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed());
+    *rsp.status_mut() = status;
+    rsp
+}

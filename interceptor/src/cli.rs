@@ -1,0 +1,81 @@
+//! Command-line flags. Every flag has a `WAKEGATE_*` environment twin and a documented default;
+//! values are parsed into their types here so nothing downstream re-validates them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::backend::BackendArgs;
+
+/// Wakegate's interceptor: a reverse proxy that holds requests while their target wakes from
+/// zero, and forwards them the moment it is ready.
+#[derive(Debug, Parser)]
+#[command(name = "wakegate-interceptor", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// Something other than the interceptor.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// The interceptor's flags.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Log format.
+    #[arg(long, env = "WAKEGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the example backend: a small HTTP app with a configurable boot delay.
+    Backend(BackendArgs),
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines, for a terminal.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Flags of the interceptor itself.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address the proxy listens on.
+    #[arg(long, env = "WAKEGATE_PROXY_ADDR", default_value = "0.0.0.0:8080")]
+    pub proxy_addr: SocketAddr,
+
+    /// Address the admin server (/livez, /readyz, /queue, /status, /metrics) listens on.
+    #[arg(long, env = "WAKEGATE_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
+    pub admin_addr: SocketAddr,
+
+    /// Local-mode config file (YAML). Required until the Kubernetes provider lands.
+    #[arg(long, env = "WAKEGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// How long a request is held waiting for its target to have a ready endpoint, unless its
+    /// route sets `timeouts.readiness`.
+    #[arg(long, env = "WAKEGATE_READINESS_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub readiness_timeout: Duration,
+
+    /// How long to wait for an upstream's response headers, unless the route sets
+    /// `timeouts.responseHeader`.
+    #[arg(long, env = "WAKEGATE_RESPONSE_HEADER_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub response_header_timeout: Duration,
+
+    /// How long a client may take to send a request's headers.
+    #[arg(long, env = "WAKEGATE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// On shutdown, how long in-flight requests may take to finish.
+    #[arg(long, env = "WAKEGATE_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// On shutdown, how long to keep serving while reporting not-ready, so load balancers stop
+    /// sending new requests first. Set it to a few seconds in Kubernetes.
+    #[arg(long, env = "WAKEGATE_SHUTDOWN_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub shutdown_delay: Duration,
+}

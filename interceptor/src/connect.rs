@@ -1,0 +1,103 @@
+//! The upstream connector: hyper-util's `HttpConnector`, plus short retries for endpoints that
+//! were only just reported ready.
+//!
+//! A provider's "ready" can run ahead of the socket: a pod is Ready before kube-proxy or the
+//! pod's own listener catches up, and a local process may pass an HTTP probe on one port while
+//! another is still binding. When a held request is released to an endpoint, the proxy marks
+//! that endpoint fresh until the request's readiness deadline; connects to a fresh endpoint that
+//! fail are retried every [`RETRY_INTERVAL`] until then. Connects to any other endpoint fail at
+//! once, so a dead backend gives a prompt 502.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use http::Uri;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tower::Service;
+
+/// How often a connect to a fresh endpoint is retried.
+pub const RETRY_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Endpoints whose connects may be retried, and until when. Keyed by `host:port`.
+#[derive(Clone, Debug, Default)]
+pub struct FreshEndpoints(Arc<DashMap<Box<str>, Instant>>);
+
+impl FreshEndpoints {
+    /// Allows retrying connects to `authority` until `until`.
+    pub fn mark(&self, authority: &str, until: Instant) {
+        if self.0.len() > 4096 {
+            let now = Instant::now();
+            self.0.retain(|_, t| *t > now);
+        }
+        match self.0.get_mut(authority) {
+            Some(t) if *t >= until => {}
+            Some(mut t) => *t = until,
+            None => {
+                self.0.insert(authority.into(), until);
+            }
+        }
+    }
+
+    fn retry_until(&self, authority: &str) -> Option<Instant> {
+        self.0.get(authority).map(|t| *t)
+    }
+}
+
+/// `HttpConnector` with retries for fresh endpoints.
+#[derive(Clone, Debug)]
+pub struct RetryingConnector {
+    inner: HttpConnector,
+    fresh: FreshEndpoints,
+}
+
+impl RetryingConnector {
+    /// Wraps a plain-TCP connector.
+    pub fn new(fresh: FreshEndpoints) -> Self {
+        let mut inner = HttpConnector::new();
+        inner.set_nodelay(true);
+        inner.set_connect_timeout(Some(Duration::from_secs(10)));
+        Self { inner, fresh }
+    }
+}
+
+type ConnectError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Service<Uri> for RetryingConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let mut inner = self.inner.clone();
+        let fresh = self.fresh.clone();
+        Box::pin(async move {
+            loop {
+                let err = match inner.call(uri.clone()).await {
+                    Ok(io) => return Ok(io),
+                    Err(err) => err,
+                };
+                let until = uri
+                    .authority()
+                    .and_then(|a| fresh.retry_until(a.as_str()));
+                match until {
+                    Some(until) if Instant::now() + RETRY_INTERVAL < until => {
+                        tracing::debug!(%uri, error = %err, "connect to a fresh endpoint failed; retrying");
+                        tokio::time::sleep(RETRY_INTERVAL).await;
+                    }
+                    _ => return Err(err.into()),
+                }
+            }
+        })
+    }
+}

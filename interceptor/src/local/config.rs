@@ -1,0 +1,540 @@
+//! The local-mode config file: routes with the matching fields of an HTTPScaledObject and a
+//! target that is either an always-on upstream or a command started on demand.
+//!
+//! Parsed once into types; every problem names the key (`routes[1].target.port`) and what is
+//! wrong with it.
+
+use std::collections::{BTreeMap, HashSet};
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery};
+use http::{HeaderName, HeaderValue};
+use serde::Deserialize;
+
+use crate::provider::RouteSpec;
+use crate::routing::{HeaderMatch, RouteMatch};
+
+/// Idle time before a command is stopped, when a route does not say (the add-on's default).
+pub const DEFAULT_SCALEDOWN_PERIOD: Duration = Duration::from_secs(300);
+/// Time between SIGTERM and SIGKILL when stopping a command, when a target does not say.
+pub const DEFAULT_STOP_GRACE_PERIOD: Duration = Duration::from_secs(10);
+
+/// A validated local-mode configuration.
+#[derive(Clone, Debug)]
+pub struct LocalConfig {
+    /// Routes in file order (earlier routes win precedence ties).
+    pub routes: Vec<LocalRoute>,
+}
+
+/// One route and its target.
+#[derive(Clone, Debug)]
+pub struct LocalRoute {
+    /// What the proxy core needs.
+    pub spec: RouteSpec,
+    /// Where requests go.
+    pub target: LocalTarget,
+    /// Idle time (no requests, none in flight) before a command target is stopped.
+    pub scaledown_period: Duration,
+}
+
+/// A route's target.
+#[derive(Clone, Debug)]
+pub enum LocalTarget {
+    /// An address that is always on.
+    Upstream(Authority),
+    /// A command started on the first request and stopped when idle.
+    Command(CommandTarget),
+}
+
+/// A command target.
+#[derive(Clone, Debug)]
+pub struct CommandTarget {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// The port the command listens on, on 127.0.0.1.
+    pub port: u16,
+    /// Extra environment variables (`PORT` is always set).
+    pub env: BTreeMap<String, String>,
+    /// Working directory; the interceptor's own when unset.
+    pub working_dir: Option<PathBuf>,
+    /// How readiness is checked.
+    pub probe: Probe,
+    /// Time between SIGTERM and SIGKILL.
+    pub stop_grace_period: Duration,
+}
+
+/// A readiness check for a command target, repeated until it passes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// A TCP connect to the port succeeds.
+    Tcp,
+    /// An HTTP GET of this path answers 2xx or 3xx.
+    HttpGet(PathAndQuery),
+}
+
+/// Why a config file was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML of the expected shape (unknown key, wrong type, bad duration).
+    #[error("config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, which names the key and the line.
+        #[source]
+        source: serde_yaml::Error,
+    },
+    /// A value has the right shape but is not allowed.
+    #[error("config file {path}: {key}: {problem}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The offending key, e.g. `routes[0].target.port`.
+        key: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+impl LocalConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            Problem::Parse(source) => ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            },
+            Problem::Invalid { key, problem } => ConfigError::Invalid {
+                path: path.to_owned(),
+                key,
+                problem,
+            },
+        })
+    }
+
+    /// Parses and validates config text.
+    fn parse(text: &str) -> Result<Self, Problem> {
+        let raw: RawConfig = serde_yaml::from_str(text).map_err(Problem::Parse)?;
+        if raw.routes.is_empty() {
+            return Err(invalid("routes", "at least one route is needed"));
+        }
+        let mut names = HashSet::new();
+        let routes = raw
+            .routes
+            .into_iter()
+            .enumerate()
+            .map(|(i, route)| {
+                let key = format!("routes[{i}]");
+                if !names.insert(route.name.clone()) {
+                    return Err(invalid(
+                        &format!("{key}.name"),
+                        &format!("route name {:?} is used twice", route.name),
+                    ));
+                }
+                route.validate(&key)
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { routes })
+    }
+}
+
+#[derive(Debug)]
+enum Problem {
+    Parse(serde_yaml::Error),
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: &str, problem: &str) -> Problem {
+    Problem::Invalid {
+        key: key.to_owned(),
+        problem: problem.to_owned(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    routes: Vec<RawRoute>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawRoute {
+    name: String,
+    #[serde(default)]
+    hosts: Vec<String>,
+    #[serde(default)]
+    path_prefixes: Vec<String>,
+    #[serde(default)]
+    headers: Vec<RawHeader>,
+    target: RawTarget,
+    scaledown_period: Option<DurationValue>,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+    max_in_flight_per_endpoint: Option<NonZeroUsize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeader {
+    name: String,
+    value: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawTimeouts {
+    /// `conditionWait` is the add-on's name for the same timeout.
+    #[serde(alias = "conditionWait")]
+    readiness: Option<DurationValue>,
+    response_header: Option<DurationValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawTarget {
+    upstream: Option<String>,
+    command: Option<Vec<String>>,
+    port: Option<u16>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    working_dir: Option<PathBuf>,
+    readiness_probe: Option<RawProbe>,
+    stop_grace_period: Option<DurationValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawProbe {
+    http_get: Option<RawHttpGet>,
+    tcp_socket: Option<serde_yaml::Mapping>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttpGet {
+    path: String,
+}
+
+/// A duration written `30s`, `2m`, `1h 30m`, or as a bare number of seconds (the add-on's form).
+#[derive(Clone, Copy, Debug)]
+struct DurationValue(Duration);
+
+impl<'de> Deserialize<'de> for DurationValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Seconds(u64),
+            Text(String),
+        }
+        match Form::deserialize(d)? {
+            Form::Seconds(s) => Ok(Self(Duration::from_secs(s))),
+            Form::Text(t) => humantime::parse_duration(t.trim())
+                .map(Self)
+                .map_err(|e| serde::de::Error::custom(format!("invalid duration {t:?} ({e}); write it like 30s or 2m"))),
+        }
+    }
+}
+
+impl RawRoute {
+    fn validate(self, key: &str) -> Result<LocalRoute, Problem> {
+        if self.name.is_empty() || self.name.chars().any(|c| c.is_whitespace() || c == '"') {
+            return Err(invalid(
+                &format!("{key}.name"),
+                "must be non-empty, without spaces or quotes",
+            ));
+        }
+        for (i, host) in self.hosts.iter().enumerate() {
+            validate_host(host).map_err(|p| invalid(&format!("{key}.hosts[{i}]"), &p))?;
+        }
+        for (i, prefix) in self.path_prefixes.iter().enumerate() {
+            if prefix.is_empty()
+                || prefix.contains(['?', '#'])
+                || prefix.chars().any(char::is_whitespace)
+            {
+                return Err(invalid(
+                    &format!("{key}.pathPrefixes[{i}]"),
+                    &format!("{prefix:?} is not a path prefix like /api"),
+                ));
+            }
+        }
+        let headers = self
+            .headers
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| {
+                    invalid(
+                        &format!("{key}.headers[{i}].name"),
+                        &format!("{:?} is not a valid header name", h.name),
+                    )
+                })?;
+                let value = h
+                    .value
+                    .as_deref()
+                    .map(HeaderValue::from_str)
+                    .transpose()
+                    .map_err(|_| {
+                        invalid(
+                            &format!("{key}.headers[{i}].value"),
+                            "is not a valid header value",
+                        )
+                    })?;
+                Ok(HeaderMatch { name, value })
+            })
+            .collect::<Result<Vec<_>, Problem>>()?;
+
+        let target = self.target.validate(&format!("{key}.target"))?;
+        let id: Arc<str> = self.name.as_str().into();
+        Ok(LocalRoute {
+            spec: RouteSpec {
+                target: id.clone(),
+                id,
+                matcher: RouteMatch {
+                    hosts: self.hosts,
+                    path_prefixes: self.path_prefixes,
+                    headers,
+                },
+                readiness_timeout: self.timeouts.readiness.map(|d| d.0),
+                response_header_timeout: self.timeouts.response_header.map(|d| d.0),
+                max_in_flight_per_endpoint: self.max_in_flight_per_endpoint,
+            },
+            target,
+            scaledown_period: self
+                .scaledown_period
+                .map_or(DEFAULT_SCALEDOWN_PERIOD, |d| d.0),
+        })
+    }
+}
+
+impl RawTarget {
+    fn validate(self, key: &str) -> Result<LocalTarget, Problem> {
+        match (self.upstream, self.command) {
+            (Some(_), Some(_)) => Err(invalid(
+                key,
+                "give either `upstream` or `command` (with `port`), not both",
+            )),
+            (None, None) => Err(invalid(
+                key,
+                "give either `upstream: host:port` or `command: [...]` with `port`",
+            )),
+            (Some(upstream), None) => {
+                let command_only = [
+                    ("port", self.port.is_some()),
+                    ("env", !self.env.is_empty()),
+                    ("workingDir", self.working_dir.is_some()),
+                    ("readinessProbe", self.readiness_probe.is_some()),
+                    ("stopGracePeriod", self.stop_grace_period.is_some()),
+                ];
+                if let Some((field, _)) = command_only.iter().find(|(_, set)| *set) {
+                    return Err(invalid(
+                        &format!("{key}.{field}"),
+                        "applies only to a `command` target",
+                    ));
+                }
+                let authority: Authority = upstream.parse().map_err(|_| {
+                    invalid(
+                        &format!("{key}.upstream"),
+                        &format!("{upstream:?} is not a host:port address"),
+                    )
+                })?;
+                if authority.port_u16().is_none() {
+                    return Err(invalid(
+                        &format!("{key}.upstream"),
+                        &format!("{upstream:?} has no port; write it like 127.0.0.1:8000"),
+                    ));
+                }
+                Ok(LocalTarget::Upstream(authority))
+            }
+            (None, Some(argv)) => {
+                if argv.first().is_none_or(|p| p.is_empty()) {
+                    return Err(invalid(
+                        &format!("{key}.command"),
+                        "needs a program to run as its first element",
+                    ));
+                }
+                let port = match self.port {
+                    None => {
+                        return Err(invalid(
+                            &format!("{key}.port"),
+                            "is required with `command`: the port the command listens on",
+                        ))
+                    }
+                    Some(0) => return Err(invalid(&format!("{key}.port"), "must not be 0")),
+                    Some(port) => port,
+                };
+                let probe = match self.readiness_probe {
+                    None => Probe::Tcp,
+                    Some(RawProbe {
+                        http_get: Some(_),
+                        tcp_socket: Some(_),
+                    }) => {
+                        return Err(invalid(
+                            &format!("{key}.readinessProbe"),
+                            "give either `httpGet` or `tcpSocket`, not both",
+                        ))
+                    }
+                    Some(RawProbe {
+                        http_get: Some(get),
+                        ..
+                    }) => Probe::HttpGet(
+                        get.path
+                            .parse()
+                            .ok()
+                            .filter(|p: &PathAndQuery| p.as_str().starts_with('/'))
+                            .ok_or_else(|| {
+                                invalid(
+                                    &format!("{key}.readinessProbe.httpGet.path"),
+                                    &format!("{:?} is not a path like /healthz", get.path),
+                                )
+                            })?,
+                    ),
+                    Some(_) => Probe::Tcp,
+                };
+                Ok(LocalTarget::Command(CommandTarget {
+                    argv,
+                    port,
+                    env: self.env,
+                    working_dir: self.working_dir,
+                    probe,
+                    stop_grace_period: self
+                        .stop_grace_period
+                        .map_or(DEFAULT_STOP_GRACE_PERIOD, |d| d.0),
+                }))
+            }
+        }
+    }
+}
+
+/// Accepts `*`, `*.suffix`, host names and IP addresses.
+fn validate_host(host: &str) -> Result<(), String> {
+    if host == "*" {
+        return Ok(());
+    }
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    let ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':' | '[' | ']'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{host:?} is not a host name, a `*.suffix` wildcard or `*`"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(text: &str) -> String {
+        match LocalConfig::parse(text) {
+            Ok(_) => panic!("config was accepted:\n{text}"),
+            Err(Problem::Parse(e)) => e.to_string(),
+            Err(Problem::Invalid { key, problem }) => format!("{key}: {problem}"),
+        }
+    }
+
+    #[test]
+    fn the_documented_shape_parses() {
+        let config = LocalConfig::parse(
+            r#"
+routes:
+  - name: hello
+    hosts: ["hello.localhost"]
+    pathPrefixes: ["/"]
+    target:
+      command: ["some-server", "--port", "18001"]
+      port: 18001
+    scaledownPeriod: 30s
+    timeouts: { readiness: 60s }
+  - name: always-on
+    hosts: ["static.localhost"]
+    headers: [{ name: x-canary }, { name: x-user, value: "1" }]
+    target:
+      upstream: 127.0.0.1:18002
+    scaledownPeriod: 120
+    timeouts: { conditionWait: 2m, responseHeader: 500ms }
+"#,
+        )
+        .unwrap();
+        let hello = &config.routes[0];
+        assert_eq!(hello.scaledown_period, Duration::from_secs(30));
+        assert_eq!(hello.spec.readiness_timeout, Some(Duration::from_secs(60)));
+        match &hello.target {
+            LocalTarget::Command(c) => {
+                assert_eq!(c.port, 18001);
+                assert_eq!(c.probe, Probe::Tcp);
+                assert_eq!(c.stop_grace_period, DEFAULT_STOP_GRACE_PERIOD);
+            }
+            other => panic!("wrong target {other:?}"),
+        }
+        let always = &config.routes[1];
+        assert_eq!(always.scaledown_period, Duration::from_secs(120));
+        assert_eq!(always.spec.readiness_timeout, Some(Duration::from_secs(120)));
+        assert_eq!(always.spec.response_header_timeout, Some(Duration::from_millis(500)));
+        assert_eq!(always.spec.matcher.headers.len(), 2);
+        assert!(matches!(always.target, LocalTarget::Upstream(_)));
+    }
+
+    #[test]
+    fn problems_name_the_key() {
+        let base = |target: &str| format!("routes:\n  - name: a\n    target: {target}\n");
+        assert_eq!(
+            problem(&base("{ command: [x] }")),
+            "routes[0].target.port: is required with `command`: the port the command listens on"
+        );
+        assert_eq!(
+            problem(&base("{}")),
+            "routes[0].target: give either `upstream: host:port` or `command: [...]` with `port`"
+        );
+        assert_eq!(
+            problem(&base("{ upstream: localhost }")),
+            "routes[0].target.upstream: \"localhost\" has no port; write it like 127.0.0.1:8000"
+        );
+        assert_eq!(
+            problem(&base("{ upstream: \"a:1\", port: 3 }")),
+            "routes[0].target.port: applies only to a `command` target"
+        );
+        assert!(problem(&base("{ comand: [x] }")).contains("unknown field `comand`"));
+        assert!(problem("routes:\n  - name: a\n    scaledownPeriod: soon\n    target: { upstream: \"a:1\" }\n")
+            .contains("invalid duration \"soon\""));
+        assert_eq!(problem("routes: []\n"), "routes: at least one route is needed");
+        assert_eq!(
+            problem("routes:\n  - name: a\n    hosts: [\"a b\"]\n    target: { upstream: \"a:1\" }\n"),
+            "routes[0].hosts[0]: \"a b\" is not a host name, a `*.suffix` wildcard or `*`"
+        );
+        assert_eq!(
+            problem("routes:\n  - { name: a, target: { upstream: \"a:1\" } }\n  - { name: a, target: { upstream: \"a:1\" } }\n"),
+            "routes[1].name: route name \"a\" is used twice"
+        );
+    }
+
+    #[test]
+    fn http_probe_path_is_checked() {
+        let text = "routes:\n  - name: a\n    target: { command: [x], port: 1, readinessProbe: { httpGet: { path: healthz } } }\n";
+        assert_eq!(
+            problem(text),
+            "routes[0].target.readinessProbe.httpGet.path: \"healthz\" is not a path like /healthz"
+        );
+    }
+}

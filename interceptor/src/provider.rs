@@ -1,0 +1,114 @@
+//! The seam between the proxy core and wherever targets live.
+//!
+//! The core (routing, counting, holding, forwarding) knows targets only through [`Provider`]:
+//! a stream of route sets, a watchable set of ready endpoints per target, and a wake signal.
+//! Local mode implements it with child processes; the Kubernetes provider implements it with
+//! HTTPScaledObjects and EndpointSlices.
+
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::Authority;
+use tokio::sync::watch;
+
+use crate::routing::RouteMatch;
+
+/// A route's identity, `namespace/name` in Kubernetes and the route name in local mode. It keys
+/// `/queue` and the metrics.
+pub type RouteId = Arc<str>;
+
+/// A target's identity: the thing that wakes and has endpoints.
+pub type TargetId = Arc<str>;
+
+/// Everything the core needs to know about one route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteSpec {
+    /// Unique id of the route.
+    pub id: RouteId,
+    /// Hosts, path prefixes and headers the route matches.
+    pub matcher: RouteMatch,
+    /// The target requests are forwarded to.
+    pub target: TargetId,
+    /// How long a request waits for a ready endpoint; `None` uses the global default.
+    pub readiness_timeout: Option<Duration>,
+    /// How long to wait for the upstream's response headers; `None` uses the global default.
+    pub response_header_timeout: Option<Duration>,
+    /// Optional cap on requests in flight per endpoint, spreading a release over endpoints.
+    pub max_in_flight_per_endpoint: Option<NonZeroUsize>,
+}
+
+/// One address a request can be forwarded to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    authority: Authority,
+}
+
+impl Endpoint {
+    /// An endpoint at `authority` (`host:port`).
+    pub fn new(authority: Authority) -> Self {
+        Self { authority }
+    }
+
+    /// The `host:port` requests are sent to.
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.authority.fmt(f)
+    }
+}
+
+/// The endpoints of a target that can take requests now. Cheap to clone.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReadyEndpoints(Arc<[Endpoint]>);
+
+impl ReadyEndpoints {
+    /// No endpoint is ready: requests are held.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Whether any endpoint is ready.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The ready endpoints.
+    pub fn as_slice(&self) -> &[Endpoint] {
+        &self.0
+    }
+}
+
+impl FromIterator<Endpoint> for ReadyEndpoints {
+    fn from_iter<I: IntoIterator<Item = Endpoint>>(iter: I) -> Self {
+        Self(iter.into_iter().collect())
+    }
+}
+
+/// Where routes and targets come from.
+pub trait Provider: Send + Sync + 'static {
+    /// The full route set; `None` until the provider has loaded it for the first time. Each new
+    /// value replaces the previous set whole.
+    fn routes(&self) -> watch::Receiver<Option<Arc<[RouteSpec]>>>;
+
+    /// The ready endpoints of `target`. An unknown target yields a set that stays empty.
+    fn endpoints(&self, target: &TargetId) -> watch::Receiver<ReadyEndpoints>;
+
+    /// Raises the wake signal: a request for `target` is being held. Called for every held
+    /// request; providers deduplicate.
+    fn wake(&self, target: &TargetId);
+
+    /// A JSON description of the targets' state, for the admin `/status` endpoint.
+    fn status(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+}
+
+/// A receiver whose set stays empty forever, for targets a provider does not know.
+pub fn never_ready() -> watch::Receiver<ReadyEndpoints> {
+    watch::channel(ReadyEndpoints::none()).1
+}

@@ -1,0 +1,137 @@
+//! The errors a proxied request can end in, and the one place that turns them into responses.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use super::body::ProxyBody;
+use crate::provider::{RouteId, TargetId};
+
+/// Why a request was answered by the proxy instead of the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// No route matches the request's host, path and headers.
+    #[error("no route for host {host:?}")]
+    NoRoute {
+        /// The host the request named (as sent).
+        host: String,
+    },
+
+    /// The request was held, and no endpoint of its target became ready in time.
+    #[error("route {route}: target {target} had no ready endpoint after waiting {}", humantime::format_duration(*.waited))]
+    ReadinessTimeout {
+        /// The route that matched.
+        route: RouteId,
+        /// The target that was waited for.
+        target: TargetId,
+        /// How long the request waited.
+        waited: Duration,
+    },
+
+    /// The upstream did not send response headers in time.
+    #[error("route {route}: upstream {endpoint} sent no response headers within {}", humantime::format_duration(*.timeout))]
+    ResponseHeaderTimeout {
+        /// The route that matched.
+        route: RouteId,
+        /// The endpoint the request was sent to.
+        endpoint: String,
+        /// The timeout that passed.
+        timeout: Duration,
+    },
+
+    /// The connection to the upstream could not be made.
+    #[error("route {route}: could not connect to upstream {endpoint}")]
+    UpstreamConnect {
+        /// The route that matched.
+        route: RouteId,
+        /// The endpoint the request was sent to.
+        endpoint: String,
+        /// The connect failure.
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+
+    /// The upstream failed after the connection was made (closed early, sent garbage).
+    #[error("route {route}: upstream {endpoint} failed before sending a response")]
+    Upstream {
+        /// The route that matched.
+        route: RouteId,
+        /// The endpoint the request was sent to.
+        endpoint: String,
+        /// The failure.
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+}
+
+impl ProxyError {
+    /// A bounded label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::NoRoute { .. } => "no_route",
+            Self::ReadinessTimeout { .. } => "readiness_timeout",
+            Self::ResponseHeaderTimeout { .. } => "response_header_timeout",
+            Self::UpstreamConnect { .. } => "connect",
+            Self::Upstream { .. } => "upstream",
+        }
+    }
+
+    /// Whether this is a failure of the upstream (counted as an upstream error).
+    pub fn is_upstream(&self) -> bool {
+        matches!(
+            self,
+            Self::ResponseHeaderTimeout { .. } | Self::UpstreamConnect { .. } | Self::Upstream { .. }
+        )
+    }
+
+    /// The status a client sees.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::NoRoute { .. } => StatusCode::NOT_FOUND,
+            Self::ReadinessTimeout { .. } | Self::ResponseHeaderTimeout { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            Self::UpstreamConnect { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// The response a client sees: the status and a one-line plain-text body saying what
+    /// happened. Upstream causes are logged, not sent.
+    pub fn to_response(&self) -> Response<ProxyBody> {
+        let text = format!("{self}\n");
+        let mut rsp = Response::new(ProxyBody::full(Bytes::from(text)));
+        *rsp.status_mut() = self.status();
+        rsp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        rsp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_and_bodies_name_the_problem() {
+        let no_route = ProxyError::NoRoute {
+            host: "nope.example".into(),
+        };
+        assert_eq!(no_route.status(), StatusCode::NOT_FOUND);
+        assert_eq!(no_route.to_string(), "no route for host \"nope.example\"");
+
+        let timeout = ProxyError::ReadinessTimeout {
+            route: "default/app".into(),
+            target: "app".into(),
+            waited: Duration::from_secs(2),
+        };
+        assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(
+            timeout.to_string(),
+            "route default/app: target app had no ready endpoint after waiting 2s"
+        );
+        assert!(!timeout.is_upstream());
+    }
+}

@@ -1,0 +1,382 @@
+//! The proxy core: route a request, count it, hold it while its target has no ready endpoint,
+//! forward it, and account for it when its response ends.
+//!
+//! Everything here talks to targets through [`Provider`] only, so local mode and Kubernetes share
+//! this path unchanged.
+
+mod body;
+mod error;
+mod headers;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::uri::{PathAndQuery, Scheme};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+pub use self::body::ProxyBody;
+pub use self::error::ProxyError;
+use crate::connect::{FreshEndpoints, RetryingConnector};
+use crate::load::{EndpointLease, InFlight, Loads, RouteLoad};
+use crate::metrics::ProxyMetrics;
+use crate::provider::{Endpoint, Provider, ReadyEndpoints, RouteSpec};
+use crate::routing::RouteTable;
+
+/// The response header telling whether the request waited for a cold start.
+pub const COLD_START_HEADER: &str = "x-keda-http-cold-start";
+
+/// Timeouts used when a route does not set its own.
+#[derive(Clone, Copy, Debug)]
+pub struct DefaultTimeouts {
+    /// How long a request is held waiting for a ready endpoint.
+    pub readiness: Duration,
+    /// How long to wait for the upstream's response headers.
+    pub response_header: Duration,
+}
+
+/// A route as the proxy uses it: its spec, its load, and its target's ready endpoints.
+#[derive(Debug)]
+pub struct RouteState {
+    spec: RouteSpec,
+    load: Arc<RouteLoad>,
+    endpoints: watch::Receiver<ReadyEndpoints>,
+    readiness_timeout: Duration,
+    response_header_timeout: Duration,
+}
+
+/// The proxy: a routing table swapped whole on change, and a pooled upstream client.
+pub struct Proxy {
+    /// Read on every request, replaced rarely: an immutable snapshot behind `ArcSwap`.
+    table: ArcSwap<RouteTable<Arc<RouteState>>>,
+    loaded: AtomicBool,
+    provider: Arc<dyn Provider>,
+    client: Client<RetryingConnector, Incoming>,
+    fresh: FreshEndpoints,
+    loads: Arc<Loads>,
+    metrics: ProxyMetrics,
+    timeouts: DefaultTimeouts,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("routes", &self.table.load().len())
+            .field("loaded", &self.is_loaded())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// Builds a proxy over `provider`. Routes arrive through [`Proxy::follow_routes`].
+    pub fn new(
+        provider: Arc<dyn Provider>,
+        loads: Arc<Loads>,
+        metrics: ProxyMetrics,
+        timeouts: DefaultTimeouts,
+    ) -> Arc<Self> {
+        let fresh = FreshEndpoints::default();
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(RetryingConnector::new(fresh.clone()));
+        Arc::new(Self {
+            table: ArcSwap::from_pointee(RouteTable::default()),
+            loaded: AtomicBool::new(false),
+            provider,
+            client,
+            fresh,
+            loads,
+            metrics,
+            timeouts,
+        })
+    }
+
+    /// Whether the first route set has been loaded.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
+    }
+
+    /// Replaces the routing table with one built from `specs` (oldest first).
+    pub fn apply_routes(&self, specs: &[RouteSpec]) {
+        let table = RouteTable::build(specs.iter().map(|spec| {
+            let state = RouteState {
+                load: self.loads.get(&spec.id),
+                endpoints: self.provider.endpoints(&spec.target),
+                readiness_timeout: spec.readiness_timeout.unwrap_or(self.timeouts.readiness),
+                response_header_timeout: spec
+                    .response_header_timeout
+                    .unwrap_or(self.timeouts.response_header),
+                spec: spec.clone(),
+            };
+            (spec.matcher.clone(), Arc::new(state))
+        }));
+        self.loads.retain(|id| specs.iter().any(|s| &s.id == id));
+        tracing::info!(routes = table.len(), "routing table updated");
+        self.table.store(Arc::new(table));
+        self.loaded.store(true, Ordering::Release);
+    }
+
+    /// Applies every route set the provider publishes, until the provider goes away.
+    pub async fn follow_routes(self: Arc<Self>) {
+        let mut rx = self.provider.routes();
+        loop {
+            let specs = rx.borrow_and_update().clone();
+            if let Some(specs) = specs {
+                self.apply_routes(&specs);
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Handles one request from `client`. Never fails: errors become responses here.
+    pub async fn handle(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let route = {
+            let table = self.table.load();
+            table
+                .lookup(request_host(&req), req.uri().path(), req.headers())
+                .cloned()
+        };
+        let Some(route) = route else {
+            let err = ProxyError::NoRoute {
+                host: request_host(&req).to_owned(),
+            };
+            tracing::debug!(method = %req.method(), path = req.uri().path(), error = %err, "no route");
+            self.metrics
+                .request("", req.method(), err.status(), start.elapsed());
+            return err.to_response();
+        };
+        let span = tracing::debug_span!("request", route = %route.spec.id, method = %req.method(), path = req.uri().path());
+        let mut done = Completion {
+            proxy: self.clone(),
+            method: req.method().clone(),
+            code: StatusCode::BAD_GATEWAY,
+            start,
+            _in_flight: route.load.start_request(),
+            _lease: None,
+            route,
+        };
+        match self.forward(req, client, &mut done).instrument(span).await {
+            Ok(rsp) => {
+                let (parts, body) = rsp.into_parts();
+                done.code = parts.status;
+                Response::from_parts(parts, ProxyBody::upstream(body, done))
+            }
+            Err(err) => {
+                done.code = err.status();
+                if err.is_upstream() {
+                    self.metrics.upstream_error(&done.route.spec.id, err.kind());
+                    tracing::warn!(error = %err, cause = ?std::error::Error::source(&err), "upstream error");
+                } else {
+                    tracing::info!(error = %err, "request not forwarded");
+                }
+                err.to_response()
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        client: SocketAddr,
+        done: &mut Completion,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let route = done.route.clone();
+        let deadline = done.start + route.readiness_timeout;
+        let acquired = self.acquire(&route, deadline).await?;
+        done._lease = acquired.lease;
+        let cold = acquired.waited.is_some();
+        if let Some(waited) = acquired.waited {
+            // The endpoint was only just reported ready: let connects retry until the deadline.
+            self.fresh.mark(acquired.endpoint.authority().as_str(), deadline);
+            self.metrics.cold_start(&route.spec.id, waited);
+            tracing::debug!(endpoint = %acquired.endpoint, waited_ms = waited.as_millis() as u64, "released held request");
+        }
+
+        let req = upstream_request(req, &acquired.endpoint, client);
+        let sent = tokio::time::timeout(route.response_header_timeout, self.client.request(req));
+        let endpoint = acquired.endpoint;
+        let mut rsp = match sent.await {
+            Ok(Ok(rsp)) => rsp,
+            Ok(Err(source)) if source.is_connect() => {
+                return Err(ProxyError::UpstreamConnect {
+                    route: route.spec.id.clone(),
+                    endpoint: endpoint.to_string(),
+                    source,
+                })
+            }
+            Ok(Err(source)) => {
+                return Err(ProxyError::Upstream {
+                    route: route.spec.id.clone(),
+                    endpoint: endpoint.to_string(),
+                    source,
+                })
+            }
+            Err(_elapsed) => {
+                return Err(ProxyError::ResponseHeaderTimeout {
+                    route: route.spec.id.clone(),
+                    endpoint: endpoint.to_string(),
+                    timeout: route.response_header_timeout,
+                })
+            }
+        };
+        headers::strip_hop_by_hop(rsp.headers_mut());
+        rsp.headers_mut().insert(
+            COLD_START_HEADER,
+            HeaderValue::from_static(if cold { "true" } else { "false" }),
+        );
+        Ok(rsp)
+    }
+
+    /// Gets an endpoint for a request: at once when one is ready, otherwise by holding the
+    /// request until one is (or the deadline passes). Holding raises the wake signal.
+    async fn acquire(
+        &self,
+        route: &Arc<RouteState>,
+        deadline: Instant,
+    ) -> Result<Acquired, ProxyError> {
+        let cap = route.spec.max_in_flight_per_endpoint;
+        if let Some((endpoint, lease)) = route.load.pick(&route.endpoints.borrow(), cap) {
+            return Ok(Acquired {
+                endpoint,
+                lease,
+                waited: None,
+            });
+        }
+
+        let held_at = Instant::now();
+        let _held = route.load.hold();
+        self.provider.wake(&route.spec.target);
+        let mut ready = route.endpoints.clone();
+        let wait = async {
+            loop {
+                // Register for a lease release before looking, so none is missed in between.
+                let released = route.load.released();
+                tokio::pin!(released);
+                released.as_mut().enable();
+                if let Some(picked) = route.load.pick(&ready.borrow_and_update(), cap) {
+                    return picked;
+                }
+                tokio::select! {
+                    changed = ready.changed() => if changed.is_err() {
+                        // The provider dropped this target: nothing will become ready.
+                        std::future::pending::<()>().await;
+                    },
+                    () = &mut released => {}
+                }
+            }
+        };
+        match tokio::time::timeout_at(deadline, wait).await {
+            Ok((endpoint, lease)) => Ok(Acquired {
+                endpoint,
+                lease,
+                waited: Some(held_at.elapsed()),
+            }),
+            Err(_elapsed) => Err(ProxyError::ReadinessTimeout {
+                route: route.spec.id.clone(),
+                target: route.spec.target.clone(),
+                waited: held_at.elapsed(),
+            }),
+        }
+    }
+}
+
+struct Acquired {
+    endpoint: Endpoint,
+    lease: Option<EndpointLease>,
+    /// How long the request was held; `None` when an endpoint was ready at once.
+    waited: Option<Duration>,
+}
+
+/// The host a request names: the URI's authority (absolute-form, HTTP/2) or the Host header.
+fn request_host<B>(req: &Request<B>) -> &str {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(header::HOST).and_then(|v| v.to_str().ok()))
+        .unwrap_or("")
+}
+
+/// Rewrites a client request for `endpoint`: absolute URI for the pooled client, HTTP/1.1, the
+/// client's Host kept, hop-by-hop headers removed, forwarding headers set.
+fn upstream_request(req: Request<Incoming>, endpoint: &Endpoint, client: SocketAddr) -> Request<Incoming> {
+    let (mut parts, body) = req.into_parts();
+    let host = match parts.headers.get(header::HOST) {
+        Some(host) => Some(host.clone()),
+        None => parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    };
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(endpoint.authority().clone());
+    uri.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    // Scheme, authority and path are all set, so this cannot fail.
+    parts.uri = Uri::from_parts(uri).unwrap_or_default();
+    parts.version = Version::HTTP_11;
+    headers::strip_hop_by_hop(&mut parts.headers);
+    if let Some(host) = &host {
+        parts.headers.insert(header::HOST, host.clone());
+    }
+    headers::set_forwarded(
+        &mut parts.headers,
+        client.ip(),
+        "http",
+        host.as_ref().and_then(|h| h.to_str().ok()),
+    );
+    Request::from_parts(parts, body)
+}
+
+/// A request's bookkeeping, ended when the response body ends or is dropped: the in-flight
+/// count, the per-endpoint lease, and the request metrics.
+pub struct Completion {
+    proxy: Arc<Proxy>,
+    route: Arc<RouteState>,
+    method: Method,
+    code: StatusCode,
+    start: Instant,
+    _in_flight: InFlight,
+    _lease: Option<EndpointLease>,
+}
+
+impl Completion {
+    fn body_failed(&self) {
+        self.proxy
+            .metrics
+            .upstream_error(&self.route.spec.id, "response_body");
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        self.proxy.metrics.request(
+            &self.route.spec.id,
+            &self.method,
+            self.code,
+            self.start.elapsed(),
+        );
+    }
+}

@@ -1,0 +1,380 @@
+//! The routing table: which route a request belongs to, by host, path prefix and headers.
+//!
+//! The table is built once from a full set of routes and never mutated; the proxy swaps a new
+//! table in whole when routes change. Precedence follows the KEDA HTTP Add-on: exact host with the
+//! longest matching path prefix, then wildcard hosts from most to least specific, then the
+//! catch-all. Among routes with the same host and prefix, more header matchers win, then more
+//! valued matchers, then the route given first (providers order routes oldest first).
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// What a route matches on: the same fields as an HTTPScaledObject.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteMatch {
+    /// Hosts: exact names, `*.suffix` wildcards, or `*`. Empty means any host.
+    pub hosts: Vec<String>,
+    /// Path prefixes matched on whole segments. Empty means `/`.
+    pub path_prefixes: Vec<String>,
+    /// Headers that must all be present (and equal, when a value is given).
+    pub headers: Vec<HeaderMatch>,
+}
+
+/// One header matcher: the header must be present, and equal `value` when one is given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeaderMatch {
+    /// Header name (case-insensitive by construction).
+    pub name: HeaderName,
+    /// Required value, compared exactly; `None` means "present with any value".
+    pub value: Option<HeaderValue>,
+}
+
+/// An immutable routing table mapping requests to values of type `T`.
+#[derive(Debug)]
+pub struct RouteTable<T> {
+    exact: HashMap<Box<str>, Vec<Entry>>,
+    /// Keyed by the suffix after `*.`, e.g. `example.com` for `*.example.com`.
+    wildcard: HashMap<Box<str>, Vec<Entry>>,
+    catch_all: Vec<Entry>,
+    values: Vec<T>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    prefix: Box<str>,
+    headers: Box<[HeaderMatch]>,
+    valued: usize,
+    /// Index into `values`; also the tie-breaker (earlier routes win).
+    index: usize,
+}
+
+impl Entry {
+    fn matches(&self, path: &str, headers: &HeaderMap) -> bool {
+        path_has_prefix(path, &self.prefix)
+            && self.headers.iter().all(|m| match headers.get(&m.name) {
+                None => false,
+                Some(v) => m.value.as_ref().is_none_or(|want| want == v),
+            })
+    }
+
+    /// Sort key: longest prefix first, then more header matchers, then more valued matchers,
+    /// then the route that came first.
+    fn precedence(&self) -> (std::cmp::Reverse<usize>, std::cmp::Reverse<usize>, std::cmp::Reverse<usize>, usize) {
+        use std::cmp::Reverse;
+        (
+            Reverse(self.prefix.len()),
+            Reverse(self.headers.len()),
+            Reverse(self.valued),
+            self.index,
+        )
+    }
+}
+
+impl<T> Default for RouteTable<T> {
+    fn default() -> Self {
+        Self {
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+            catch_all: Vec::new(),
+            values: Vec::new(),
+        }
+    }
+}
+
+impl<T> RouteTable<T> {
+    /// Builds a table. Routes given earlier win ties, so callers pass them oldest first.
+    pub fn build(routes: impl IntoIterator<Item = (RouteMatch, T)>) -> Self {
+        let mut table = Self::default();
+        for (index, (matcher, value)) in routes.into_iter().enumerate() {
+            table.values.push(value);
+            let prefixes: Vec<Box<str>> = if matcher.path_prefixes.is_empty() {
+                vec!["/".into()]
+            } else {
+                matcher.path_prefixes.iter().map(|p| normalize_prefix(p)).collect()
+            };
+            let headers: Box<[HeaderMatch]> = matcher.headers.clone().into_boxed_slice();
+            let valued = headers.iter().filter(|h| h.value.is_some()).count();
+            let entries = prefixes.into_iter().map(|prefix| Entry {
+                prefix,
+                headers: headers.clone(),
+                valued,
+                index,
+            });
+            if matcher.hosts.is_empty() {
+                table.catch_all.extend(entries);
+                continue;
+            }
+            let entries: Vec<Entry> = entries.collect();
+            for host in &matcher.hosts {
+                let host = host.trim().to_ascii_lowercase();
+                let bucket = if host == "*" {
+                    &mut table.catch_all
+                } else if let Some(suffix) = host.strip_prefix("*.") {
+                    table.wildcard.entry(suffix.into()).or_default()
+                } else {
+                    table.exact.entry(host.trim_end_matches('.').into()).or_default()
+                };
+                bucket.extend(entries.iter().map(|e| Entry {
+                    prefix: e.prefix.clone(),
+                    headers: e.headers.clone(),
+                    valued: e.valued,
+                    index: e.index,
+                }));
+            }
+        }
+        let sort = |entries: &mut Vec<Entry>| entries.sort_by_key(Entry::precedence);
+        table.exact.values_mut().for_each(sort);
+        table.wildcard.values_mut().for_each(sort);
+        sort(&mut table.catch_all);
+        table
+    }
+
+    /// Finds the route for a request. `host` is the raw Host header or authority; its port is
+    /// ignored and it is compared case-insensitively.
+    pub fn lookup(&self, host: &str, path: &str, headers: &HeaderMap) -> Option<&T> {
+        let host = normalize_host(host);
+        let host: &str = &host;
+        fn first<'e>(entries: &'e [Entry], path: &str, headers: &HeaderMap) -> Option<&'e Entry> {
+            entries.iter().find(|e| e.matches(path, headers))
+        }
+        let found = self
+            .exact
+            .get(host)
+            .and_then(|entries| first(entries, path, headers))
+            .or_else(|| {
+                if self.wildcard.is_empty() {
+                    return None;
+                }
+                // Most specific suffix first: for a.b.example.com try b.example.com, then
+                // example.com, then com.
+                host.match_indices('.').find_map(|(dot, _)| {
+                    self.wildcard.get(&host[dot + 1..]).and_then(|entries| first(entries, path, headers))
+                })
+            })
+            .or_else(|| first(&self.catch_all, path, headers))?;
+        self.values.get(found.index)
+    }
+
+    /// All values in the order they were given.
+    pub fn values(&self) -> impl Iterator<Item = &T> {
+        self.values.iter()
+    }
+
+    /// Number of routes in the table.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// Whether the table has no routes.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+}
+
+/// Whether `path` is under `prefix` on a whole-segment boundary: `/api` matches `/api` and
+/// `/api/x` but not `/apix`.
+fn path_has_prefix(path: &str, prefix: &str) -> bool {
+    if prefix == "/" {
+        return true;
+    }
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// Gives a prefix a leading slash and drops trailing ones, so `api/` and `/api` are the same.
+fn normalize_prefix(prefix: &str) -> Box<str> {
+    let trimmed = prefix.trim().trim_end_matches('/');
+    if trimmed.is_empty() {
+        "/".into()
+    } else if trimmed.starts_with('/') {
+        trimmed.into()
+    } else {
+        format!("/{trimmed}").into()
+    }
+}
+
+/// Lowercases a Host header value and removes its port and any trailing dot. Allocates only when
+/// the host has upper-case letters.
+pub fn normalize_host(raw: &str) -> Cow<'_, str> {
+    let without_port = if let Some(rest) = raw.strip_prefix('[') {
+        // IPv6 literal: keep the brackets' content.
+        rest.split_once(']').map_or(raw, |(ip, _)| ip)
+    } else {
+        match raw.rsplit_once(':') {
+            Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+            _ => raw,
+        }
+    };
+    let host = without_port.trim_end_matches('.');
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fixture builder: `route().host("a.example").path("/api")`.
+    #[derive(Default, Clone)]
+    struct R(RouteMatch);
+
+    fn route() -> R {
+        R::default()
+    }
+
+    impl R {
+        fn host(mut self, h: &str) -> Self {
+            self.0.hosts.push(h.into());
+            self
+        }
+        fn path(mut self, p: &str) -> Self {
+            self.0.path_prefixes.push(p.into());
+            self
+        }
+        fn header(mut self, name: &str, value: Option<&str>) -> Self {
+            self.0.headers.push(HeaderMatch {
+                name: HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value: value.map(|v| HeaderValue::from_str(v).unwrap()),
+            });
+            self
+        }
+    }
+
+    fn table(routes: Vec<(&'static str, R)>) -> RouteTable<&'static str> {
+        RouteTable::build(routes.into_iter().map(|(name, r)| (r.0, name)))
+    }
+
+    fn get<'t>(t: &'t RouteTable<&'static str>, host: &str, path: &str) -> Option<&'t str> {
+        t.lookup(host, path, &HeaderMap::new()).copied()
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.insert(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn exact_host_is_case_insensitive_and_ignores_port() {
+        let t = table(vec![("a", route().host("App.Example.com"))]);
+        assert_eq!(get(&t, "app.example.com", "/"), Some("a"));
+        assert_eq!(get(&t, "APP.example.COM:8080", "/x"), Some("a"));
+        assert_eq!(get(&t, "app.example.com.", "/"), Some("a"));
+        assert_eq!(get(&t, "other.example.com", "/"), None);
+    }
+
+    #[test]
+    fn path_prefix_matches_whole_segments_and_longest_wins() {
+        let t = table(vec![
+            ("root", route().host("h")),
+            ("api", route().host("h").path("/api")),
+            ("v2", route().host("h").path("/api/v2/")),
+        ]);
+        assert_eq!(get(&t, "h", "/api"), Some("api"));
+        assert_eq!(get(&t, "h", "/api/x"), Some("api"));
+        assert_eq!(get(&t, "h", "/apix"), Some("root"));
+        assert_eq!(get(&t, "h", "/api/v2"), Some("v2"));
+        assert_eq!(get(&t, "h", "/api/v2/users"), Some("v2"));
+        assert_eq!(get(&t, "h", "/api/v20"), Some("api"));
+    }
+
+    #[test]
+    fn path_without_root_route_does_not_match() {
+        let t = table(vec![("api", route().host("h").path("api"))]);
+        assert_eq!(get(&t, "h", "/api/1"), Some("api"));
+        assert_eq!(get(&t, "h", "/"), None);
+    }
+
+    #[test]
+    fn wildcards_from_most_to_least_specific_then_catch_all() {
+        let t = table(vec![
+            ("any", route().host("*")),
+            ("com", route().host("*.com")),
+            ("example", route().host("*.example.com")),
+            ("exact", route().host("a.example.com")),
+        ]);
+        assert_eq!(get(&t, "a.example.com", "/"), Some("exact"));
+        assert_eq!(get(&t, "b.example.com", "/"), Some("example"));
+        assert_eq!(get(&t, "x.b.example.com", "/"), Some("example"));
+        assert_eq!(get(&t, "example.com", "/"), Some("com"));
+        assert_eq!(get(&t, "localhost", "/"), Some("any"));
+    }
+
+    #[test]
+    fn exact_host_without_matching_path_falls_through_to_wildcard() {
+        let t = table(vec![
+            ("exact-api", route().host("a.example.com").path("/api")),
+            ("wild", route().host("*.example.com")),
+        ]);
+        assert_eq!(get(&t, "a.example.com", "/api/1"), Some("exact-api"));
+        assert_eq!(get(&t, "a.example.com", "/web"), Some("wild"));
+    }
+
+    #[test]
+    fn empty_hosts_mean_any_host() {
+        let t = table(vec![("all", route()), ("h", route().host("h"))]);
+        assert_eq!(get(&t, "h", "/"), Some("h"));
+        assert_eq!(get(&t, "z", "/"), Some("all"));
+        assert_eq!(get(&t, "", "/"), Some("all"));
+    }
+
+    #[test]
+    fn header_matchers_all_must_match_and_more_specific_sets_win() {
+        let t = table(vec![
+            ("plain", route().host("h")),
+            ("present", route().host("h").header("x-canary", None)),
+            ("valued", route().host("h").header("x-canary", Some("yes"))),
+            (
+                "two",
+                route().host("h").header("x-canary", None).header("x-user", None),
+            ),
+        ]);
+        let lookup = |pairs: &[(&str, &str)]| t.lookup("h", "/", &headers(pairs)).copied();
+        assert_eq!(lookup(&[]), Some("plain"));
+        assert_eq!(lookup(&[("x-canary", "no")]), Some("present"));
+        assert_eq!(lookup(&[("x-canary", "yes")]), Some("valued"));
+        assert_eq!(lookup(&[("x-canary", "no"), ("x-user", "1")]), Some("two"));
+        assert_eq!(lookup(&[("X-User", "1")]), Some("plain"));
+    }
+
+    #[test]
+    fn path_beats_headers_and_older_route_wins_ties() {
+        let t = table(vec![
+            ("old", route().host("h").path("/a")),
+            ("new", route().host("h").path("/a")),
+            ("hdr", route().host("h").header("x", None)),
+        ]);
+        let h = headers(&[("x", "1")]);
+        assert_eq!(t.lookup("h", "/a/b", &h).copied(), Some("old"));
+        assert_eq!(t.lookup("h", "/b", &h).copied(), Some("hdr"));
+    }
+
+    #[test]
+    fn normalize_host_handles_ipv6_and_ports() {
+        assert_eq!(normalize_host("[::1]:8080"), "::1");
+        assert_eq!(normalize_host("[::1]"), "::1");
+        assert_eq!(normalize_host("Example.COM"), "example.com");
+        assert_eq!(normalize_host("host:notaport"), "host:notaport");
+    }
+
+    #[test]
+    fn many_hosts_share_one_route_value() {
+        let t = table(vec![("r", route().host("a").host("*.b").path("/x").path("/y"))]);
+        assert_eq!(t.len(), 1);
+        assert_eq!(get(&t, "a", "/y/1"), Some("r"));
+        assert_eq!(get(&t, "c.b", "/x"), Some("r"));
+        assert_eq!(get(&t, "a", "/z"), None);
+    }
+}

@@ -1,0 +1,124 @@
+//! Accepting connections and serving them with hyper, with a graceful drain.
+//!
+//! Each connection is its own task, so a panic while handling one request ends that connection
+//! only. On stop the listener is closed, idle keep-alive connections are closed, and connections
+//! with a request in flight finish it (under the drain deadline) before closing.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::sync::CancellationToken;
+
+/// How a server's drain ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Drain {
+    /// Whether every connection finished before the deadline.
+    pub complete: bool,
+    /// Connections still open when the deadline passed.
+    pub abandoned: usize,
+}
+
+/// Connection-level settings.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionSettings {
+    /// Time allowed for a client to send a request's headers.
+    pub header_read_timeout: Duration,
+}
+
+/// Binds a listener with a deep accept backlog: a burst of clients at a cold target all connect
+/// at once.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
+/// Serves `handler` on `listener` until `stop`, then drains for at most `drain_timeout`.
+pub async fn serve<H, F, B>(
+    listener: TcpListener,
+    handler: H,
+    settings: ConnectionSettings,
+    stop: CancellationToken,
+    drain_timeout: Duration,
+) -> Drain
+where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    let open = Arc::new(AtomicUsize::new(0));
+
+    loop {
+        let (stream, remote) = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(err) => {
+                    // Out of file descriptors or a connection reset before accept: back off
+                    // briefly instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let service = service_fn(move |req| {
+            let rsp = handler(req, remote);
+            async move { Ok::<_, Infallible>(rsp.await) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        let open = open.clone();
+        open.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            if let Err(err) = conn.await {
+                tracing::debug!(%remote, error = %err, "connection ended with an error");
+            }
+            open.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+    drop(listener);
+
+    match tokio::time::timeout(drain_timeout, graceful.shutdown()).await {
+        Ok(()) => Drain {
+            complete: true,
+            abandoned: 0,
+        },
+        Err(_) => Drain {
+            complete: false,
+            abandoned: open.load(Ordering::Relaxed),
+        },
+    }
+}
