@@ -31,7 +31,11 @@ pub struct BackendArgs {
     #[arg(long, env = "WAKEGATE_BACKEND_BOOT_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
     pub boot_delay: Duration,
     /// Name used in the greeting.
-    #[arg(long, env = "WAKEGATE_BACKEND_NAME", default_value = "wakegate example backend")]
+    #[arg(
+        long,
+        env = "WAKEGATE_BACKEND_NAME",
+        default_value = "wakegate example backend"
+    )]
     pub name: String,
 }
 

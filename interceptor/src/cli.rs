@@ -12,7 +12,11 @@ use crate::backend::BackendArgs;
 /// Wakegate's interceptor: a reverse proxy that holds requests while their target wakes from
 /// zero, and forwards them the moment it is ready.
 #[derive(Debug, Parser)]
-#[command(name = "wakegate-interceptor", version, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "wakegate-interceptor",
+    version,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     /// Something other than the interceptor.
     #[command(subcommand)]

@@ -87,9 +87,7 @@ impl Service<Uri> for RetryingConnector {
                     Ok(io) => return Ok(io),
                     Err(err) => err,
                 };
-                let until = uri
-                    .authority()
-                    .and_then(|a| fresh.retry_until(a.as_str()));
+                let until = uri.authority().and_then(|a| fresh.retry_until(a.as_str()));
                 match until {
                     Some(until) if Instant::now() + RETRY_INTERVAL < until => {
                         tracing::debug!(%uri, error = %err, "connect to a fresh endpoint failed; retrying");

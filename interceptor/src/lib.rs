@@ -75,9 +75,8 @@ pub async fn run(args: ServeArgs) -> Result<(), RunError> {
         Some(path) => LocalConfig::load(path)?,
         None => return Err(RunError::NoConfig),
     };
-    let bind = |addr, flag| {
-        server::bind(addr).map_err(|source| RunError::Bind { addr, flag, source })
-    };
+    let bind =
+        |addr, flag| server::bind(addr).map_err(|source| RunError::Bind { addr, flag, source });
     let proxy_listener = bind(args.proxy_addr, "--proxy-addr")?;
     let admin_listener = bind(args.admin_addr, "--admin-addr")?;
 
@@ -133,8 +132,12 @@ pub async fn run(args: ServeArgs) -> Result<(), RunError> {
     }
     stop_proxy.cancel();
     match proxy_server.await {
-        Ok(drain) if drain.complete => tracing::info!("drain complete: every in-flight request finished"),
-        Ok(drain) => tracing::warn!(abandoned_connections = drain.abandoned, timeout = ?args.drain_timeout, "drain incomplete: deadline passed with requests in flight"),
+        Ok(drain) if drain.complete => {
+            tracing::info!("drain complete: every in-flight request finished")
+        }
+        Ok(drain) => {
+            tracing::warn!(abandoned_connections = drain.abandoned, timeout = ?args.drain_timeout, "drain incomplete: deadline passed with requests in flight")
+        }
         Err(err) => tracing::error!(error = %err, "proxy server task failed"),
     }
     stop_children.cancel();

@@ -302,11 +302,20 @@ mod tests {
         let ready = endpoints(&["a:1", "b:1"]);
         let cap = NonZeroUsize::new(2);
         let leases: Vec<_> = (0..4).map(|_| load.pick(&ready, cap).unwrap()).collect();
-        let on_a = leases.iter().filter(|(e, _)| e.to_string() == "a:1").count();
+        let on_a = leases
+            .iter()
+            .filter(|(e, _)| e.to_string() == "a:1")
+            .count();
         assert_eq!(on_a, 2, "four requests under a cap of two spread evenly");
-        assert!(load.pick(&ready, cap).is_none(), "all endpoints are at the cap");
+        assert!(
+            load.pick(&ready, cap).is_none(),
+            "all endpoints are at the cap"
+        );
         drop(leases.into_iter().next());
-        assert!(load.pick(&ready, cap).is_some(), "a dropped lease frees a slot");
+        assert!(
+            load.pick(&ready, cap).is_some(),
+            "a dropped lease frees a slot"
+        );
     }
 
     #[test]

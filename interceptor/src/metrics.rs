@@ -34,7 +34,10 @@ impl ProxyMetrics {
     pub fn register(registry: &Registry, loads: Arc<Loads>) -> prometheus::Result<Self> {
         let metrics = Self {
             requests: IntCounterVec::new(
-                Opts::new("wakegate_requests_total", "Requests answered, by route, method and status code"),
+                Opts::new(
+                    "wakegate_requests_total",
+                    "Requests answered, by route, method and status code",
+                ),
                 &["route", "method", "code"],
             )?,
             duration: HistogramVec::new(
@@ -46,7 +49,10 @@ impl ProxyMetrics {
                 &["route"],
             )?,
             cold_starts: IntCounterVec::new(
-                Opts::new("wakegate_cold_starts_total", "Requests that were held for a cold start and then forwarded"),
+                Opts::new(
+                    "wakegate_cold_starts_total",
+                    "Requests that were held for a cold start and then forwarded",
+                ),
                 &["route"],
             )?,
             cold_start_wait: HistogramVec::new(
@@ -58,7 +64,10 @@ impl ProxyMetrics {
                 &["route"],
             )?,
             upstream_errors: IntCounterVec::new(
-                Opts::new("wakegate_upstream_errors_total", "Requests that failed upstream, by route and kind"),
+                Opts::new(
+                    "wakegate_upstream_errors_total",
+                    "Requests that failed upstream, by route and kind",
+                ),
                 &["route", "kind"],
             )?,
         };
@@ -123,11 +132,17 @@ struct LoadCollector {
 impl LoadCollector {
     fn new(loads: Arc<Loads>) -> prometheus::Result<Self> {
         let in_flight = IntGaugeVec::new(
-            Opts::new("wakegate_in_flight_requests", "Requests in flight now, held ones included"),
+            Opts::new(
+                "wakegate_in_flight_requests",
+                "Requests in flight now, held ones included",
+            ),
             &["route"],
         )?;
         let held = IntGaugeVec::new(
-            Opts::new("wakegate_held_requests", "Requests held now, waiting for a ready endpoint"),
+            Opts::new(
+                "wakegate_held_requests",
+                "Requests held now, waiting for a ready endpoint",
+            ),
             &["route"],
         )?;
         let descs = in_flight

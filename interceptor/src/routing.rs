@@ -61,7 +61,14 @@ impl Entry {
 
     /// Sort key: longest prefix first, then more header matchers, then more valued matchers,
     /// then the route that came first.
-    fn precedence(&self) -> (std::cmp::Reverse<usize>, std::cmp::Reverse<usize>, std::cmp::Reverse<usize>, usize) {
+    fn precedence(
+        &self,
+    ) -> (
+        std::cmp::Reverse<usize>,
+        std::cmp::Reverse<usize>,
+        std::cmp::Reverse<usize>,
+        usize,
+    ) {
         use std::cmp::Reverse;
         (
             Reverse(self.prefix.len()),
@@ -92,7 +99,11 @@ impl<T> RouteTable<T> {
             let prefixes: Vec<Box<str>> = if matcher.path_prefixes.is_empty() {
                 vec!["/".into()]
             } else {
-                matcher.path_prefixes.iter().map(|p| normalize_prefix(p)).collect()
+                matcher
+                    .path_prefixes
+                    .iter()
+                    .map(|p| normalize_prefix(p))
+                    .collect()
             };
             let headers: Box<[HeaderMatch]> = matcher.headers.clone().into_boxed_slice();
             let valued = headers.iter().filter(|h| h.value.is_some()).count();
@@ -114,7 +125,10 @@ impl<T> RouteTable<T> {
                 } else if let Some(suffix) = host.strip_prefix("*.") {
                     table.wildcard.entry(suffix.into()).or_default()
                 } else {
-                    table.exact.entry(host.trim_end_matches('.').into()).or_default()
+                    table
+                        .exact
+                        .entry(host.trim_end_matches('.').into())
+                        .or_default()
                 };
                 bucket.extend(entries.iter().map(|e| Entry {
                     prefix: e.prefix.clone(),
@@ -150,7 +164,9 @@ impl<T> RouteTable<T> {
                 // Most specific suffix first: for a.b.example.com try b.example.com, then
                 // example.com, then com.
                 host.match_indices('.').find_map(|(dot, _)| {
-                    self.wildcard.get(&host[dot + 1..]).and_then(|entries| first(entries, path, headers))
+                    self.wildcard
+                        .get(&host[dot + 1..])
+                        .and_then(|entries| first(entries, path, headers))
                 })
             })
             .or_else(|| first(&self.catch_all, path, headers))?;
@@ -338,7 +354,10 @@ mod tests {
             ("valued", route().host("h").header("x-canary", Some("yes"))),
             (
                 "two",
-                route().host("h").header("x-canary", None).header("x-user", None),
+                route()
+                    .host("h")
+                    .header("x-canary", None)
+                    .header("x-user", None),
             ),
         ]);
         let lookup = |pairs: &[(&str, &str)]| t.lookup("h", "/", &headers(pairs)).copied();
@@ -371,7 +390,10 @@ mod tests {
 
     #[test]
     fn many_hosts_share_one_route_value() {
-        let t = table(vec![("r", route().host("a").host("*.b").path("/x").path("/y"))]);
+        let t = table(vec![(
+            "r",
+            route().host("a").host("*.b").path("/x").path("/y"),
+        )]);
         assert_eq!(t.len(), 1);
         assert_eq!(get(&t, "a", "/y/1"), Some("r"));
         assert_eq!(get(&t, "c.b", "/x"), Some("r"));

@@ -246,9 +246,11 @@ impl<'de> Deserialize<'de> for DurationValue {
         }
         match Form::deserialize(d)? {
             Form::Seconds(s) => Ok(Self(Duration::from_secs(s))),
-            Form::Text(t) => humantime::parse_duration(t.trim())
-                .map(Self)
-                .map_err(|e| serde::de::Error::custom(format!("invalid duration {t:?} ({e}); write it like 30s or 2m"))),
+            Form::Text(t) => humantime::parse_duration(t.trim()).map(Self).map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid duration {t:?} ({e}); write it like 30s or 2m"
+                ))
+            }),
         }
     }
 }
@@ -490,8 +492,14 @@ routes:
         }
         let always = &config.routes[1];
         assert_eq!(always.scaledown_period, Duration::from_secs(120));
-        assert_eq!(always.spec.readiness_timeout, Some(Duration::from_secs(120)));
-        assert_eq!(always.spec.response_header_timeout, Some(Duration::from_millis(500)));
+        assert_eq!(
+            always.spec.readiness_timeout,
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            always.spec.response_header_timeout,
+            Some(Duration::from_millis(500))
+        );
         assert_eq!(always.spec.matcher.headers.len(), 2);
         assert!(matches!(always.target, LocalTarget::Upstream(_)));
     }
@@ -516,11 +524,18 @@ routes:
             "routes[0].target.port: applies only to a `command` target"
         );
         assert!(problem(&base("{ comand: [x] }")).contains("unknown field `comand`"));
-        assert!(problem("routes:\n  - name: a\n    scaledownPeriod: soon\n    target: { upstream: \"a:1\" }\n")
-            .contains("invalid duration \"soon\""));
-        assert_eq!(problem("routes: []\n"), "routes: at least one route is needed");
+        assert!(problem(
+            "routes:\n  - name: a\n    scaledownPeriod: soon\n    target: { upstream: \"a:1\" }\n"
+        )
+        .contains("invalid duration \"soon\""));
         assert_eq!(
-            problem("routes:\n  - name: a\n    hosts: [\"a b\"]\n    target: { upstream: \"a:1\" }\n"),
+            problem("routes: []\n"),
+            "routes: at least one route is needed"
+        );
+        assert_eq!(
+            problem(
+                "routes:\n  - name: a\n    hosts: [\"a b\"]\n    target: { upstream: \"a:1\" }\n"
+            ),
             "routes[0].hosts[0]: \"a b\" is not a host name, a `*.suffix` wildcard or `*`"
         );
         assert_eq!(

@@ -12,8 +12,8 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use self::config::{ConfigError, LocalConfig};
 use self::config::LocalTarget;
+pub use self::config::{ConfigError, LocalConfig};
 pub use self::process::PROBE_INTERVAL;
 use self::process::{ProcessStatus, Supervisor};
 use crate::load::Loads;

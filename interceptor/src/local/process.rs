@@ -84,10 +84,11 @@ enum Run {
 impl Supervisor {
     /// The supervisor's main loop; returns once `stop` is cancelled and the process is gone.
     pub async fn run(self) {
-        let endpoint: ReadyEndpoints = Authority::try_from(format!("127.0.0.1:{}", self.target.port))
-            .map(Endpoint::new)
-            .into_iter()
-            .collect();
+        let endpoint: ReadyEndpoints =
+            Authority::try_from(format!("127.0.0.1:{}", self.target.port))
+                .map(Endpoint::new)
+                .into_iter()
+                .collect();
         let mut backoff = Duration::ZERO;
         loop {
             if !self.wait_for_demand().await {
@@ -262,7 +263,10 @@ impl Supervisor {
     /// Stops the process group: SIGTERM, then SIGKILL after the grace period. Reaps the child.
     async fn terminate(&self, child: &mut Child) {
         self.update(|s| s.state = "stopping");
-        let pgid = child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw);
+        let pgid = child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .map(Pid::from_raw);
         if let Some(pgid) = pgid {
             let _ = killpg(pgid, Signal::SIGTERM);
         }
@@ -377,5 +381,8 @@ async fn probe_once(addr: SocketAddr, probe: &Probe) -> bool {
             }
         }
     };
-    matches!(tokio::time::timeout(PROBE_TIMEOUT, attempt).await, Ok(Some(true)))
+    matches!(
+        tokio::time::timeout(PROBE_TIMEOUT, attempt).await,
+        Ok(Some(true))
+    )
 }

@@ -29,6 +29,22 @@ pub enum ProxyError {
         waited: Duration,
     },
 
+    /// The request was held because every ready endpoint was at the route's per-endpoint cap,
+    /// and no slot freed up in time.
+    #[error("route {route}: all {ready} ready endpoints of target {target} stayed at their cap of {cap} requests for {}", humantime::format_duration(*.waited))]
+    CapacityTimeout {
+        /// The route that matched.
+        route: RouteId,
+        /// The target that was waited for.
+        target: TargetId,
+        /// How many endpoints were ready.
+        ready: usize,
+        /// The route's per-endpoint cap.
+        cap: std::num::NonZeroUsize,
+        /// How long the request waited.
+        waited: Duration,
+    },
+
     /// The upstream did not send response headers in time.
     #[error("route {route}: upstream {endpoint} sent no response headers within {}", humantime::format_duration(*.timeout))]
     ResponseHeaderTimeout {
@@ -71,6 +87,7 @@ impl ProxyError {
         match self {
             Self::NoRoute { .. } => "no_route",
             Self::ReadinessTimeout { .. } => "readiness_timeout",
+            Self::CapacityTimeout { .. } => "capacity_timeout",
             Self::ResponseHeaderTimeout { .. } => "response_header_timeout",
             Self::UpstreamConnect { .. } => "connect",
             Self::Upstream { .. } => "upstream",
@@ -81,7 +98,9 @@ impl ProxyError {
     pub fn is_upstream(&self) -> bool {
         matches!(
             self,
-            Self::ResponseHeaderTimeout { .. } | Self::UpstreamConnect { .. } | Self::Upstream { .. }
+            Self::ResponseHeaderTimeout { .. }
+                | Self::UpstreamConnect { .. }
+                | Self::Upstream { .. }
         )
     }
 
@@ -89,9 +108,9 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::NoRoute { .. } => StatusCode::NOT_FOUND,
-            Self::ReadinessTimeout { .. } | Self::ResponseHeaderTimeout { .. } => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
+            Self::ReadinessTimeout { .. }
+            | Self::CapacityTimeout { .. }
+            | Self::ResponseHeaderTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::UpstreamConnect { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
         }
     }

@@ -204,7 +204,8 @@ impl Proxy {
         let cold = acquired.waited.is_some();
         if let Some(waited) = acquired.waited {
             // The endpoint was only just reported ready: let connects retry until the deadline.
-            self.fresh.mark(acquired.endpoint.authority().as_str(), deadline);
+            self.fresh
+                .mark(acquired.endpoint.authority().as_str(), deadline);
             self.metrics.cold_start(&route.spec.id, waited);
             tracing::debug!(endpoint = %acquired.endpoint, waited_ms = waited.as_millis() as u64, "released held request");
         }
@@ -265,6 +266,9 @@ impl Proxy {
         self.provider.wake(&route.spec.target);
         let mut ready = route.endpoints.clone();
         let wait = async {
+            // A target whose set can no longer change (fixed upstreams, or one the provider
+            // dropped) can still free a per-endpoint slot.
+            let mut fixed = false;
             loop {
                 // Register for a lease release before looking, so none is missed in between.
                 let released = route.load.released();
@@ -274,10 +278,7 @@ impl Proxy {
                     return picked;
                 }
                 tokio::select! {
-                    changed = ready.changed() => if changed.is_err() {
-                        // The provider dropped this target: nothing will become ready.
-                        std::future::pending::<()>().await;
-                    },
+                    changed = ready.changed(), if !fixed => fixed = changed.is_err(),
                     () = &mut released => {}
                 }
             }
@@ -288,13 +289,30 @@ impl Proxy {
                 lease,
                 waited: Some(held_at.elapsed()),
             }),
-            Err(_elapsed) => Err(ProxyError::ReadinessTimeout {
-                route: route.spec.id.clone(),
-                target: route.spec.target.clone(),
-                waited: held_at.elapsed(),
-            }),
+            Err(_elapsed) => {
+                let ready = route.endpoints.borrow().as_slice().len();
+                let waited = round_to_ms(held_at.elapsed());
+                Err(match cap {
+                    Some(cap) if ready > 0 => ProxyError::CapacityTimeout {
+                        route: route.spec.id.clone(),
+                        target: route.spec.target.clone(),
+                        ready,
+                        cap,
+                        waited,
+                    },
+                    _ => ProxyError::ReadinessTimeout {
+                        route: route.spec.id.clone(),
+                        target: route.spec.target.clone(),
+                        waited,
+                    },
+                })
+            }
         }
     }
+}
+
+fn round_to_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis().try_into().unwrap_or(u64::MAX))
 }
 
 struct Acquired {
@@ -309,13 +327,21 @@ fn request_host<B>(req: &Request<B>) -> &str {
     req.uri()
         .authority()
         .map(|a| a.as_str())
-        .or_else(|| req.headers().get(header::HOST).and_then(|v| v.to_str().ok()))
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+        })
         .unwrap_or("")
 }
 
 /// Rewrites a client request for `endpoint`: absolute URI for the pooled client, HTTP/1.1, the
 /// client's Host kept, hop-by-hop headers removed, forwarding headers set.
-fn upstream_request(req: Request<Incoming>, endpoint: &Endpoint, client: SocketAddr) -> Request<Incoming> {
+fn upstream_request(
+    req: Request<Incoming>,
+    endpoint: &Endpoint,
+    client: SocketAddr,
+) -> Request<Incoming> {
     let (mut parts, body) = req.into_parts();
     let host = match parts.headers.get(header::HOST) {
         Some(host) => Some(host.clone()),

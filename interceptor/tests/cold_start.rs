@@ -1,0 +1,216 @@
+//! Holding requests through a cold start: a backend that binds late, bodies kept intact, the
+//! readiness timeout, client disconnects, and the counts `/queue` and `/metrics` report.
+
+#![allow(clippy::unwrap_used)] // a panic is how a test reports failure
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_held_requests_all_get_200_once_the_backend_binds() {
+    let port = free_port();
+    let config = format!(
+        "routes:\n{}",
+        backend_route(
+            "hello",
+            "hello.test",
+            port,
+            "1500ms",
+            "    timeouts: { readiness: 60s }\n"
+        )
+    );
+    let ic = Interceptor::start(&config).await;
+
+    let mut tasks = Vec::new();
+    for i in 0..1000 {
+        let http = ic.http.clone();
+        let proxy = ic.proxy;
+        tasks.push(tokio::spawn(async move {
+            http.get(proxy, "hello.test", &format!("/r/{i}")).await
+        }));
+    }
+    // All of them are held at once: the backend is still booting.
+    ic.wait_concurrency("hello", 1000).await;
+    let metrics = ic.metrics().await;
+    assert!(
+        metrics.contains("wakegate_held_requests{route=\"hello\"} 1000"),
+        "{metrics}"
+    );
+
+    let mut cold = 0;
+    for (i, task) in tasks.into_iter().enumerate() {
+        let reply = task.await.unwrap().unwrap();
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "request {i}: {}",
+            reply.text()
+        );
+        assert!(
+            reply.text().ends_with(&format!("at /r/{i}\n")),
+            "{}",
+            reply.text()
+        );
+        if reply.cold_start() == Some("true") {
+            cold += 1;
+        }
+    }
+    assert_eq!(cold, 1000, "every request waited for the cold start");
+    let queue = ic.queue().await;
+    assert_eq!(queue["hello"]["Concurrency"], 0);
+    assert_eq!(queue["hello"]["RequestCount"], 1000);
+    let target = ic.target("hello").await;
+    assert_eq!(
+        target["starts"], 1,
+        "one process for all held requests: {target}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_body_sent_during_a_cold_start_arrives_intact() {
+    let port = free_port();
+    let config = format!(
+        "routes:\n{}",
+        backend_route("echo", "echo.test", port, "300ms", "")
+    );
+    let ic = Interceptor::start(&config).await;
+    // 4 MiB of varied bytes: bigger than any socket buffer, so it has to stream.
+    let body: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let req = Request::post(format!("http://{}/echo", ic.proxy))
+        .header("host", "echo.test")
+        .body(Full::new(Bytes::from(body.clone())))
+        .unwrap();
+    let reply = ic.http.send(req).await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.cold_start(), Some("true"));
+    assert_eq!(reply.body.len(), body.len());
+    assert!(reply.body == body, "echoed body differs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readiness_timeout_gives_504_naming_what_was_awaited() {
+    let port = free_port();
+    let config = format!(
+        "routes:\n{}",
+        backend_route(
+            "slow",
+            "slow.test",
+            port,
+            "60s",
+            "    timeouts: { readiness: 300ms }\n"
+        )
+    );
+    let ic = Interceptor::start(&config).await;
+    let started = std::time::Instant::now();
+    let reply = ic.get("slow.test", "/").await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        reply
+            .text()
+            .contains("route slow: target slow had no ready endpoint after waiting"),
+        "{}",
+        reply.text()
+    );
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(ic.queue().await["slow"]["Concurrency"], 0);
+    let metrics = ic.metrics().await;
+    assert!(
+        metrics.contains(r#"wakegate_requests_total{code="504",method="GET",route="slow"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_leaves_the_counts_at_once() {
+    let port = free_port();
+    let config = format!(
+        "routes:\n{}",
+        backend_route(
+            "gone",
+            "gone.test",
+            port,
+            "60s",
+            "    timeouts: { readiness: 60s }\n"
+        )
+    );
+    let ic = Interceptor::start(&config).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let http = ic.http.clone();
+        let proxy = ic.proxy;
+        held.push(tokio::spawn(async move {
+            http.get(proxy, "gone.test", "/").await
+        }));
+    }
+    ic.wait_concurrency("gone", 3).await;
+    assert!(ic
+        .metrics()
+        .await
+        .contains("wakegate_held_requests{route=\"gone\"} 3"));
+    // Aborting the client tasks closes their connections.
+    for task in &held {
+        task.abort();
+    }
+    ic.wait_concurrency("gone", 0).await;
+    assert!(ic
+        .metrics()
+        .await
+        .contains("wakegate_held_requests{route=\"gone\"} 0"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_and_metrics_count_requests_in_flight_at_a_ready_backend() {
+    let port = free_port();
+    let config = format!(
+        "routes:\n{}",
+        backend_route("busy", "busy.test", port, "0s", "")
+    );
+    let ic = Interceptor::start(&config).await;
+    assert_eq!(ic.get("busy.test", "/").await.cold_start(), Some("true"));
+    let warm = ic.get("busy.test", "/").await;
+    assert_eq!(warm.cold_start(), Some("false"));
+
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        let http = ic.http.clone();
+        let proxy = ic.proxy;
+        slow.push(tokio::spawn(async move {
+            http.get(proxy, "busy.test", "/sleep?ms=1500").await
+        }));
+    }
+    ic.wait_concurrency("busy", 4).await;
+    let metrics = ic.metrics().await;
+    assert!(
+        metrics.contains("wakegate_in_flight_requests{route=\"busy\"} 4"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("wakegate_held_requests{route=\"busy\"} 0"),
+        "{metrics}"
+    );
+    for task in slow {
+        assert_eq!(task.await.unwrap().unwrap().status, StatusCode::OK);
+    }
+    let queue = ic.queue().await;
+    assert_eq!(queue["busy"]["Concurrency"], 0);
+    assert_eq!(queue["busy"]["RequestCount"], 6);
+    let metrics = ic.metrics().await;
+    assert!(
+        metrics.contains(r#"wakegate_requests_total{code="200",method="GET",route="busy"} 6"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"wakegate_cold_starts_total{route="busy"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("wakegate_cold_start_wait_seconds_count{route=\"busy\"} 1"),
+        "{metrics}"
+    );
+}

@@ -1,0 +1,244 @@
+//! Local mode's process lifecycle through the real binary: idle stop after the scale-down period,
+//! start again on the next request, crash recovery, a backend killed mid-response, SIGTERM with
+//! requests in flight, and bad config files.
+
+#![allow(clippy::unwrap_used)] // a panic is how a test reports failure
+
+mod support;
+
+use std::time::Duration;
+
+use http::StatusCode;
+use nix::sys::signal::Signal;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_command_is_stopped_and_the_next_request_starts_it_again() {
+    let port = free_port();
+    let config = format!(
+        "routes:\n{}",
+        backend_route(
+            "idle",
+            "idle.test",
+            port,
+            "100ms",
+            "    scaledownPeriod: 700ms\n"
+        )
+    );
+    let ic = Interceptor::start(&config).await;
+    assert_eq!(
+        ic.target("idle").await["state"],
+        "stopped",
+        "nothing runs before a request"
+    );
+
+    let first = ic.get("idle.test", "/").await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.cold_start(), Some("true"));
+    let pid = first.pid();
+    // Requests keep it up: each one restarts the idle clock.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let warm = ic.get("idle.test", "/").await;
+        assert_eq!((warm.pid(), warm.cold_start()), (pid, Some("false")));
+    }
+    let idle_from = std::time::Instant::now();
+    eventually(
+        "the idle command is stopped",
+        Duration::from_secs(5),
+        || async { ic.target("idle").await["state"] == "stopped" },
+    )
+    .await;
+    assert!(
+        idle_from.elapsed() >= Duration::from_millis(650),
+        "stopped before the scale-down period"
+    );
+    assert!(!alive(pid), "the process is gone (and reaped)");
+    assert_eq!(
+        ic.target("idle").await["lastExit"],
+        "exit status: 0",
+        "stopped with SIGTERM, exited cleanly"
+    );
+
+    let again = ic.get("idle.test", "/").await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.cold_start(), Some("true"));
+    assert_ne!(again.pid(), pid);
+    assert_eq!(ic.target("idle").await["starts"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_command_makes_the_route_not_ready_and_the_next_request_restarts_it() {
+    let port = free_port();
+    let config = format!(
+        "routes:\n{}",
+        backend_route("crash", "crash.test", port, "0s", "")
+    );
+    let ic = Interceptor::start(&config).await;
+    let pid = ic.get("crash.test", "/").await.pid();
+
+    // The backend exits in the middle of this request: that request alone fails.
+    let crashed = ic.get("crash.test", "/exit").await;
+    assert_eq!(
+        crashed.status,
+        StatusCode::BAD_GATEWAY,
+        "{}",
+        crashed.text()
+    );
+    assert!(
+        crashed.text().contains("failed before sending a response"),
+        "{}",
+        crashed.text()
+    );
+    eventually(
+        "the route is not ready after the crash",
+        Duration::from_secs(5),
+        || async { ic.target("crash").await["readyEndpoints"] == 0 },
+    )
+    .await;
+    assert!(!alive(pid));
+
+    let next = ic.get("crash.test", "/").await;
+    assert_eq!(next.status, StatusCode::OK);
+    assert_eq!(next.cold_start(), Some("true"));
+    assert_ne!(next.pid(), pid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_killed_mid_response_fails_only_that_request() {
+    let port = free_port();
+    let config = format!(
+        "routes:\n{}",
+        backend_route("kill", "kill.test", port, "0s", "")
+    );
+    let ic = Interceptor::start(&config).await;
+    let pid = ic.get("kill.test", "/").await.pid();
+
+    let slow = {
+        let http = ic.http.clone();
+        let proxy = ic.proxy;
+        tokio::spawn(async move { http.get(proxy, "kill.test", "/sleep?ms=10000").await })
+    };
+    ic.wait_concurrency("kill", 1).await;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    let reply = slow.await.unwrap().unwrap();
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+
+    for _ in 0..3 {
+        let later = ic.get("kill.test", "/").await;
+        assert_eq!(later.status, StatusCode::OK, "{}", later.text());
+    }
+    let metrics = ic.metrics().await;
+    assert!(
+        metrics.contains(r#"wakegate_requests_total{code="502",method="GET",route="kill"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"wakegate_upstream_errors_total{kind="upstream",route="kill"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_requests_in_flight_finish_exits_0_and_leaves_no_child() {
+    let port = free_port();
+    let config = format!(
+        "routes:\n{}",
+        backend_route("drain", "drain.test", port, "0s", "")
+    );
+    let mut ic = Interceptor::start_with(&config, &["--shutdown-delay", "300ms"]).await;
+    let child = ic.get("drain.test", "/").await.pid();
+
+    let mut slow = Vec::new();
+    for _ in 0..5 {
+        let http = ic.http.clone();
+        let proxy = ic.proxy;
+        slow.push(tokio::spawn(async move {
+            http.get(proxy, "drain.test", "/sleep?ms=1000").await
+        }));
+    }
+    ic.wait_concurrency("drain", 5).await;
+    ic.signal(Signal::SIGTERM);
+    // Through the shutdown delay the interceptor reports not ready, and still serves.
+    eventually(
+        "/readyz = 503 while draining",
+        Duration::from_secs(2),
+        || async { ic.admin_get("/readyz").await.status == StatusCode::SERVICE_UNAVAILABLE },
+    )
+    .await;
+    assert_eq!(ic.admin_get("/readyz").await.text(), "draining\n");
+
+    for task in slow {
+        let reply = task.await.unwrap().unwrap();
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+    let status = ic.wait(Duration::from_secs(10)).await;
+    assert!(status.success(), "exit status {status:?}");
+    assert!(!alive(child), "the backend process was stopped");
+    let log = ic.log();
+    assert!(log.contains("drain complete"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_config_exits_64_naming_the_key() {
+    let cases = [
+        (
+            "routes:\n  - name: a\n    target: { command: [x] }\n",
+            "routes[0].target.port: is required with `command`",
+        ),
+        (
+            "routes:\n  - name: a\n    target: { upstream: \"a:1\" }\n    scaledownPeriod: later\n",
+            "invalid duration \"later\"",
+        ),
+        (
+            "routes:\n  - name: a\n    hots: [x]\n    target: { upstream: \"a:1\" }\n",
+            "unknown field `hots`",
+        ),
+        ("routes: [\n", "config file"),
+    ];
+    for (config, expected) in cases {
+        let mut ic = Interceptor::spawn(config, &[]);
+        let status = ic.wait(Duration::from_secs(10)).await;
+        assert_eq!(status.code(), Some(64), "config {config:?}");
+        let log = ic.log();
+        assert!(
+            log.contains(expected),
+            "config {config:?}: expected {expected:?} in:\n{log}"
+        );
+    }
+    // A missing file and a bad flag are usage errors too.
+    let out = tokio::process::Command::new(BIN)
+        .args(["--config", "/nonexistent/wakegate.yaml"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("cannot read config file /nonexistent/wakegate.yaml"));
+    let out = tokio::process::Command::new(BIN)
+        .args(["--readiness-timeout", "soon"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--readiness-timeout"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_readiness_probe_waits_for_the_path_to_answer() {
+    let port = free_port();
+    let config = format!(
+        "routes:\n{}",
+        backend_route("probe", "probe.test", port, "200ms", "").replace(
+            "      stopGracePeriod: 2s\n",
+            "      stopGracePeriod: 2s\n      readinessProbe: { httpGet: { path: /healthz } }\n"
+        )
+    );
+    let ic = Interceptor::start(&config).await;
+    let reply = ic.get("probe.test", "/").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.cold_start(), Some("true"));
+    let target = ic.target("probe").await;
+    assert_eq!(target["state"], "ready");
+    assert!(target["lastBootMs"].as_u64().unwrap() >= 200, "{target}");
+}

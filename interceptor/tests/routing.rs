@@ -1,0 +1,233 @@
+//! Routing and forwarding through the real binary: 404 for unknown hosts with nothing forwarded,
+//! wildcard / path-segment / header precedence, forwarding headers, the per-endpoint cap.
+
+#![allow(clippy::unwrap_used)] // a panic is how a test reports failure
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use support::*;
+
+fn upstream_route(name: &str, up: &Upstream, matching: &str) -> String {
+    format!(
+        "  - name: {name}\n{matching}    target: {{ upstream: \"{}\" }}\n",
+        up.addr
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_host_gets_404_and_nothing_is_forwarded() {
+    let up = Upstream::start("known", Duration::ZERO).await;
+    let config = format!(
+        "routes:\n{}",
+        upstream_route("known", &up, "    hosts: [known.test]\n")
+    );
+    let ic = Interceptor::start(&config).await;
+
+    let reply = ic.get("unknown.test:8080", "/anything").await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert_eq!(reply.text(), "no route for host \"unknown.test:8080\"\n");
+    assert_eq!(reply.headers["content-type"], "text/plain; charset=utf-8");
+
+    // An absolute-form request names its host in the URI; it is routed by that, not forwarded.
+    let mut stream = tokio::net::TcpStream::connect(ic.proxy).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(b"GET http://elsewhere.test/x HTTP/1.1\r\nHost: known.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.unwrap();
+    assert!(raw.starts_with("HTTP/1.1 404"), "{raw}");
+    assert!(
+        raw.contains("no route for host \"elsewhere.test\""),
+        "{raw}"
+    );
+
+    assert_eq!(up.count(), 0, "nothing reached the upstream");
+    assert_eq!(ic.get("KNOWN.test", "/").await.status, StatusCode::OK);
+    assert_eq!(up.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wildcard_path_and_header_precedence() {
+    let names = [
+        "catchall",
+        "wild",
+        "deepwild",
+        "exact",
+        "exactapi",
+        "canary",
+        "canaryyes",
+    ];
+    let mut ups = Vec::new();
+    for name in names {
+        ups.push(Upstream::start(name, Duration::ZERO).await);
+    }
+    let config = format!(
+        "routes:\n{}{}{}{}{}{}{}",
+        upstream_route("catchall", &ups[0], "    hosts: [\"*\"]\n"),
+        upstream_route("wild", &ups[1], "    hosts: [\"*.example.test\"]\n"),
+        upstream_route("deepwild", &ups[2], "    hosts: [\"*.b.example.test\"]\n"),
+        upstream_route("exact", &ups[3], "    hosts: [a.example.test]\n"),
+        upstream_route("exactapi", &ups[4], "    hosts: [a.example.test]\n    pathPrefixes: [/api]\n"),
+        upstream_route("canary", &ups[5], "    hosts: [a.example.test]\n    pathPrefixes: [/api]\n    headers: [{ name: x-canary }]\n"),
+        upstream_route("canaryyes", &ups[6], "    hosts: [a.example.test]\n    pathPrefixes: [/api]\n    headers: [{ name: x-canary, value: \"yes\" }]\n"),
+    );
+    let ic = Interceptor::start(&config).await;
+    let who = |host: &'static str, path: &'static str, canary: Option<&'static str>| {
+        let http = ic.http.clone();
+        let proxy = ic.proxy;
+        async move {
+            let mut req = Request::get(format!("http://{proxy}{path}")).header("host", host);
+            if let Some(v) = canary {
+                req = req.header("x-canary", v);
+            }
+            let reply = http
+                .send(req.body(Full::<Bytes>::default()).unwrap())
+                .await
+                .unwrap();
+            reply.text().split(' ').next().unwrap().to_owned()
+        }
+    };
+    assert_eq!(who("a.example.test", "/", None).await, "exact");
+    assert_eq!(who("a.example.test", "/api", None).await, "exactapi");
+    assert_eq!(who("a.example.test", "/api/v1", None).await, "exactapi");
+    assert_eq!(
+        who("a.example.test", "/apix", None).await,
+        "exact",
+        "prefixes match whole segments"
+    );
+    assert_eq!(who("a.example.test", "/api/v1", Some("no")).await, "canary");
+    assert_eq!(
+        who("a.example.test", "/api/v1", Some("yes")).await,
+        "canaryyes"
+    );
+    assert_eq!(who("a.example.test", "/web", Some("yes")).await, "exact");
+    assert_eq!(who("z.example.test", "/", None).await, "wild");
+    assert_eq!(who("c.b.example.test", "/", None).await, "deepwild");
+    assert_eq!(who("example.test", "/", None).await, "catchall");
+    assert_eq!(who("other.test:9999", "/", None).await, "catchall");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_is_kept_hop_by_hop_headers_dropped_and_forwarding_headers_set() {
+    let up = Upstream::start("up", Duration::ZERO).await;
+    let config = format!(
+        "routes:\n{}",
+        upstream_route("up", &up, "    hosts: [app.test]\n")
+    );
+    let ic = Interceptor::start(&config).await;
+    let req = Request::get(format!("http://{}/p?q=1", ic.proxy))
+        .header("host", "App.test:8080")
+        .header("connection", "x-private")
+        .header("x-private", "secret")
+        .header("te", "trailers")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("x-custom", "kept")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let reply = ic.http.send(req).await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK);
+    let seen = reply.text();
+    assert!(seen.starts_with("up /p?q=1\n"), "{seen}");
+    assert!(seen.contains("host: App.test:8080\n"), "{seen}");
+    assert!(
+        seen.contains("x-forwarded-for: 203.0.113.9, 127.0.0.1\n"),
+        "{seen}"
+    );
+    assert!(seen.contains("x-forwarded-proto: http\n"), "{seen}");
+    assert!(seen.contains("x-forwarded-host: App.test:8080\n"), "{seen}");
+    assert!(seen.contains("x-custom: kept\n"), "{seen}");
+    assert!(!seen.contains("x-private"), "{seen}");
+    assert!(!seen.contains("te: trailers"), "{seen}");
+    assert_eq!(reply.cold_start(), Some("false"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_endpoint_cap_limits_requests_in_flight_and_holds_the_rest() {
+    let up = Upstream::start("capped", Duration::from_millis(200)).await;
+    let config = format!(
+        "routes:\n{}",
+        upstream_route(
+            "capped",
+            &up,
+            "    hosts: [capped.test]\n    maxInFlightPerEndpoint: 2\n"
+        )
+    );
+    let ic = Interceptor::start(&config).await;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let http = ic.http.clone();
+        let proxy = ic.proxy;
+        tasks.push(tokio::spawn(async move {
+            http.get(proxy, "capped.test", "/").await
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap().status, StatusCode::OK);
+    }
+    assert_eq!(up.count(), 8);
+    assert_eq!(
+        up.peak.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "never more than the cap at once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_is_down_gives_502_at_once() {
+    let port = free_port();
+    let config =
+        format!("routes:\n  - name: down\n    target: {{ upstream: \"127.0.0.1:{port}\" }}\n");
+    let ic = Interceptor::start(&config).await;
+    let started = std::time::Instant::now();
+    let reply = ic.get("any.test", "/").await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert!(
+        reply
+            .text()
+            .contains("route down: could not connect to upstream 127.0.0.1:"),
+        "{}",
+        reply.text()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "no retries for an endpoint that was never cold"
+    );
+    let metrics = ic.metrics().await;
+    assert!(
+        metrics.contains(r#"wakegate_upstream_errors_total{kind="connect",route="down"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upstream_gets_504_after_the_response_header_timeout() {
+    let up = Upstream::start("slow", Duration::from_secs(3)).await;
+    let config = format!(
+        "routes:\n{}",
+        upstream_route("slow", &up, "    timeouts: { responseHeader: 200ms }\n")
+    );
+    let ic = Interceptor::start(&config).await;
+    let reply = ic.get("slow.test", "/").await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(
+        reply.text(),
+        format!(
+            "route slow: upstream {} sent no response headers within 200ms\n",
+            up.addr
+        )
+    );
+    let metrics = ic.metrics().await;
+    assert!(
+        metrics.contains(
+            r#"wakegate_upstream_errors_total{kind="response_header_timeout",route="slow"} 1"#
+        ),
+        "{metrics}"
+    );
+}

@@ -1,0 +1,331 @@
+//! Test harness: runs the real `wakegate-interceptor` binary on 127.0.0.1 with a config file, and
+//! talks to it over real sockets. Waiting is always for a condition under a deadline.
+
+#![allow(dead_code)] // each test file uses a different part of the harness
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use tokio::process::{Child, Command};
+
+/// The interceptor binary under test; also the example backend (`backend` subcommand).
+pub const BIN: &str = env!("CARGO_BIN_EXE_wakegate-interceptor");
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until `check` is true, polling every 10 ms; panics naming `what` after `deadline`.
+pub async fn eventually<F, Fut>(what: &str, deadline: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        if check().await {
+            return;
+        }
+        if tokio::time::Instant::now() > until {
+            panic!("timed out after {deadline:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A response, fully read.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn cold_start(&self) -> Option<&str> {
+        self.headers
+            .get("x-keda-http-cold-start")
+            .and_then(|v| v.to_str().ok())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.headers["x-backend-pid"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+}
+
+/// A pooled HTTP/1.1 client.
+#[derive(Clone)]
+pub struct Http(Client<HttpConnector, Full<Bytes>>);
+
+impl Default for Http {
+    fn default() -> Self {
+        Self(Client::builder(TokioExecutor::new()).build_http())
+    }
+}
+
+impl Http {
+    pub async fn send(&self, req: Request<Full<Bytes>>) -> Result<Reply, String> {
+        let rsp = self.0.request(req).await.map_err(|e| format!("{e:?}"))?;
+        let (parts, body) = rsp.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e:?}"))?
+            .to_bytes();
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    pub async fn get(&self, addr: SocketAddr, host: &str, path: &str) -> Result<Reply, String> {
+        let req = Request::get(format!("http://{addr}{path}"))
+            .header("host", host)
+            .body(Full::default())
+            .unwrap();
+        self.send(req).await
+    }
+}
+
+/// A running interceptor.
+pub struct Interceptor {
+    child: Option<Child>,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub http: Http,
+    log: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Interceptor {
+    /// Starts the interceptor on `config` (YAML) and waits until `/readyz` says ready.
+    pub async fn start(config: &str) -> Self {
+        Self::start_with(config, &[]).await
+    }
+
+    pub async fn start_with(config: &str, args: &[&str]) -> Self {
+        let this = Self::spawn(config, args);
+        let admin = this.admin;
+        let http = this.http.clone();
+        eventually("interceptor /readyz = 200", Duration::from_secs(10), || {
+            let http = http.clone();
+            async move {
+                matches!(http.get(admin, "admin", "/readyz").await, Ok(r) if r.status == StatusCode::OK)
+            }
+        })
+        .await;
+        this
+    }
+
+    /// Starts the interceptor without waiting for it.
+    pub fn spawn(config: &str, args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("config.yaml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = dir.path().join("interceptor.log");
+        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--proxy-addr")
+            .arg(proxy.to_string())
+            .arg("--admin-addr")
+            .arg(admin.to_string())
+            .args(args)
+            .env("RUST_LOG", "info,wakegate_interceptor=debug")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        Self {
+            child: Some(child),
+            proxy,
+            admin,
+            http: Http::default(),
+            log,
+            dir,
+        }
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    pub async fn get(&self, host: &str, path: &str) -> Reply {
+        self.http.get(self.proxy, host, path).await.unwrap()
+    }
+
+    pub async fn admin_get(&self, path: &str) -> Reply {
+        self.http.get(self.admin, "admin", path).await.unwrap()
+    }
+
+    pub async fn queue(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.admin_get("/queue").await.body).unwrap()
+    }
+
+    /// The `/status` entry of one target.
+    pub async fn target(&self, name: &str) -> serde_json::Value {
+        let status: serde_json::Value =
+            serde_json::from_slice(&self.admin_get("/status").await.body).unwrap();
+        status["targets"][name].clone()
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.admin_get("/metrics").await.text()
+    }
+
+    /// Waits until the route's `/queue` Concurrency equals `n`.
+    pub async fn wait_concurrency(&self, route: &str, n: u64) {
+        eventually(
+            &format!("/queue {route} Concurrency = {n}"),
+            Duration::from_secs(10),
+            || async { self.queue().await[route]["Concurrency"].as_u64() == Some(n) },
+        )
+        .await;
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id().unwrap()
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        nix::sys::signal::kill(pid, sig).unwrap();
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait(&mut self, deadline: Duration) -> ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        tokio::time::timeout(deadline, child.wait())
+            .await
+            .expect("interceptor did not exit in time")
+            .unwrap()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Interceptor {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- interceptor log ----\n{}", self.log());
+        }
+        if let Some(child) = &self.child {
+            if let Some(pid) = child.id() {
+                // SIGTERM so the interceptor stops its children too.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Whether a process exists.
+pub fn alive(pid: u32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+}
+
+/// A config route whose target is the example backend with a boot delay.
+pub fn backend_route(name: &str, host: &str, port: u16, boot_delay: &str, extra: &str) -> String {
+    format!(
+        r#"  - name: {name}
+    hosts: ["{host}"]
+    target:
+      command: ["{BIN}", "backend", "--port", "{port}", "--boot-delay", "{boot_delay}", "--name", "{name}"]
+      port: {port}
+      stopGracePeriod: 2s
+{extra}"#
+    )
+}
+
+/// An in-process upstream that answers with its name and counts requests and peak concurrency.
+#[derive(Clone)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub name: &'static str,
+    pub requests: Arc<AtomicUsize>,
+    pub peak: Arc<AtomicUsize>,
+}
+
+impl Upstream {
+    /// `delay` is how long each request takes, to build up concurrency.
+    pub async fn start(name: &'static str, delay: Duration) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let now = Arc::new(AtomicUsize::new(0));
+        let up = Self {
+            addr,
+            name,
+            requests: requests.clone(),
+            peak: peak.clone(),
+        };
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (requests, peak, now) = (requests.clone(), peak.clone(), now.clone());
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let (requests, peak, now) = (requests.clone(), peak.clone(), now.clone());
+                    async move {
+                        requests.fetch_add(1, Ordering::SeqCst);
+                        let current = now.fetch_add(1, Ordering::SeqCst) + 1;
+                        peak.fetch_max(current, Ordering::SeqCst);
+                        tokio::time::sleep(delay).await;
+                        now.fetch_sub(1, Ordering::SeqCst);
+                        let mut headers = String::new();
+                        for (k, v) in req.headers() {
+                            headers.push_str(&format!("{k}: {}\n", v.to_str().unwrap_or("?")));
+                        }
+                        let body = format!("{name} {}\n{headers}", req.uri());
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::from(body),
+                        )))
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc),
+                );
+            }
+        });
+        up
+    }
+
+    pub fn count(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
