@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod backend;
 pub mod cli;
+pub mod client_conn;
 pub mod connect;
 pub mod load;
 pub mod local;
@@ -101,9 +102,9 @@ pub async fn run(args: ServeArgs) -> Result<(), RunError> {
     tracing::info!(proxy = %args.proxy_addr, admin = %args.admin_addr, config = ?args.config, "interceptor listening");
     let proxy_server = tokio::spawn(server::serve(
         proxy_listener,
-        move |req, remote| {
+        move |req, client| {
             let proxy = proxy.clone();
-            async move { proxy.handle(req, remote).await }
+            async move { proxy.handle(req, client).await }
         },
         settings,
         stop_proxy.clone(),

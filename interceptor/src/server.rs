@@ -21,6 +21,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 
+use crate::client_conn::ClientConn;
+
 /// How a server's drain ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Drain {
@@ -59,7 +61,7 @@ pub async fn serve<H, F, B>(
     drain_timeout: Duration,
 ) -> Drain
 where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, ClientConn) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
     B: Body + Send + 'static,
     B::Data: Send,
@@ -92,12 +94,13 @@ where
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
+        let (client, io) = ClientConn::new(stream, remote);
         let service = service_fn(move |req| {
-            let rsp = handler(req, remote);
+            let rsp = handler(req, client.clone());
             async move { Ok::<_, Infallible>(rsp.await) }
         });
         let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(TokioIo::new(io), service)
             .into_owned();
         let conn = graceful.watch(conn);
         let open = open.clone();

@@ -114,11 +114,7 @@ async fn a_backend_killed_mid_response_fails_only_that_request() {
     let ic = Interceptor::start(&config).await;
     let pid = ic.get("kill.test", "/").await.pid();
 
-    let slow = {
-        let http = ic.http.clone();
-        let proxy = ic.proxy;
-        tokio::spawn(async move { http.get(proxy, "kill.test", "/sleep?ms=10000").await })
-    };
+    let slow = ic.spawn_get("kill.test", "/sleep?ms=10000");
     ic.wait_concurrency("kill", 1).await;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
     let reply = slow.await.unwrap().unwrap();
@@ -151,11 +147,7 @@ async fn sigterm_lets_requests_in_flight_finish_exits_0_and_leaves_no_child() {
 
     let mut slow = Vec::new();
     for _ in 0..5 {
-        let http = ic.http.clone();
-        let proxy = ic.proxy;
-        slow.push(tokio::spawn(async move {
-            http.get(proxy, "drain.test", "/sleep?ms=1000").await
-        }));
+        slow.push(ic.spawn_get("drain.test", "/sleep?ms=1000"));
     }
     ic.wait_concurrency("drain", 5).await;
     ic.signal(Signal::SIGTERM);
@@ -241,4 +233,23 @@ async fn an_http_readiness_probe_waits_for_the_path_to_answer() {
     let target = ic.target("probe").await;
     assert_eq!(target["state"], "ready");
     assert!(target["lastBootMs"].as_u64().unwrap() >= 200, "{target}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_example_config_serves_through_a_cold_start() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/local.yaml");
+    let ic = Interceptor::start(&std::fs::read_to_string(example).unwrap()).await;
+    let reply = ic.get("hello.localhost", "/").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.cold_start(), Some("true"));
+    assert!(
+        reply.text().starts_with("hello from hello (pid"),
+        "{}",
+        reply.text()
+    );
+    let target = ic.target("hello").await;
+    assert!(
+        target["lastBootMs"].as_u64().unwrap() >= 1000,
+        "the example boots in 1s: {target}"
+    );
 }

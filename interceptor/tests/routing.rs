@@ -162,11 +162,7 @@ async fn the_per_endpoint_cap_limits_requests_in_flight_and_holds_the_rest() {
     let ic = Interceptor::start(&config).await;
     let mut tasks = Vec::new();
     for _ in 0..8 {
-        let http = ic.http.clone();
-        let proxy = ic.proxy;
-        tasks.push(tokio::spawn(async move {
-            http.get(proxy, "capped.test", "/").await
-        }));
+        tasks.push(ic.spawn_get("capped.test", "/"));
     }
     for task in tasks {
         assert_eq!(task.await.unwrap().unwrap().status, StatusCode::OK);

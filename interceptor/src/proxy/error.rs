@@ -8,6 +8,12 @@ use http::{header, HeaderValue, Response, StatusCode};
 use super::body::ProxyBody;
 use crate::provider::{RouteId, TargetId};
 
+/// The status recorded for a request whose client left (nginx's 499).
+pub const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
+    Ok(code) => code,
+    Err(_) => StatusCode::BAD_REQUEST,
+};
+
 /// Why a request was answered by the proxy instead of the upstream.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -42,6 +48,15 @@ pub enum ProxyError {
         /// The route's per-endpoint cap.
         cap: std::num::NonZeroUsize,
         /// How long the request waited.
+        waited: Duration,
+    },
+
+    /// The client closed its connection while its request was held.
+    #[error("route {route}: client went away after waiting {}", humantime::format_duration(*.waited))]
+    ClientGone {
+        /// The route that matched.
+        route: RouteId,
+        /// How long the request had waited.
         waited: Duration,
     },
 
@@ -88,6 +103,7 @@ impl ProxyError {
             Self::NoRoute { .. } => "no_route",
             Self::ReadinessTimeout { .. } => "readiness_timeout",
             Self::CapacityTimeout { .. } => "capacity_timeout",
+            Self::ClientGone { .. } => "client_gone",
             Self::ResponseHeaderTimeout { .. } => "response_header_timeout",
             Self::UpstreamConnect { .. } => "connect",
             Self::Upstream { .. } => "upstream",
@@ -112,6 +128,8 @@ impl ProxyError {
             | Self::CapacityTimeout { .. }
             | Self::ResponseHeaderTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::UpstreamConnect { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            // Nobody reads it; nginx's "client closed request" code keeps it apart in metrics.
+            Self::ClientGone { .. } => CLIENT_CLOSED_REQUEST,
         }
     }
 

@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 pub use self::body::ProxyBody;
 pub use self::error::ProxyError;
+use crate::client_conn::ClientConn;
 use crate::connect::{FreshEndpoints, RetryingConnector};
 use crate::load::{EndpointLease, InFlight, Loads, RouteLoad};
 use crate::metrics::ProxyMetrics;
@@ -144,7 +145,7 @@ impl Proxy {
     pub async fn handle(
         self: &Arc<Self>,
         req: Request<Incoming>,
-        client: SocketAddr,
+        client: ClientConn,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
         let route = {
@@ -172,7 +173,7 @@ impl Proxy {
             _lease: None,
             route,
         };
-        match self.forward(req, client, &mut done).instrument(span).await {
+        match self.forward(req, &client, &mut done).instrument(span).await {
             Ok(rsp) => {
                 let (parts, body) = rsp.into_parts();
                 done.code = parts.status;
@@ -183,6 +184,8 @@ impl Proxy {
                 if err.is_upstream() {
                     self.metrics.upstream_error(&done.route.spec.id, err.kind());
                     tracing::warn!(error = %err, cause = ?std::error::Error::source(&err), "upstream error");
+                } else if matches!(err, ProxyError::ClientGone { .. }) {
+                    tracing::debug!(error = %err, "client went away");
                 } else {
                     tracing::info!(error = %err, "request not forwarded");
                 }
@@ -194,12 +197,12 @@ impl Proxy {
     async fn forward(
         &self,
         req: Request<Incoming>,
-        client: SocketAddr,
+        client: &ClientConn,
         done: &mut Completion,
     ) -> Result<Response<Incoming>, ProxyError> {
         let route = done.route.clone();
         let deadline = done.start + route.readiness_timeout;
-        let acquired = self.acquire(&route, deadline).await?;
+        let acquired = self.acquire(&route, deadline, client).await?;
         done._lease = acquired.lease;
         let cold = acquired.waited.is_some();
         if let Some(waited) = acquired.waited {
@@ -210,7 +213,7 @@ impl Proxy {
             tracing::debug!(endpoint = %acquired.endpoint, waited_ms = waited.as_millis() as u64, "released held request");
         }
 
-        let req = upstream_request(req, &acquired.endpoint, client);
+        let req = upstream_request(req, &acquired.endpoint, client.remote());
         let sent = tokio::time::timeout(route.response_header_timeout, self.client.request(req));
         let endpoint = acquired.endpoint;
         let mut rsp = match sent.await {
@@ -251,6 +254,7 @@ impl Proxy {
         &self,
         route: &Arc<RouteState>,
         deadline: Instant,
+        client: &ClientConn,
     ) -> Result<Acquired, ProxyError> {
         let cap = route.spec.max_in_flight_per_endpoint;
         if let Some((endpoint, lease)) = route.load.pick(&route.endpoints.borrow(), cap) {
@@ -283,7 +287,24 @@ impl Proxy {
                 }
             }
         };
-        match tokio::time::timeout_at(deadline, wait).await {
+        // Hyper does not read the body of a held request, so it cannot see the client leave:
+        // watch the socket for that, to drop the request (and its counts) at once.
+        let client_gone = async {
+            if let Err(err) = client.closed().await {
+                tracing::debug!(error = %err, "cannot watch the client connection");
+                std::future::pending::<()>().await;
+            }
+        };
+        let outcome = tokio::select! {
+            outcome = tokio::time::timeout_at(deadline, wait) => outcome,
+            () = client_gone => {
+                return Err(ProxyError::ClientGone {
+                    route: route.spec.id.clone(),
+                    waited: round_to_ms(held_at.elapsed()),
+                })
+            }
+        };
+        match outcome {
             Ok((endpoint, lease)) => Ok(Acquired {
                 endpoint,
                 lease,

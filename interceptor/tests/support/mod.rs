@@ -183,6 +183,17 @@ impl Interceptor {
         self.http.get(self.proxy, host, path).await.unwrap()
     }
 
+    /// Sends a GET in its own task, so many can be in flight at once.
+    pub fn spawn_get(
+        &self,
+        host: &str,
+        path: &str,
+    ) -> tokio::task::JoinHandle<Result<Reply, String>> {
+        let (http, proxy) = (self.http.clone(), self.proxy);
+        let (host, path) = (host.to_owned(), path.to_owned());
+        tokio::spawn(async move { http.get(proxy, &host, &path).await })
+    }
+
     pub async fn admin_get(&self, path: &str) -> Reply {
         self.http.get(self.admin, "admin", path).await.unwrap()
     }
