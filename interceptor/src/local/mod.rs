@@ -1,5 +1,5 @@
 //! Local mode: the [`Provider`] for running without a cluster. Routes come from a YAML file;
-//! each target is an always-on upstream or a command that a [`Supervisor`] starts on the first
+//! each target is an always-on upstream or a command that a supervisor starts on the first
 //! held request and stops when idle.
 
 pub mod config;
