@@ -29,7 +29,7 @@ use crate::provider::{Endpoint, ReadyEndpoints, RouteId};
 
 /// Time between readiness probes of a starting command. Every cold start pays up to one
 /// interval, so it is short; a probe is one loopback connect.
-pub const PROBE_INTERVAL: Duration = Duration::from_millis(5);
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(2);
 /// Time one probe may take before it counts as failed.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// A command that exits within this time of starting counts as crash-looping, and its next
