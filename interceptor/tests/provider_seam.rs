@@ -1,0 +1,195 @@
+//! The provider seam, driven by hand: a provider that is not local mode plugs into the same
+//! proxy core. Also proves the core's side of the contract: wake is raised when a request is
+//! held, route updates replace the table whole, and an endpoint reported ready before its socket
+//! listens is retried rather than failed.
+
+#![allow(clippy::unwrap_used)] // a panic is how a test reports failure
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::StatusCode;
+use prometheus::Registry;
+use support::*;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use wakegate_interceptor::load::Loads;
+use wakegate_interceptor::metrics::ProxyMetrics;
+use wakegate_interceptor::provider::{Endpoint, Provider, ReadyEndpoints, RouteSpec, TargetId};
+use wakegate_interceptor::proxy::{DefaultTimeouts, Proxy};
+use wakegate_interceptor::routing::RouteMatch;
+use wakegate_interceptor::server::{self, ConnectionSettings};
+
+/// A provider whose routes and endpoints the test sets.
+struct ManualProvider {
+    routes: watch::Sender<Option<Arc<[RouteSpec]>>>,
+    endpoints: watch::Sender<ReadyEndpoints>,
+    wakes: Mutex<Vec<(TargetId, tokio::time::Instant)>>,
+}
+
+impl Provider for ManualProvider {
+    fn routes(&self) -> watch::Receiver<Option<Arc<[RouteSpec]>>> {
+        self.routes.subscribe()
+    }
+    fn endpoints(&self, _target: &TargetId) -> watch::Receiver<ReadyEndpoints> {
+        self.endpoints.subscribe()
+    }
+    fn wake(&self, target: &TargetId) {
+        self.wakes
+            .lock()
+            .unwrap()
+            .push((target.clone(), tokio::time::Instant::now()));
+    }
+}
+
+fn route(id: &str, host: &str) -> RouteSpec {
+    RouteSpec {
+        id: id.into(),
+        matcher: RouteMatch {
+            hosts: vec![host.into()],
+            ..RouteMatch::default()
+        },
+        target: "target".into(),
+        readiness_timeout: Some(Duration::from_secs(10)),
+        response_header_timeout: None,
+        max_in_flight_per_endpoint: None,
+    }
+}
+
+async fn start(provider: Arc<ManualProvider>) -> (SocketAddr, Arc<Proxy>, CancellationToken) {
+    let loads = Arc::new(Loads::default());
+    let metrics = ProxyMetrics::register(&Registry::new(), loads.clone()).unwrap();
+    let timeouts = DefaultTimeouts {
+        readiness: Duration::from_secs(10),
+        response_header: Duration::from_secs(10),
+    };
+    let proxy = Proxy::new(provider, loads, metrics, timeouts);
+    tokio::spawn(proxy.clone().follow_routes());
+    let listener = server::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let handler = {
+        let proxy = proxy.clone();
+        move |req, client| {
+            let proxy = proxy.clone();
+            async move { proxy.handle(req, client).await }
+        }
+    };
+    let settings = ConnectionSettings {
+        header_read_timeout: Duration::from_secs(5),
+    };
+    tokio::spawn(server::serve(
+        listener,
+        handler,
+        settings,
+        stop.clone(),
+        Duration::from_secs(1),
+    ));
+    (addr, proxy, stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wake_on_hold_then_retry_connects_to_an_endpoint_reported_ready_early() {
+    let provider = Arc::new(ManualProvider {
+        routes: watch::channel(Some(Arc::from(vec![route("ns/app", "app.test")]))).0,
+        endpoints: watch::channel(ReadyEndpoints::none()).0,
+        wakes: Mutex::new(Vec::new()),
+    });
+    let (addr, proxy, _stop) = start(provider.clone()).await;
+    eventually("routes loaded", Duration::from_secs(5), || async {
+        proxy.is_loaded()
+    })
+    .await;
+
+    let http = Http::default();
+    let sent_at = tokio::time::Instant::now();
+    let request = tokio::spawn({
+        let http = http.clone();
+        async move { http.get(addr, "app.test", "/hello").await }
+    });
+    eventually("wake raised", Duration::from_secs(5), || async {
+        !provider.wakes.lock().unwrap().is_empty()
+    })
+    .await;
+    let (target, woke_at) = provider.wakes.lock().unwrap()[0].clone();
+    assert_eq!(&*target, "target");
+    assert!(woke_at.duration_since(sent_at) < Duration::from_secs(1));
+
+    // Report an endpoint ready before anything listens on it, as a pod can be Ready before its
+    // address routes. The proxy must keep trying, not answer 502.
+    let port = free_port();
+    provider.endpoints.send_replace(
+        std::iter::once(Endpoint::new(format!("127.0.0.1:{port}").parse().unwrap())).collect(),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await; // the socket is late on purpose
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let up = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let svc =
+            hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                    bytes::Bytes::from(format!("late {}", req.uri())),
+                )))
+            });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+            .await;
+    });
+    let reply = request.await.unwrap().unwrap();
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.text(), "late /hello");
+    assert_eq!(reply.cold_start(), Some("true"));
+    up.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_updates_replace_the_table_whole() {
+    let provider = Arc::new(ManualProvider {
+        routes: watch::channel(None).0,
+        endpoints: watch::channel(ReadyEndpoints::none()).0,
+        wakes: Mutex::new(Vec::new()),
+    });
+    let up = Upstream::start("up", Duration::ZERO).await;
+    provider.endpoints.send_replace(
+        std::iter::once(Endpoint::new(up.addr.to_string().parse().unwrap())).collect(),
+    );
+    let (addr, proxy, _stop) = start(provider.clone()).await;
+    assert!(
+        !proxy.is_loaded(),
+        "not loaded before the provider's first route set"
+    );
+
+    provider
+        .routes
+        .send_replace(Some(Arc::from(vec![route("ns/one", "one.test")])));
+    eventually("routes loaded", Duration::from_secs(5), || async {
+        proxy.is_loaded()
+    })
+    .await;
+    let http = Http::default();
+    assert_eq!(
+        http.get(addr, "one.test", "/").await.unwrap().status,
+        StatusCode::OK
+    );
+
+    provider
+        .routes
+        .send_replace(Some(Arc::from(vec![route("ns/two", "two.test")])));
+    eventually("new table in place", Duration::from_secs(5), || async {
+        http.get(addr, "two.test", "/").await.unwrap().status == StatusCode::OK
+    })
+    .await;
+    assert_eq!(
+        http.get(addr, "one.test", "/").await.unwrap().status,
+        StatusCode::NOT_FOUND
+    );
+    assert!(
+        provider.wakes.lock().unwrap().is_empty(),
+        "ready targets are never woken"
+    );
+}
