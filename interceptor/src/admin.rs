@@ -5,11 +5,18 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use std::convert::Infallible;
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use prometheus::{Encoder, Registry, TextEncoder};
+use tokio::sync::broadcast;
 
+use crate::events::WakeEvents;
 use crate::load::Loads;
 use crate::provider::Provider;
 use crate::proxy::Proxy;
@@ -20,8 +27,15 @@ pub struct Admin {
     provider: Arc<dyn Provider>,
     loads: Arc<Loads>,
     registry: Registry,
+    wakes: WakeEvents,
     draining: AtomicBool,
 }
+
+/// Admin response bodies: small ones, or the `/events` stream.
+pub type AdminBody = UnsyncBoxBody<Bytes, Infallible>;
+
+/// Interval of `ping` lines on `/events`.
+const PING_INTERVAL: Duration = Duration::from_secs(15);
 
 impl std::fmt::Debug for Admin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -38,12 +52,14 @@ impl Admin {
         provider: Arc<dyn Provider>,
         loads: Arc<Loads>,
         registry: Registry,
+        wakes: WakeEvents,
     ) -> Arc<Self> {
         Arc::new(Self {
             proxy,
             provider,
             loads,
             registry,
+            wakes,
             draining: AtomicBool::new(false),
         })
     }
@@ -54,7 +70,7 @@ impl Admin {
     }
 
     /// Answers one admin request.
-    pub fn handle<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {
+    pub fn handle<B>(&self, req: &Request<B>) -> Response<AdminBody> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
         }
@@ -70,6 +86,7 @@ impl Admin {
                 }
             }
             "/queue" => json(&self.loads.queue()),
+            "/events" => self.events(),
             "/status" => json(&serde_json::json!({
                 "ready": self.proxy.is_loaded() && !self.draining.load(Ordering::Acquire),
                 "queue": self.loads.queue(),
@@ -79,7 +96,7 @@ impl Admin {
                 let mut buf = Vec::with_capacity(8 * 1024);
                 match TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
                     Ok(()) => {
-                        let mut rsp = Response::new(Full::new(Bytes::from(buf)));
+                        let mut rsp = Response::new(Full::new(Bytes::from(buf)).boxed_unsync());
                         rsp.headers_mut().insert(
                             header::CONTENT_TYPE,
                             HeaderValue::from_static("text/plain; version=0.0.4"),
@@ -94,14 +111,51 @@ impl Admin {
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; try /livez /readyz /queue /status /metrics\n",
+                "not found; try /livez /readyz /queue /status /metrics /events\n",
             ),
         }
     }
+
+    /// The wake-event stream (see [`crate::events`]).
+    fn events(&self) -> Response<AdminBody> {
+        let hello = line(&serde_json::json!({"type": "hello", "queue": self.loads.queue()}));
+        let state = (self.wakes.subscribe(), Some(hello));
+        let stream = futures_util::stream::unfold(state, |(mut rx, first)| async move {
+            if let Some(hello) = first {
+                return Some((Ok(Frame::data(hello)), (rx, None)));
+            }
+            let next = tokio::select! {
+                wake = rx.recv() => match wake {
+                    Ok(wake) => {
+                        let mut value = serde_json::to_value(&wake).unwrap_or_default();
+                        value["type"] = "wake".into();
+                        line(&value)
+                    }
+                    // Too slow a reader: tell it to resynchronise from /queue.
+                    Err(broadcast::error::RecvError::Lagged(n)) => line(&serde_json::json!({"type": "lagged", "missed": n})),
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                },
+                () = tokio::time::sleep(PING_INTERVAL) => line(&serde_json::json!({"type": "ping"})),
+            };
+            Some((Ok::<_, Infallible>(Frame::data(next)), (rx, None)))
+        });
+        let mut rsp = Response::new(BodyExt::boxed_unsync(StreamBody::new(stream)));
+        rsp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-ndjson"),
+        );
+        rsp
+    }
 }
 
-fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    let mut rsp = Response::new(Full::new(Bytes::copy_from_slice(body.as_bytes())));
+fn line(value: &serde_json::Value) -> Bytes {
+    let mut text = value.to_string();
+    text.push('\n');
+    Bytes::from(text)
+}
+
+fn text(status: StatusCode, body: &str) -> Response<AdminBody> {
+    let mut rsp = Response::new(Full::new(Bytes::copy_from_slice(body.as_bytes())).boxed_unsync());
     *rsp.status_mut() = status;
     rsp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -110,10 +164,10 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     rsp
 }
 
-fn json<T: serde::Serialize>(value: &T) -> Response<Full<Bytes>> {
+fn json<T: serde::Serialize>(value: &T) -> Response<AdminBody> {
     match serde_json::to_vec(value) {
         Ok(body) => {
-            let mut rsp = Response::new(Full::new(Bytes::from(body)));
+            let mut rsp = Response::new(Full::new(Bytes::from(body)).boxed_unsync());
             rsp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),

@@ -10,6 +10,7 @@ pub mod backend;
 pub mod cli;
 pub mod client_conn;
 pub mod connect;
+pub mod events;
 pub mod load;
 pub mod local;
 pub mod metrics;
@@ -28,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
 use crate::cli::ServeArgs;
+use crate::events::WakeEvents;
 use crate::load::Loads;
 use crate::local::{ConfigError, LocalConfig, LocalProvider};
 use crate::metrics::ProxyMetrics;
@@ -90,9 +92,16 @@ pub async fn run(args: ServeArgs) -> Result<(), RunError> {
         readiness: args.readiness_timeout,
         response_header: args.response_header_timeout,
     };
-    let proxy = Proxy::new(provider.clone(), loads.clone(), metrics, timeouts);
+    let wakes = WakeEvents::default();
+    let proxy = Proxy::new(
+        provider.clone(),
+        loads.clone(),
+        metrics,
+        timeouts,
+        wakes.clone(),
+    );
     tokio::spawn(proxy.clone().follow_routes());
-    let admin = Admin::new(proxy.clone(), provider, loads, registry);
+    let admin = Admin::new(proxy.clone(), provider, loads, registry, wakes);
 
     let settings = ConnectionSettings {
         header_read_timeout: args.header_read_timeout,

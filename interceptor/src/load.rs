@@ -159,10 +159,11 @@ impl RouteLoad {
         InFlight(self.clone())
     }
 
-    /// Counts a request as held until the guard drops.
-    pub fn hold(self: &Arc<Self>) -> Held {
-        self.held.fetch_add(1, Ordering::AcqRel);
-        Held(self.clone())
+    /// Counts a request as held until the guard drops. The flag says whether it is the only
+    /// one held (the route just went from none held to one).
+    pub fn hold(self: &Arc<Self>) -> (Held, bool) {
+        let before = self.held.fetch_add(1, Ordering::AcqRel);
+        (Held(self.clone()), before == 0)
     }
 
     /// A future that completes when a per-endpoint lease ends. Create it (and enable it) before
@@ -269,10 +270,13 @@ mod tests {
         let loads = Loads::default();
         let load = loads.get(&"r".into());
         let a = load.start_request();
-        let held = load.hold();
+        let (held, first) = load.hold();
+        assert!(first);
+        assert!(!load.hold().1, "a second held request is not the first");
         let _b = load.start_request();
         assert_eq!((load.in_flight(), load.held(), load.requests()), (2, 1, 2));
         drop(held);
+        assert!(load.hold().1, "none held again: the next is the first");
         drop(a);
         assert_eq!((load.in_flight(), load.held(), load.requests()), (1, 0, 2));
         let q = loads.queue();

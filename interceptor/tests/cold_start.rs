@@ -225,3 +225,45 @@ async fn queue_and_metrics_count_requests_in_flight_at_a_ready_backend() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_held_request_is_pushed_on_the_events_stream() {
+    use http_body_util::BodyExt;
+    let port = free_port();
+    let config = format!(
+        "routes:\n{}",
+        backend_route("wake", "wake.test", port, "300ms", "")
+    );
+    let ic = Interceptor::start(&config).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<Bytes>>();
+    let rsp = client
+        .get(format!("http://{}/events", ic.admin).parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(rsp.headers()["content-type"], "application/x-ndjson");
+    let mut body = rsp.into_body();
+    let mut next_line = async || -> serde_json::Value {
+        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("an event line in time")
+            .unwrap()
+            .unwrap();
+        serde_json::from_slice(frame.data_ref().unwrap()).unwrap()
+    };
+    let hello = next_line().await;
+    assert_eq!(hello["type"], "hello");
+    assert_eq!(hello["queue"]["wake"]["Concurrency"], 0);
+
+    let first = ic.spawn_get("wake.test", "/");
+    let second = ic.spawn_get("wake.test", "/");
+    let wake = next_line().await;
+    assert_eq!(wake["type"], "wake");
+    assert_eq!(wake["route"], "wake");
+    assert!(wake["at"].as_u64().unwrap() > 0);
+    assert_eq!(first.await.unwrap().unwrap().status, StatusCode::OK);
+    assert_eq!(second.await.unwrap().unwrap().status, StatusCode::OK);
+    // One wake per cold start, not one per held request.
+    let more = tokio::time::timeout(Duration::from_millis(200), body.frame()).await;
+    assert!(more.is_err(), "no second wake for the same cold start");
+}

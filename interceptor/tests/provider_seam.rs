@@ -66,7 +66,7 @@ async fn start(provider: Arc<ManualProvider>) -> (SocketAddr, Arc<Proxy>, Cancel
         readiness: Duration::from_secs(10),
         response_header: Duration::from_secs(10),
     };
-    let proxy = Proxy::new(provider, loads, metrics, timeouts);
+    let proxy = Proxy::new(provider, loads, metrics, timeouts, Default::default());
     tokio::spawn(proxy.clone().follow_routes());
     let listener = server::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();

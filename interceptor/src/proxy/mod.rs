@@ -27,6 +27,7 @@ pub use self::body::ProxyBody;
 pub use self::error::ProxyError;
 use crate::client_conn::ClientConn;
 use crate::connect::{FreshEndpoints, RetryingConnector};
+use crate::events::WakeEvents;
 use crate::load::{EndpointLease, InFlight, Loads, RouteLoad};
 use crate::metrics::ProxyMetrics;
 use crate::provider::{Endpoint, Provider, ReadyEndpoints, RouteSpec};
@@ -65,6 +66,7 @@ pub struct Proxy {
     loads: Arc<Loads>,
     metrics: ProxyMetrics,
     timeouts: DefaultTimeouts,
+    wakes: WakeEvents,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -83,6 +85,7 @@ impl Proxy {
         loads: Arc<Loads>,
         metrics: ProxyMetrics,
         timeouts: DefaultTimeouts,
+        wakes: WakeEvents,
     ) -> Arc<Self> {
         let fresh = FreshEndpoints::default();
         let client = Client::builder(TokioExecutor::new())
@@ -99,6 +102,7 @@ impl Proxy {
             loads,
             metrics,
             timeouts,
+            wakes,
         })
     }
 
@@ -266,8 +270,11 @@ impl Proxy {
         }
 
         let held_at = Instant::now();
-        let _held = route.load.hold();
+        let (_held, first) = route.load.hold();
         self.provider.wake(&route.spec.target);
+        if first {
+            self.wakes.publish(&route.spec.id, &route.spec.target);
+        }
         let mut ready = route.endpoints.clone();
         let wait = async {
             // A target whose set can no longer change (fixed upstreams, or one the provider

@@ -1,0 +1,63 @@
+//! Wake events: the push half of the wake path to the controller.
+//!
+//! The proxy core publishes an event the moment a route's first request is held. The admin
+//! server streams them as newline-delimited JSON on `GET /events`, one stream per subscriber
+//! (the controller keeps one open to every interceptor replica), so a wake reaches the
+//! controller without any polling tick:
+//!
+//! ```text
+//! {"type":"hello","queue":{"ns/app":{"Concurrency":3,"RequestCount":17}}}
+//! {"type":"wake","route":"ns/app","target":"ns/app","at":1795653932178}
+//! {"type":"ping"}
+//! ```
+//!
+//! `hello` comes first, with the counts at subscription time, so a controller that connects
+//! while requests are already held sees them at once. `ping` comes every 15 s so either side
+//! notices a dead peer.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+use crate::provider::{RouteId, TargetId};
+
+/// One wake event.
+#[derive(Clone, Debug, Serialize)]
+pub struct Wake {
+    /// The route whose first request is held.
+    pub route: RouteId,
+    /// Its target.
+    pub target: TargetId,
+    /// When the request was held, in Unix milliseconds.
+    pub at: u64,
+}
+
+/// The broadcaster of wake events.
+#[derive(Clone, Debug)]
+pub struct WakeEvents(broadcast::Sender<Wake>);
+
+impl Default for WakeEvents {
+    fn default() -> Self {
+        Self(broadcast::channel(1024).0)
+    }
+}
+
+impl WakeEvents {
+    /// Publishes a wake; nobody listening is fine.
+    pub fn publish(&self, route: &RouteId, target: &TargetId) {
+        let at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let _ = self.0.send(Wake {
+            route: route.clone(),
+            target: target.clone(),
+            at,
+        });
+    }
+
+    /// A new subscription.
+    pub fn subscribe(&self) -> broadcast::Receiver<Wake> {
+        self.0.subscribe()
+    }
+}
