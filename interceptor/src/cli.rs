@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::backend::BackendArgs;
+use crate::kubernetes::EndpointMode;
 
 /// Wakegate's interceptor: a reverse proxy that holds requests while their target wakes from
 /// zero, and forwards them the moment it is ready.
@@ -56,9 +57,23 @@ pub struct ServeArgs {
     #[arg(long, env = "WAKEGATE_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
     pub admin_addr: SocketAddr,
 
-    /// Local-mode config file (YAML). Required until the Kubernetes provider lands.
+    /// Local-mode config file (YAML). Without it the interceptor runs in Kubernetes mode,
+    /// using the in-cluster service account or `KUBECONFIG`.
     #[arg(long, env = "WAKEGATE_CONFIG")]
     pub config: Option<PathBuf>,
+
+    /// Kubernetes mode: the kubeconfig to use (default: in-cluster, then ~/.kube/config).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Kubernetes mode: watch HTTPScaledObjects in this namespace only (default: all).
+    #[arg(long, env = "WAKEGATE_WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// Kubernetes mode: forward to the ready pod addresses from EndpointSlices (`pod`, which
+    /// does not wait for kube-proxy), or to the Service (`service`).
+    #[arg(long, env = "WAKEGATE_ENDPOINT_MODE", value_enum, default_value_t = EndpointMode::Pod)]
+    pub endpoint_mode: EndpointMode,
 
     /// How long a request is held waiting for its target to have a ready endpoint, unless its
     /// route sets `timeouts.readiness`.

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client_conn;
 pub mod connect;
 pub mod events;
+pub mod kubernetes;
 pub mod load;
 pub mod local;
 pub mod metrics;
@@ -30,9 +31,11 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::Admin;
 use crate::cli::ServeArgs;
 use crate::events::WakeEvents;
+use crate::kubernetes::KubeProvider;
 use crate::load::Loads;
-use crate::local::{ConfigError, LocalConfig, LocalProvider};
+use crate::local::{ConfigError, LocalConfig, LocalProvider, Supervisors};
 use crate::metrics::ProxyMetrics;
+use crate::provider::Provider;
 use crate::proxy::{DefaultTimeouts, Proxy};
 use crate::server::ConnectionSettings;
 
@@ -42,9 +45,9 @@ pub enum RunError {
     /// The local config file is missing, unreadable or invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// No `--config` was given, and Kubernetes mode is not part of this build yet.
-    #[error("no --config given: pass a local-mode config file (see examples/local.yaml)")]
-    NoConfig,
+    /// Kubernetes mode, and no cluster configuration was found.
+    #[error("no --config given, so running in Kubernetes mode, but no cluster was found (set KUBECONFIG, run in a pod, or pass --config for local mode): {0}")]
+    Kube(#[source] kube::Error),
     /// A listen address could not be bound.
     #[error("cannot listen on {addr} ({flag}): {source}")]
     Bind {
@@ -65,19 +68,45 @@ impl RunError {
     /// The process exit status: 64 (EX_USAGE) for configuration problems, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Config(_) | Self::NoConfig => 64,
-            Self::Bind { .. } | Self::Metrics(_) => 1,
+            Self::Config(_) => 64,
+            Self::Kube(_) | Self::Bind { .. } | Self::Metrics(_) => 1,
         }
     }
 }
 
 /// Runs the interceptor until SIGTERM or SIGINT, then drains and stops.
 pub async fn run(args: ServeArgs) -> Result<(), RunError> {
-    raise_fd_limit();
-    let config = match &args.config {
-        Some(path) => LocalConfig::load(path)?,
-        None => return Err(RunError::NoConfig),
+    run_until(args, signal::terminated(), signal::terminated()).await
+}
+
+/// A kube client from `--kubeconfig`, or the environment (in-cluster, then `~/.kube/config`).
+pub async fn kube_client(
+    kubeconfig: Option<&std::path::Path>,
+) -> Result<kube::Client, kube::Error> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file =
+                kube::config::Kubeconfig::read_from(path).map_err(kube::Error::InferKubeconfig)?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(kube::Error::InferKubeconfig)?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(kube::Error::InferConfig)?,
     };
+    kube::Client::try_from(config)
+}
+
+/// Runs the interceptor until `shutdown` completes, then drains and stops; `hurry` cuts the
+/// shutdown delay short. `main` passes the first and second SIGTERM/SIGINT.
+pub async fn run_until(
+    args: ServeArgs,
+    shutdown: impl std::future::Future<Output = ()>,
+    hurry: impl std::future::Future<Output = ()>,
+) -> Result<(), RunError> {
+    raise_fd_limit();
+    let config = args.config.as_deref().map(LocalConfig::load).transpose()?;
     let bind =
         |addr, flag| server::bind(addr).map_err(|source| RunError::Bind { addr, flag, source });
     let proxy_listener = bind(args.proxy_addr, "--proxy-addr")?;
@@ -85,8 +114,26 @@ pub async fn run(args: ServeArgs) -> Result<(), RunError> {
 
     let registry = Registry::new();
     let loads = Arc::new(Loads::default());
-    let stop_children = CancellationToken::new();
-    let (provider, supervisors) = LocalProvider::start(config, &loads, stop_children.clone());
+    let stop_provider = CancellationToken::new();
+    let (provider, supervisors): (Arc<dyn Provider>, Option<Supervisors>) = match config {
+        Some(config) => {
+            let (provider, supervisors) =
+                LocalProvider::start(config, &loads, stop_provider.clone());
+            (provider, Some(supervisors))
+        }
+        None => {
+            let client = kube_client(args.kubeconfig.as_deref())
+                .await
+                .map_err(RunError::Kube)?;
+            let provider = KubeProvider::start(
+                client,
+                args.namespace.as_deref(),
+                args.endpoint_mode,
+                stop_provider.clone(),
+            );
+            (provider, None)
+        }
+    };
     let metrics = ProxyMetrics::register(&registry, loads.clone())?;
     let timeouts = DefaultTimeouts {
         readiness: args.readiness_timeout,
@@ -133,12 +180,12 @@ pub async fn run(args: ServeArgs) -> Result<(), RunError> {
         std::time::Duration::from_secs(1),
     ));
 
-    signal::terminated().await;
+    shutdown.await;
     admin.start_draining();
     tracing::info!(delay = ?args.shutdown_delay, "shutting down: reporting not ready");
     tokio::select! {
         () = tokio::time::sleep(args.shutdown_delay) => {}
-        () = signal::terminated() => tracing::info!("second signal: skipping the shutdown delay"),
+        () = hurry => tracing::info!("told again: skipping the shutdown delay"),
     }
     stop_proxy.cancel();
     match proxy_server.await {
@@ -150,8 +197,10 @@ pub async fn run(args: ServeArgs) -> Result<(), RunError> {
         }
         Err(err) => tracing::error!(error = %err, "proxy server task failed"),
     }
-    stop_children.cancel();
-    supervisors.wait().await;
+    stop_provider.cancel();
+    if let Some(supervisors) = supervisors {
+        supervisors.wait().await;
+    }
     stop_admin.cancel();
     let _ = admin_server.await;
     tracing::info!("stopped");

@@ -1,0 +1,446 @@
+//! The cluster index: HTTPScaledObjects, Services and EndpointSlices as the interceptor needs
+//! them, fed by watch events and read synchronously. Pure: no client, no async, so routing and
+//! endpoint resolution are tested with plain `#[test]`s.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use http::uri::Authority;
+use http::{HeaderName, HeaderValue};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use wakegate_crds::{HTTPScaledObject, PortRef, SpecError, ValidSpec};
+
+use crate::provider::{Endpoint, ReadyEndpoints, RouteSpec};
+use crate::routing::{HeaderMatch, RouteMatch};
+
+/// Where held requests are sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EndpointMode {
+    /// The ready pod addresses from EndpointSlices: no wait for kube-proxy to catch up.
+    Pod,
+    /// The Service's name and port, through cluster DNS and kube-proxy.
+    Service,
+}
+
+type Key = (String, String);
+
+#[derive(Clone, Debug)]
+struct Route {
+    created: String,
+    spec: Result<ValidSpec, SpecError>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ServicePort {
+    name: String,
+    port: i32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Slice {
+    service: String,
+    /// (port name, port number) pairs.
+    ports: Vec<(String, i32)>,
+    /// Ready addresses.
+    ready: Vec<String>,
+}
+
+/// The index.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterIndex {
+    routes: BTreeMap<Key, Route>,
+    services: HashMap<Key, Vec<ServicePort>>,
+    slices: HashMap<Key, Slice>,
+}
+
+fn key(ns: Option<&String>, name: Option<&String>) -> Option<Key> {
+    Some((ns?.clone(), name?.clone()))
+}
+
+impl ClusterIndex {
+    /// Adds or replaces an HTTPScaledObject.
+    pub fn apply_route(&mut self, obj: &HTTPScaledObject) {
+        let Some(k) = key(obj.metadata.namespace.as_ref(), obj.metadata.name.as_ref()) else {
+            return;
+        };
+        let created = obj
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string())
+            .unwrap_or_default();
+        let spec = obj.spec.validate();
+        if let Err(err) = &spec {
+            tracing::warn!(route = %format!("{}/{}", k.0, k.1), error = %err, "HTTPScaledObject is invalid; not routing it");
+        }
+        self.routes.insert(k, Route { created, spec });
+    }
+
+    /// Removes an HTTPScaledObject.
+    pub fn delete_route(&mut self, obj: &HTTPScaledObject) {
+        if let Some(k) = key(obj.metadata.namespace.as_ref(), obj.metadata.name.as_ref()) {
+            self.routes.remove(&k);
+        }
+    }
+
+    /// Replaces every HTTPScaledObject (after a relist).
+    pub fn reset_routes(&mut self, objs: &[HTTPScaledObject]) {
+        self.routes.clear();
+        objs.iter().for_each(|o| self.apply_route(o));
+    }
+
+    /// Adds or replaces a Service.
+    pub fn apply_service(&mut self, svc: &Service) {
+        let Some(k) = key(svc.metadata.namespace.as_ref(), svc.metadata.name.as_ref()) else {
+            return;
+        };
+        let ports = svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.ports.as_ref())
+            .map(|ports| {
+                ports
+                    .iter()
+                    .map(|p| ServicePort {
+                        name: p.name.clone().unwrap_or_default(),
+                        port: p.port,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.services.insert(k, ports);
+    }
+
+    /// Removes a Service.
+    pub fn delete_service(&mut self, svc: &Service) {
+        if let Some(k) = key(svc.metadata.namespace.as_ref(), svc.metadata.name.as_ref()) {
+            self.services.remove(&k);
+        }
+    }
+
+    /// Replaces every Service (after a relist).
+    pub fn reset_services(&mut self, svcs: &[Service]) {
+        self.services.clear();
+        svcs.iter().for_each(|s| self.apply_service(s));
+    }
+
+    /// Adds or replaces an EndpointSlice.
+    pub fn apply_slice(&mut self, slice: &EndpointSlice) {
+        let Some(k) = key(
+            slice.metadata.namespace.as_ref(),
+            slice.metadata.name.as_ref(),
+        ) else {
+            return;
+        };
+        let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("kubernetes.io/service-name"))
+            .cloned()
+        else {
+            return;
+        };
+        let ports = slice
+            .ports
+            .as_ref()
+            .map(|ps| {
+                ps.iter()
+                    .filter_map(|p| Some((p.name.clone().unwrap_or_default(), p.port?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let ready = slice
+            .endpoints
+            .iter()
+            // A missing `ready` condition means ready (API convention).
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+            .flat_map(|e| e.addresses.iter().cloned())
+            .collect();
+        self.slices.insert(
+            k,
+            Slice {
+                service,
+                ports,
+                ready,
+            },
+        );
+    }
+
+    /// Removes an EndpointSlice.
+    pub fn delete_slice(&mut self, slice: &EndpointSlice) {
+        if let Some(k) = key(
+            slice.metadata.namespace.as_ref(),
+            slice.metadata.name.as_ref(),
+        ) {
+            self.slices.remove(&k);
+        }
+    }
+
+    /// Replaces every EndpointSlice (after a relist).
+    pub fn reset_slices(&mut self, slices: &[EndpointSlice]) {
+        self.slices.clear();
+        slices.iter().for_each(|s| self.apply_slice(s));
+    }
+
+    /// The routes of all valid HTTPScaledObjects, oldest first (ties by namespace/name).
+    pub fn route_specs(&self) -> Vec<RouteSpec> {
+        let mut routes: Vec<(&String, &Key, &ValidSpec)> = self
+            .routes
+            .iter()
+            .filter_map(|(k, r)| r.spec.as_ref().ok().map(|s| (&r.created, k, s)))
+            .collect();
+        routes.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        routes
+            .into_iter()
+            .filter_map(|(_, (ns, name), spec)| {
+                let id: Arc<str> = format!("{ns}/{name}").into();
+                let headers = spec
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        Some(HeaderMatch {
+                            name: HeaderName::from_bytes(h.name.as_bytes()).ok()?,
+                            value: match &h.value {
+                                Some(v) => Some(HeaderValue::from_str(v).ok()?),
+                                None => None,
+                            },
+                        })
+                    })
+                    .collect::<Option<Vec<_>>>()?;
+                Some(RouteSpec {
+                    target: id.clone(),
+                    id,
+                    matcher: RouteMatch {
+                        hosts: spec.hosts.clone(),
+                        path_prefixes: spec.path_prefixes.clone(),
+                        headers,
+                    },
+                    readiness_timeout: spec.condition_wait,
+                    response_header_timeout: spec.response_header,
+                    max_in_flight_per_endpoint: None,
+                })
+            })
+            .collect()
+    }
+
+    /// The ready endpoints of the route `ns/name`'s target.
+    pub fn endpoints(&self, route: &str, mode: EndpointMode) -> ReadyEndpoints {
+        let Some((ns, name)) = route.split_once('/') else {
+            return ReadyEndpoints::none();
+        };
+        let Some(Ok(spec)) = self
+            .routes
+            .get(&(ns.to_owned(), name.to_owned()))
+            .map(|r| r.spec.as_ref())
+        else {
+            return ReadyEndpoints::none();
+        };
+        self.service_endpoints(ns, &spec.service, &spec.port, mode)
+    }
+
+    fn service_endpoints(
+        &self,
+        ns: &str,
+        service: &str,
+        port: &PortRef,
+        mode: EndpointMode,
+    ) -> ReadyEndpoints {
+        let Some(ports) = self.services.get(&(ns.to_owned(), service.to_owned())) else {
+            return ReadyEndpoints::none();
+        };
+        let Some(svc_port) = ports.iter().find(|p| match port {
+            PortRef::Number(n) => p.port == i32::from(*n),
+            PortRef::Name(name) => &p.name == name,
+        }) else {
+            return ReadyEndpoints::none();
+        };
+        let slices = self
+            .slices
+            .iter()
+            .filter(|((slice_ns, _), s)| slice_ns == ns && s.service == service);
+        let mut ready = Vec::new();
+        for (_, slice) in slices {
+            let Some((_, target_port)) = slice.ports.iter().find(|(n, _)| *n == svc_port.name)
+            else {
+                continue;
+            };
+            for addr in &slice.ready {
+                let authority = if addr.contains(':') {
+                    format!("[{addr}]:{target_port}")
+                } else {
+                    format!("{addr}:{target_port}")
+                };
+                if let Ok(a) = authority.parse::<Authority>() {
+                    ready.push(Endpoint::new(a));
+                }
+            }
+        }
+        if mode == EndpointMode::Service {
+            // Readiness still comes from the slices; the address is the Service's.
+            if ready.is_empty() {
+                return ReadyEndpoints::none();
+            }
+            return format!("{service}.{ns}:{}", svc_port.port)
+                .parse::<Authority>()
+                .map(|a| std::iter::once(Endpoint::new(a)).collect())
+                .unwrap_or_default();
+        }
+        ready.sort_by(|a, b| a.authority().as_str().cmp(b.authority().as_str()));
+        ready.dedup();
+        ready.into_iter().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn hso(ns: &str, name: &str, created: &str, spec: serde_json::Value) -> HTTPScaledObject {
+        serde_json::from_value(json!({
+            "apiVersion": "http.keda.sh/v1alpha1", "kind": "HTTPScaledObject",
+            "metadata": {"namespace": ns, "name": name, "creationTimestamp": created},
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    fn service(ns: &str, name: &str, ports: serde_json::Value) -> Service {
+        serde_json::from_value(
+            json!({"metadata": {"namespace": ns, "name": name}, "spec": {"ports": ports}}),
+        )
+        .unwrap()
+    }
+
+    fn slice(
+        ns: &str,
+        name: &str,
+        svc: &str,
+        ports: serde_json::Value,
+        endpoints: serde_json::Value,
+    ) -> EndpointSlice {
+        serde_json::from_value(json!({
+            "metadata": {"namespace": ns, "name": name, "labels": {"kubernetes.io/service-name": svc}},
+            "addressType": "IPv4", "ports": ports, "endpoints": endpoints,
+        }))
+        .unwrap()
+    }
+
+    fn addrs(e: &ReadyEndpoints) -> Vec<String> {
+        e.as_slice().iter().map(|e| e.to_string()).collect()
+    }
+
+    #[test]
+    fn resolves_port_through_the_service_and_keeps_only_ready_addresses() {
+        let mut index = ClusterIndex::default();
+        index.apply_route(&hso(
+            "app",
+            "web",
+            "2026-01-01T00:00:00Z",
+            json!({"scaleTargetRef": {"name": "web", "service": "web", "port": 80}}),
+        ));
+        index.apply_route(&hso(
+            "app",
+            "named",
+            "2026-01-01T00:00:00Z",
+            json!({"scaleTargetRef": {"name": "web", "service": "web", "portName": "admin"}}),
+        ));
+        index.apply_service(&service(
+            "app",
+            "web",
+            json!([{"name": "http", "port": 80}, {"name": "admin", "port": 9000}]),
+        ));
+        assert!(
+            index.endpoints("app/web", EndpointMode::Pod).is_empty(),
+            "no slices yet"
+        );
+        index.apply_slice(&slice(
+            "app",
+            "web-1",
+            "web",
+            json!([{"name": "http", "port": 8080}, {"name": "admin", "port": 9090}]),
+            json!([
+                {"addresses": ["10.0.0.1"], "conditions": {"ready": true}},
+                {"addresses": ["10.0.0.2"], "conditions": {"ready": false}},
+                {"addresses": ["10.0.0.3"]},
+            ]),
+        ));
+        index.apply_slice(&slice(
+            "other",
+            "web-x",
+            "web",
+            json!([{"name": "http", "port": 1}]),
+            json!([{"addresses": ["10.9.9.9"]}]),
+        ));
+        assert_eq!(
+            addrs(&index.endpoints("app/web", EndpointMode::Pod)),
+            ["10.0.0.1:8080", "10.0.0.3:8080"]
+        );
+        assert_eq!(
+            addrs(&index.endpoints("app/named", EndpointMode::Pod)),
+            ["10.0.0.1:9090", "10.0.0.3:9090"]
+        );
+        assert_eq!(
+            addrs(&index.endpoints("app/web", EndpointMode::Service)),
+            ["web.app:80"]
+        );
+        index.delete_slice(&slice("app", "web-1", "web", json!([]), json!([])));
+        assert!(index.endpoints("app/web", EndpointMode::Service).is_empty());
+    }
+
+    #[test]
+    fn unnamed_single_port_and_ipv6() {
+        let mut index = ClusterIndex::default();
+        index.apply_route(&hso(
+            "ns",
+            "a",
+            "2026-01-01T00:00:00Z",
+            json!({"scaleTargetRef": {"name": "a", "service": "a", "port": 8080}}),
+        ));
+        index.apply_service(&service("ns", "a", json!([{"port": 8080}])));
+        index.apply_slice(&slice(
+            "ns",
+            "a-1",
+            "a",
+            json!([{"port": 3000}]),
+            json!([{"addresses": ["fd00::1"]}]),
+        ));
+        assert_eq!(
+            addrs(&index.endpoints("ns/a", EndpointMode::Pod)),
+            ["[fd00::1]:3000"]
+        );
+    }
+
+    #[test]
+    fn routes_are_oldest_first_and_invalid_objects_are_left_out() {
+        let mut index = ClusterIndex::default();
+        index.apply_route(&hso(
+            "ns",
+            "new",
+            "2026-02-01T00:00:00Z",
+            json!({"hosts": ["h"], "scaleTargetRef": {"name": "a", "service": "a", "port": 80}}),
+        ));
+        index.apply_route(&hso(
+            "ns",
+            "old",
+            "2026-01-01T00:00:00Z",
+            json!({"hosts": ["h"], "scaleTargetRef": {"name": "a", "service": "a", "port": 80}}),
+        ));
+        index.apply_route(&hso(
+            "ns",
+            "bad",
+            "2025-01-01T00:00:00Z",
+            json!({"scaleTargetRef": {"name": "a", "service": "a", "port": 80, "portName": "x"}}),
+        ));
+        let ids: Vec<String> = index
+            .route_specs()
+            .iter()
+            .map(|r| r.id.to_string())
+            .collect();
+        assert_eq!(ids, ["ns/old", "ns/new"]);
+        index.reset_routes(&[]);
+        assert!(index.route_specs().is_empty());
+    }
+}

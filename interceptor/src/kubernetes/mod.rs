@@ -1,0 +1,246 @@
+//! Kubernetes mode: the [`Provider`] fed by watches of HTTPScaledObjects, Services and
+//! EndpointSlices through the real kube client.
+//!
+//! Routes are published only once all three watches have listed for the first time, so
+//! `/readyz` stays 503 until then. If the API server goes away, the watches retry with backoff
+//! and the last known routes and endpoints keep serving.
+//!
+//! Wake signals reach the controller through the admin `/events` stream, which the proxy core
+//! feeds (see [`crate::events`]); this provider's `wake` has nothing more to do.
+
+mod index;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use wakegate_crds::HTTPScaledObject;
+
+pub use self::index::{ClusterIndex, EndpointMode};
+use crate::provider::{Provider, ReadyEndpoints, RouteSpec, TargetId};
+
+const ROUTES_SYNCED: u8 = 1;
+const SERVICES_SYNCED: u8 = 2;
+const SLICES_SYNCED: u8 = 4;
+const ALL_SYNCED: u8 = ROUTES_SYNCED | SERVICES_SYNCED | SLICES_SYNCED;
+
+/// Routes and endpoints from the cluster.
+#[derive(Debug)]
+pub struct KubeProvider {
+    routes: watch::Sender<Option<Arc<[RouteSpec]>>>,
+    /// One watch per target, created when the proxy first asks for it.
+    targets: Mutex<HashMap<TargetId, watch::Sender<ReadyEndpoints>>>,
+    /// Written by the watch tasks, read on every change; never locked across an `.await`.
+    index: Mutex<ClusterIndex>,
+    synced: AtomicU8,
+    mode: EndpointMode,
+}
+
+impl KubeProvider {
+    /// Starts watching, cluster-wide or in `namespace`, until `stop` fires.
+    pub fn start(
+        client: Client,
+        namespace: Option<&str>,
+        mode: EndpointMode,
+        stop: CancellationToken,
+    ) -> Arc<Self> {
+        let provider = Arc::new(Self {
+            routes: watch::channel(None).0,
+            targets: Mutex::new(HashMap::new()),
+            index: Mutex::new(ClusterIndex::default()),
+            synced: AtomicU8::new(0),
+            mode,
+        });
+        let routes: Api<HTTPScaledObject> = api(&client, namespace);
+        let services: Api<Service> = api(&client, namespace);
+        let slices: Api<EndpointSlice> = api(&client, namespace);
+        tokio::spawn(
+            provider.clone().follow(
+                routes,
+                ROUTES_SYNCED,
+                stop.clone(),
+                |ix, change| match change {
+                    Change::Apply(o) => ix.apply_route(o),
+                    Change::Delete(o) => ix.delete_route(o),
+                    Change::Reset(all) => ix.reset_routes(all),
+                },
+            ),
+        );
+        tokio::spawn(provider.clone().follow(
+            services,
+            SERVICES_SYNCED,
+            stop.clone(),
+            |ix, change| match change {
+                Change::Apply(o) => ix.apply_service(o),
+                Change::Delete(o) => ix.delete_service(o),
+                Change::Reset(all) => ix.reset_services(all),
+            },
+        ));
+        tokio::spawn(provider.clone().follow(
+            slices,
+            SLICES_SYNCED,
+            stop,
+            |ix, change| match change {
+                Change::Apply(o) => ix.apply_slice(o),
+                Change::Delete(o) => ix.delete_slice(o),
+                Change::Reset(all) => ix.reset_slices(all),
+            },
+        ));
+        provider
+    }
+
+    /// Runs one watch, feeding `apply` into the index and republishing after each change.
+    async fn follow<K>(
+        self: Arc<Self>,
+        api: Api<K>,
+        synced_bit: u8,
+        stop: CancellationToken,
+        apply: impl Fn(&mut ClusterIndex, Change<'_, K>) + Send + 'static,
+    ) where
+        K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    {
+        let kind = std::any::type_name::<K>()
+            .rsplit("::")
+            .next()
+            .unwrap_or("object");
+        let mut stream = watcher::watcher(api, watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        let mut relist: Vec<K> = Vec::new();
+        loop {
+            let event = tokio::select! {
+                () = stop.cancelled() => return,
+                event = stream.next() => event,
+            };
+            let Some(event) = event else { return };
+            let event = match event {
+                Ok(event) => event,
+                Err(err) => {
+                    // The watcher retries with backoff; what was known keeps serving.
+                    tracing::warn!(kind, error = %err, "watch failed; retrying");
+                    continue;
+                }
+            };
+            {
+                let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+                match event {
+                    Event::Apply(obj) => apply(&mut index, Change::Apply(&obj)),
+                    Event::Delete(obj) => apply(&mut index, Change::Delete(&obj)),
+                    Event::Init => {
+                        relist.clear();
+                        continue;
+                    }
+                    Event::InitApply(obj) => {
+                        relist.push(obj);
+                        continue;
+                    }
+                    Event::InitDone => {
+                        apply(&mut index, Change::Reset(&relist));
+                        relist.clear();
+                        let before = self.synced.fetch_or(synced_bit, Ordering::AcqRel);
+                        if before & synced_bit == 0 {
+                            tracing::info!(kind, "initial list done");
+                        }
+                    }
+                }
+            }
+            self.publish();
+        }
+    }
+
+    /// Republishes routes and every target's endpoints from the index, notifying only on change.
+    fn publish(&self) {
+        if self.synced.load(Ordering::Acquire) != ALL_SYNCED {
+            return;
+        }
+        let index = self.index.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let specs: Arc<[RouteSpec]> = index.route_specs().into();
+        self.routes.send_if_modified(|current| {
+            if current.as_deref() == Some(&*specs) {
+                return false;
+            }
+            *current = Some(specs.clone());
+            true
+        });
+        let mut targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        // Targets of deleted routes: dropping the sender tells their last held requests that
+        // nothing will become ready.
+        targets.retain(|target, _| specs.iter().any(|s| &s.target == target));
+        for (target, tx) in targets.iter() {
+            let ready = index.endpoints(target, self.mode);
+            tx.send_if_modified(|current| {
+                if *current == ready {
+                    return false;
+                }
+                tracing::debug!(%target, endpoints = ready.as_slice().len(), "ready endpoints changed");
+                *current = ready.clone();
+                true
+            });
+        }
+    }
+}
+
+/// One change to feed into the index.
+enum Change<'a, K> {
+    Apply(&'a K),
+    Delete(&'a K),
+    Reset(&'a [K]),
+}
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+impl Provider for KubeProvider {
+    fn routes(&self) -> watch::Receiver<Option<Arc<[RouteSpec]>>> {
+        self.routes.subscribe()
+    }
+
+    fn endpoints(&self, target: &TargetId) -> watch::Receiver<ReadyEndpoints> {
+        let mut targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = targets.get(target) {
+            return tx.subscribe();
+        }
+        let current = self
+            .index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .endpoints(target, self.mode);
+        let (tx, rx) = watch::channel(current);
+        targets.insert(target.clone(), tx);
+        rx
+    }
+
+    fn wake(&self, _target: &TargetId) {}
+
+    fn status(&self) -> serde_json::Value {
+        let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = serde_json::Map::new();
+        for (target, tx) in targets.iter() {
+            let ready: Vec<String> = tx
+                .borrow()
+                .as_slice()
+                .iter()
+                .map(|e| e.to_string())
+                .collect();
+            out.insert(target.to_string(), serde_json::json!({"kind": "kubernetes", "readyEndpoints": ready.len(), "endpoints": ready}));
+        }
+        serde_json::Value::Object(out)
+    }
+}
