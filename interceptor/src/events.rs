@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! {"type":"hello","queue":{"ns/app":{"Concurrency":3,"RequestCount":17}}}
-//! {"type":"wake","route":"ns/app","target":"ns/app","at":1795653932178}
+//! {"type":"wake","route":"ns/app","target":"ns/app","at":1795653932178,"atUs":1795653932178042}
 //! {"type":"ping"}
 //! ```
 //!
@@ -31,6 +31,9 @@ pub struct Wake {
     pub target: TargetId,
     /// When the request was held, in Unix milliseconds.
     pub at: u64,
+    /// The same, in Unix microseconds, for measuring wake latency.
+    #[serde(rename = "atUs")]
+    pub at_us: u64,
 }
 
 /// The broadcaster of wake events.
@@ -46,13 +49,14 @@ impl Default for WakeEvents {
 impl WakeEvents {
     /// Publishes a wake; nobody listening is fine.
     pub fn publish(&self, route: &RouteId, target: &TargetId) {
-        let at = SystemTime::now()
+        let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+            .unwrap_or_default();
         let _ = self.0.send(Wake {
             route: route.clone(),
             target: target.clone(),
-            at,
+            at: now.as_millis() as u64,
+            at_us: now.as_micros() as u64,
         });
     }
 

@@ -1,0 +1,245 @@
+//! Standalone scaling decisions, as a pure function of what is known now.
+//!
+//! - A wake at zero goes to `max(1, min)` at once.
+//! - Out: `ceil(metric / target)`, within `[min, max]`, at once.
+//! - In, above zero: to the largest replica count wanted during the stabilization window, so a
+//!   dip between two samples does not flap the workload.
+//! - To `min` (zero by default): only after `scaledownPeriod` with no request at all, and never
+//!   while requests are in flight or held (they need at least one replica).
+
+use std::time::Duration;
+
+/// Everything a decision depends on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScaleInput {
+    /// Replicas the workload asks for now.
+    pub current: i32,
+    /// Fewest replicas.
+    pub min: i32,
+    /// Most replicas.
+    pub max: i32,
+    /// The metric value (concurrency or request rate) over all interceptors.
+    pub value: f64,
+    /// Its target per replica.
+    pub target: f64,
+    /// Requests in flight now, held ones included.
+    pub in_flight: f64,
+    /// Time since the last request was seen; `None` when none ever was.
+    pub idle_for: Option<Duration>,
+    /// Idle time before scaling in to `min`.
+    pub scaledown_period: Duration,
+    /// Whether the initial cooldown after creation is still running (no scale-in yet).
+    pub in_initial_cooldown: bool,
+    /// The largest replica count this function wanted during the stabilization window.
+    pub recent_max: i32,
+}
+
+/// What to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScaleDecision {
+    /// Leave the replicas as they are.
+    Keep,
+    /// Set the replicas.
+    ScaleTo(i32, Reason),
+}
+
+/// Why replicas change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Requests arrived for a workload at zero.
+    Wake,
+    /// The metric needs more replicas.
+    Load,
+    /// The metric needs fewer replicas (above the floor).
+    LessLoad,
+    /// No requests for the scale-down period.
+    Idle,
+    /// Outside `[min, max]`.
+    Bounds,
+}
+
+impl Reason {
+    /// A bounded label for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Wake => "wake",
+            Self::Load => "load",
+            Self::LessLoad => "less_load",
+            Self::Idle => "idle",
+            Self::Bounds => "bounds",
+        }
+    }
+}
+
+/// The replicas wanted for the load alone, before stabilization and idleness.
+pub fn wanted(input: &ScaleInput) -> i32 {
+    let for_load = if input.target > 0.0 {
+        (input.value / input.target).ceil()
+    } else {
+        0.0
+    };
+    let mut wanted =
+        (for_load.min(f64::from(i32::MAX)) as i32).clamp(input.min, input.max.max(input.min));
+    if input.in_flight > 0.0 {
+        wanted = wanted.max(1);
+    }
+    wanted
+}
+
+/// Decides, for a workload scaled by Wakegate alone.
+pub fn decide(input: &ScaleInput) -> ScaleDecision {
+    let wanted = wanted(input);
+    let floor = input.min.max(0);
+    if input.current < floor || input.current > input.max {
+        return ScaleDecision::ScaleTo(input.current.clamp(floor, input.max), Reason::Bounds);
+    }
+    if wanted > input.current {
+        let reason = if input.current == 0 {
+            Reason::Wake
+        } else {
+            Reason::Load
+        };
+        return ScaleDecision::ScaleTo(wanted.max(1), reason);
+    }
+    if wanted >= input.current || input.in_initial_cooldown {
+        return ScaleDecision::Keep;
+    }
+    let idle = input.in_flight <= 0.0 && input.idle_for.is_none_or(|d| d >= input.scaledown_period);
+    // Above the floor: follow the load down, but not below what was wanted recently, and not
+    // below one replica while traffic is recent.
+    let mut target = wanted.max(input.recent_max.min(input.current));
+    if !idle {
+        target = target.max(1);
+    }
+    if target >= input.current {
+        return ScaleDecision::Keep;
+    }
+    let reason = if target <= floor && idle {
+        Reason::Idle
+    } else {
+        Reason::LessLoad
+    };
+    ScaleDecision::ScaleTo(target, reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input() -> ScaleInput {
+        ScaleInput {
+            current: 0,
+            min: 0,
+            max: 10,
+            value: 0.0,
+            target: 100.0,
+            in_flight: 0.0,
+            idle_for: None,
+            scaledown_period: Duration::from_secs(300),
+            in_initial_cooldown: false,
+            recent_max: 0,
+        }
+    }
+
+    #[test]
+    fn held_requests_wake_a_workload_at_zero_to_at_least_min() {
+        let i = ScaleInput {
+            in_flight: 1.0,
+            value: 1.0,
+            idle_for: Some(Duration::ZERO),
+            ..input()
+        };
+        assert_eq!(decide(&i), ScaleDecision::ScaleTo(1, Reason::Wake));
+        let i = ScaleInput {
+            min: 0,
+            max: 10,
+            in_flight: 250.0,
+            value: 250.0,
+            ..i
+        };
+        assert_eq!(decide(&i), ScaleDecision::ScaleTo(3, Reason::Wake));
+    }
+
+    #[test]
+    fn scales_out_to_ceil_of_metric_over_target_within_bounds() {
+        let i = ScaleInput {
+            current: 1,
+            value: 401.0,
+            in_flight: 401.0,
+            idle_for: Some(Duration::ZERO),
+            ..input()
+        };
+        assert_eq!(decide(&i), ScaleDecision::ScaleTo(5, Reason::Load));
+        let i = ScaleInput { value: 5000.0, ..i };
+        assert_eq!(decide(&i), ScaleDecision::ScaleTo(10, Reason::Load));
+    }
+
+    #[test]
+    fn stays_up_until_the_scaledown_period_has_passed_with_no_requests() {
+        let recent = ScaleInput {
+            current: 1,
+            idle_for: Some(Duration::from_secs(299)),
+            recent_max: 1,
+            ..input()
+        };
+        assert_eq!(decide(&recent), ScaleDecision::Keep);
+        let idle = ScaleInput {
+            idle_for: Some(Duration::from_secs(300)),
+            recent_max: 0,
+            ..recent.clone()
+        };
+        assert_eq!(decide(&idle), ScaleDecision::ScaleTo(0, Reason::Idle));
+        let held = ScaleInput {
+            in_flight: 1.0,
+            value: 1.0,
+            ..idle.clone()
+        };
+        assert_eq!(
+            decide(&held),
+            ScaleDecision::Keep,
+            "never below what held requests need"
+        );
+        let min_two = ScaleInput {
+            current: 3,
+            min: 2,
+            ..idle
+        };
+        assert_eq!(decide(&min_two), ScaleDecision::ScaleTo(2, Reason::Idle));
+    }
+
+    #[test]
+    fn scale_in_above_zero_is_stabilized() {
+        let i = ScaleInput {
+            current: 5,
+            value: 100.0,
+            in_flight: 100.0,
+            idle_for: Some(Duration::ZERO),
+            recent_max: 5,
+            ..input()
+        };
+        assert_eq!(decide(&i), ScaleDecision::Keep, "wanted 5 recently");
+        let i = ScaleInput { recent_max: 2, ..i };
+        assert_eq!(decide(&i), ScaleDecision::ScaleTo(2, Reason::LessLoad));
+        let cooling = ScaleInput {
+            in_initial_cooldown: true,
+            ..i
+        };
+        assert_eq!(decide(&cooling), ScaleDecision::Keep);
+    }
+
+    #[test]
+    fn out_of_bounds_is_corrected() {
+        let i = ScaleInput {
+            current: 0,
+            min: 2,
+            ..input()
+        };
+        assert_eq!(decide(&i), ScaleDecision::ScaleTo(2, Reason::Bounds));
+        let i = ScaleInput {
+            current: 20,
+            idle_for: Some(Duration::ZERO),
+            ..input()
+        };
+        assert_eq!(decide(&i), ScaleDecision::ScaleTo(10, Reason::Bounds));
+    }
+}

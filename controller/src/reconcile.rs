@@ -1,0 +1,403 @@
+//! Reconciling HTTPScaledObjects: validate, keep the owned KEDA ScaledObject (KEDA mode) or
+//! check for another scaler (standalone mode), publish the route to the scalers, and write a
+//! status a person can act on. An invalid object only affects itself.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{finalizer, Event};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::{json, Value};
+use wakegate_crds::{
+    HTTPScaledObject, ValidSpec, FINALIZER, ORPHAN_SCALEDOBJECT_ANNOTATION,
+    SKIP_SCALEDOBJECT_ANNOTATION,
+};
+
+use crate::metrics::ControllerMetrics;
+use crate::routes::{RouteEntry, Routes};
+
+/// Which scaler acts on the routes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScalerMode {
+    /// KEDA scales, through a generated ScaledObject and this controller's external scaler.
+    Keda,
+    /// This controller scales through the `/scale` subresource.
+    Standalone,
+}
+
+/// What reconcile needs.
+pub struct Context {
+    /// The kube client.
+    pub client: Client,
+    /// Accepted routes, shared with the scalers.
+    pub routes: Arc<Routes>,
+    /// The active scaler.
+    pub mode: ScalerMode,
+    /// `service.namespace:port` of this controller's external scaler, for ScaledObjects.
+    pub scaler_address: String,
+    /// Whether KEDA's ScaledObject kind is served (to look for other owners).
+    pub keda_served: bool,
+    /// Metrics.
+    pub metrics: ControllerMetrics,
+}
+
+/// Why a reconcile failed (it is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An API call failed.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// The finalizer machinery failed.
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+impl Error {
+    /// A bounded label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Kube(_) => "kube",
+            Self::Finalizer(_) => "finalizer",
+        }
+    }
+}
+
+/// KEDA's ScaledObject resource.
+pub fn scaled_object_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("keda.sh", "v1alpha1", "ScaledObject"),
+        "scaledobjects",
+    )
+}
+
+/// Reconciles one HTTPScaledObject.
+pub async fn reconcile(obj: Arc<HTTPScaledObject>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = obj.namespace().unwrap_or_default();
+    let api: Api<HTTPScaledObject> = Api::namespaced(ctx.client.clone(), &ns);
+    let started = std::time::Instant::now();
+    let result = finalizer(&api, FINALIZER, obj, |event| async {
+        match event {
+            Event::Apply(obj) => apply(&obj, &ctx).await,
+            Event::Cleanup(obj) => {
+                ctx.routes.remove(&key(&obj));
+                tracing::info!(route = %key(&obj), "HTTPScaledObject deleted");
+                Ok(Action::await_change())
+            }
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics
+        .reconciled(started.elapsed(), result.as_ref().err().map(Error::kind));
+    result
+}
+
+/// What to do after a failed reconcile.
+pub fn error_policy(obj: Arc<HTTPScaledObject>, err: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(route = %key(&obj), error = %err, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+fn key(obj: &HTTPScaledObject) -> String {
+    format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+async fn apply(obj: &HTTPScaledObject, ctx: &Context) -> Result<Action, Error> {
+    let route = key(obj);
+    let spec = match obj.spec.validate() {
+        Ok(spec) => spec,
+        Err(err) => {
+            ctx.routes.remove(&route);
+            tracing::info!(%route, error = %err, "HTTPScaledObject is invalid");
+            write_status(
+                ctx,
+                obj,
+                None,
+                vec![condition(
+                    obj,
+                    "Ready",
+                    false,
+                    "InvalidSpec",
+                    &format!("{err}; fix the spec to route and scale this workload"),
+                )],
+            )
+            .await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let ns = obj.namespace().unwrap_or_default();
+    let mut conditions = Vec::new();
+    let mut other_owner = None;
+    match ctx.mode {
+        ScalerMode::Keda => {
+            let (ready, reason, message) = match sync_scaled_object(ctx, obj, &spec).await {
+                Ok(message) => (true, "Reconciled", message),
+                Err(err) => (
+                    false,
+                    "CreateError",
+                    format!("could not create or update the KEDA ScaledObject: {err}"),
+                ),
+            };
+            conditions.push(condition(obj, "Ready", ready, reason, &message));
+        }
+        ScalerMode::Standalone => {
+            other_owner = find_other_owner(ctx, &ns, &spec).await?;
+            let routing = format!(
+                "routing to {} and scaling {} between {} and {} replicas",
+                spec.target_service(),
+                spec.target_workload(),
+                spec.min_replicas,
+                spec.max_replicas
+            );
+            conditions.push(condition(obj, "Ready", true, "Reconciled", &routing));
+            match &other_owner {
+                Some(owner) => conditions.push(condition(obj, "Scaling", false, "ScaledByAnotherOwner", &format!("{owner} already scales {}; Wakegate routes and holds requests but leaves its replicas alone", spec.target_workload()))),
+                None => conditions.push(condition(obj, "Scaling", true, "Standalone", "Wakegate scales this workload through its /scale subresource")),
+            }
+        }
+    }
+    ctx.routes.upsert(RouteEntry {
+        namespace: ns,
+        name: obj.name_any(),
+        created: obj
+            .meta()
+            .creation_timestamp
+            .as_ref()
+            .map(|t| SystemTime::from(t.0)),
+        other_owner,
+        spec: spec.clone(),
+    });
+    write_status(ctx, obj, Some(&spec), conditions).await?;
+    // Standalone: look again now and then for an HPA or ScaledObject that appeared.
+    Ok(match ctx.mode {
+        ScalerMode::Standalone => Action::requeue(Duration::from_secs(60)),
+        ScalerMode::Keda => Action::requeue(Duration::from_secs(300)),
+    })
+}
+
+/// The ScaledObject an HTTPScaledObject asks for, exactly as the KEDA HTTP Add-on makes it.
+pub fn desired_scaled_object(
+    obj: &HTTPScaledObject,
+    spec: &ValidSpec,
+    scaler_address: &str,
+) -> Value {
+    let orphan = obj
+        .annotations()
+        .get(ORPHAN_SCALEDOBJECT_ANNOTATION)
+        .is_some_and(|v| v == "true");
+    let owner = json!([{
+        "apiVersion": "http.keda.sh/v1alpha1",
+        "kind": "HTTPScaledObject",
+        "name": obj.name_any(),
+        "uid": obj.uid().unwrap_or_default(),
+        "controller": true,
+        "blockOwnerDeletion": true,
+    }]);
+    json!({
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {
+            "name": obj.name_any(),
+            "namespace": obj.namespace(),
+            "labels": obj.labels(),
+            "annotations": obj.annotations(),
+            "ownerReferences": if orphan { json!([]) } else { owner },
+        },
+        "spec": {
+            "scaleTargetRef": {
+                "apiVersion": spec.workload_api_version,
+                "kind": spec.workload_kind,
+                "name": spec.workload_name,
+            },
+            "minReplicaCount": spec.min_replicas,
+            "maxReplicaCount": spec.max_replicas,
+            "cooldownPeriod": spec.scaledown_period.as_secs(),
+            "initialCooldownPeriod": spec.initial_cooldown.as_secs(),
+            "advanced": {"restoreToOriginalReplicaCount": true},
+            "triggers": [{
+                "type": "external-push",
+                "metadata": {
+                    "scalerAddress": scaler_address,
+                    "httpScaledObject": obj.name_any(),
+                },
+            }],
+        },
+    })
+}
+
+async fn sync_scaled_object(
+    ctx: &Context,
+    obj: &HTTPScaledObject,
+    spec: &ValidSpec,
+) -> Result<String, kube::Error> {
+    let ns = obj.namespace().unwrap_or_default();
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), &ns, &scaled_object_resource());
+    let name = obj.name_any();
+    if obj
+        .annotations()
+        .get(SKIP_SCALEDOBJECT_ANNOTATION)
+        .is_some_and(|v| v == "true")
+    {
+        if let Some(existing) = api.get_opt(&name).await? {
+            let owned = existing
+                .owner_references()
+                .iter()
+                .any(|r| Some(&r.uid) == obj.uid().as_ref());
+            if owned {
+                api.delete(&name, &DeleteParams::default()).await?;
+                return Ok(format!("ScaledObject creation skipped by annotation; deleted the owned ScaledObject {name}"));
+            }
+        }
+        return Ok("ScaledObject creation skipped by annotation".into());
+    }
+    let desired = desired_scaled_object(obj, spec, &ctx.scaler_address);
+    let params = PatchParams::apply("wakegate-controller").force();
+    api.patch(&name, &params, &Patch::Apply(&desired)).await?;
+    Ok(format!(
+        "ScaledObject {name} scales {} through {}",
+        spec.target_workload(),
+        ctx.scaler_address
+    ))
+}
+
+/// An HPA or a ScaledObject (not ours) that targets the same workload.
+async fn find_other_owner(
+    ctx: &Context,
+    ns: &str,
+    spec: &ValidSpec,
+) -> Result<Option<String>, kube::Error> {
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(ctx.client.clone(), ns);
+    for hpa in hpas.list(&ListParams::default()).await? {
+        let target = hpa.spec.as_ref().map(|s| &s.scale_target_ref);
+        if target.is_some_and(|t| t.name == spec.workload_name && t.kind == spec.workload_kind) {
+            return Ok(Some(format!("HorizontalPodAutoscaler {}", hpa.name_any())));
+        }
+    }
+    if ctx.keda_served {
+        let sos: Api<DynamicObject> =
+            Api::namespaced_with(ctx.client.clone(), ns, &scaled_object_resource());
+        for so in sos.list(&ListParams::default()).await? {
+            let target = &so.data["spec"]["scaleTargetRef"];
+            let kind = target["kind"].as_str().unwrap_or("Deployment");
+            if target["name"].as_str() == Some(spec.workload_name.as_str())
+                && kind == spec.workload_kind
+            {
+                return Ok(Some(format!("ScaledObject {}", so.name_any())));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// A condition, keeping the existing transition time when the status is unchanged.
+fn condition(
+    obj: &HTTPScaledObject,
+    kind: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+) -> Value {
+    let status = if status { "True" } else { "False" };
+    let previous = obj
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == kind));
+    let since = match previous {
+        Some(c) if c.status == status => c.last_transition_time.0.to_string(),
+        _ => k8s_openapi::jiff::Timestamp::now()
+            .round(k8s_openapi::jiff::Unit::Second)
+            .map_or_else(
+                |_| k8s_openapi::jiff::Timestamp::now().to_string(),
+                |t| t.to_string(),
+            ),
+    };
+    json!({
+        "type": kind,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since,
+        "observedGeneration": obj.meta().generation,
+    })
+}
+
+async fn write_status(
+    ctx: &Context,
+    obj: &HTTPScaledObject,
+    spec: Option<&ValidSpec>,
+    conditions: Vec<Value>,
+) -> Result<(), kube::Error> {
+    let status = json!({
+        "targetWorkload": spec.map(ValidSpec::target_workload),
+        "targetService": spec.map(ValidSpec::target_service),
+        "conditions": conditions,
+    });
+    let current = serde_json::to_value(&obj.status).unwrap_or(Value::Null);
+    if current == status {
+        return Ok(());
+    }
+    let api: Api<HTTPScaledObject> =
+        Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": status})),
+    )
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scaled_object_matches_the_addon_shape() {
+        let obj: HTTPScaledObject = serde_json::from_value(json!({
+            "apiVersion": "http.keda.sh/v1alpha1", "kind": "HTTPScaledObject",
+            "metadata": {"name": "xkcd", "namespace": "apps", "uid": "u-1", "labels": {"team": "a"}, "annotations": {"note": "x"}},
+            "spec": {"hosts": ["myhost.com"], "scaleTargetRef": {"name": "xkcd", "kind": "Deployment", "apiVersion": "apps/v1", "service": "xkcd", "port": 8080},
+                     "replicas": {"min": 5, "max": 10}, "scaledownPeriod": 150, "initialCooldownPeriod": 7}
+        }))
+        .unwrap();
+        let spec = obj.spec.validate().unwrap();
+        let so = desired_scaled_object(&obj, &spec, "wakegate-controller.wakegate:9090");
+        assert_eq!(so["metadata"]["ownerReferences"][0]["controller"], true);
+        assert_eq!(so["metadata"]["ownerReferences"][0]["uid"], "u-1");
+        assert_eq!(so["metadata"]["labels"]["team"], "a");
+        assert_eq!(so["metadata"]["annotations"]["note"], "x");
+        assert_eq!(
+            so["spec"]["scaleTargetRef"],
+            json!({"apiVersion": "apps/v1", "kind": "Deployment", "name": "xkcd"})
+        );
+        assert_eq!(
+            (
+                so["spec"]["minReplicaCount"].clone(),
+                so["spec"]["maxReplicaCount"].clone()
+            ),
+            (json!(5), json!(10))
+        );
+        assert_eq!(so["spec"]["cooldownPeriod"], 150);
+        assert_eq!(so["spec"]["initialCooldownPeriod"], 7);
+        assert_eq!(
+            so["spec"]["advanced"]["restoreToOriginalReplicaCount"],
+            true
+        );
+        assert_eq!(
+            so["spec"]["triggers"],
+            json!([{"type": "external-push", "metadata": {"scalerAddress": "wakegate-controller.wakegate:9090", "httpScaledObject": "xkcd"}}])
+        );
+
+        let mut orphaned = obj.clone();
+        orphaned
+            .annotations_mut()
+            .insert(ORPHAN_SCALEDOBJECT_ANNOTATION.into(), "true".into());
+        let so = desired_scaled_object(&orphaned, &spec, "x:1");
+        assert_eq!(so["metadata"]["ownerReferences"], json!([]));
+    }
+}

@@ -1,0 +1,186 @@
+//! The standalone scaler: Wakegate scales workloads itself, through their `/scale`
+//! subresource, where KEDA is absent. A wake is acted on the moment it arrives; everything else
+//! is re-decided after each sample of the interceptors' counts.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::Client;
+use serde_json::json;
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use wakegate_crds::ScalingMetric;
+
+use crate::decide::{decide, wanted, Reason, ScaleDecision, ScaleInput};
+use crate::interceptors::{Interceptors, Wake};
+use crate::metrics::ControllerMetrics;
+use crate::routes::{RouteEntry, Routes};
+
+/// Scales the routes' workloads until `stop`.
+pub struct StandaloneScaler {
+    /// The kube client.
+    pub client: Client,
+    /// Accepted routes.
+    pub routes: Arc<Routes>,
+    /// Aggregated interceptor counts and wakes.
+    pub interceptors: Arc<Interceptors>,
+    /// Metrics.
+    pub metrics: ControllerMetrics,
+    /// How long a higher replica count wanted recently holds off a scale-in above zero.
+    pub stabilization: Duration,
+}
+
+impl StandaloneScaler {
+    /// Runs until `stop`.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut wakes = self.interceptors.wakes();
+        let mut sampled = self.interceptors.sampled();
+        let mut recent: HashMap<String, VecDeque<(Instant, i32)>> = HashMap::new();
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                wake = wakes.recv() => match wake {
+                    Ok(wake) => self.on_wake(&wake).await,
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                changed = sampled.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    for route in self.routes.all() {
+                        self.evaluate(&route, &mut recent).await;
+                    }
+                    let keys: Vec<String> = self.routes.all().iter().map(|r| format!("{}/{}", r.namespace, r.name)).collect();
+                    recent.retain(|k, _| keys.contains(k));
+                }
+            }
+        }
+    }
+
+    fn api(&self, route: &RouteEntry) -> Api<DynamicObject> {
+        let (group, version) = match route.spec.workload_api_version.split_once('/') {
+            Some((g, v)) => (g, v),
+            None => ("", route.spec.workload_api_version.as_str()),
+        };
+        let gvk = GroupVersionKind::gvk(group, version, &route.spec.workload_kind);
+        Api::namespaced_with(
+            self.client.clone(),
+            &route.namespace,
+            &ApiResource::from_gvk(&gvk),
+        )
+    }
+
+    /// A held request at a workload at zero: scale to `max(1, min)` now.
+    async fn on_wake(&self, wake: &Wake) {
+        let Some(route) = self.routes.get(&wake.route) else {
+            tracing::debug!(route = %wake.route, "wake for a route this controller does not manage");
+            return;
+        };
+        if route.other_owner.is_some() {
+            return;
+        }
+        let api = self.api(&route);
+        let name = &route.spec.workload_name;
+        let current = match api.get_scale(name).await {
+            Ok(scale) => scale.spec.and_then(|s| s.replicas).unwrap_or(0),
+            Err(err) => {
+                tracing::warn!(route = %wake.route, workload = %route.spec.target_workload(), error = %err, "cannot read the workload's scale");
+                return;
+            }
+        };
+        if current > 0 {
+            return;
+        }
+        let to = route.spec.min_replicas.max(1);
+        if self.scale(&api, &route, to, Reason::Wake).await {
+            if let Some(latency) = self.metrics.wake_latency(wake.held_at_us, "scale") {
+                tracing::info!(route = %wake.route, replicas = to, wake_latency_us = latency.as_micros() as u64, "woke workload");
+            }
+        }
+    }
+
+    async fn evaluate(
+        &self,
+        route: &RouteEntry,
+        recent: &mut HashMap<String, VecDeque<(Instant, i32)>>,
+    ) {
+        if route.other_owner.is_some() {
+            return;
+        }
+        let key = format!("{}/{}", route.namespace, route.name);
+        let api = self.api(route);
+        let current = match api.get_scale(&route.spec.workload_name).await {
+            Ok(scale) => scale.spec.and_then(|s| s.replicas).unwrap_or(0),
+            Err(err) => {
+                tracing::debug!(route = %key, error = %err, "cannot read the workload's scale");
+                return;
+            }
+        };
+        let m = self.interceptors.metrics(&key);
+        let (value, target) = match route.spec.metric {
+            ScalingMetric::Concurrency { target } => (m.concurrency, target),
+            ScalingMetric::RequestRate {
+                target,
+                window,
+                granularity,
+            } => (self.interceptors.rate(&key, window, granularity), target),
+        };
+        let now = Instant::now();
+        let history = recent.entry(key.clone()).or_default();
+        while history
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > self.stabilization)
+        {
+            history.pop_front();
+        }
+        let mut input = ScaleInput {
+            current,
+            min: route.spec.min_replicas,
+            max: route.spec.max_replicas,
+            value,
+            target,
+            in_flight: m.concurrency,
+            idle_for: m.last_active.map(|t| now.duration_since(t)),
+            scaledown_period: route.spec.scaledown_period,
+            in_initial_cooldown: route.created.is_some_and(|c| {
+                SystemTime::now().duration_since(c).unwrap_or_default()
+                    < route.spec.initial_cooldown
+            }),
+            recent_max: 0,
+        };
+        history.push_back((now, wanted(&input)));
+        input.recent_max = history.iter().map(|(_, w)| *w).max().unwrap_or(0);
+        if let ScaleDecision::ScaleTo(to, reason) = decide(&input) {
+            self.scale(&api, route, to, reason).await;
+        }
+    }
+
+    async fn scale(
+        &self,
+        api: &Api<DynamicObject>,
+        route: &RouteEntry,
+        to: i32,
+        reason: Reason,
+    ) -> bool {
+        let patch = Patch::Merge(json!({"spec": {"replicas": to}}));
+        match api
+            .patch_scale(&route.spec.workload_name, &PatchParams::default(), &patch)
+            .await
+        {
+            Ok(_) => {
+                self.metrics.scaled(reason.as_str());
+                tracing::info!(route = %format!("{}/{}", route.namespace, route.name), workload = %route.spec.target_workload(), replicas = to, reason = reason.as_str(), "scaled");
+                true
+            }
+            Err(err) => {
+                tracing::warn!(workload = %route.spec.target_workload(), error = %err, "cannot scale the workload");
+                false
+            }
+        }
+    }
+}
