@@ -548,7 +548,20 @@ fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
 fn apply_patch(obj: &mut Value, kind: &str, patch: &Value) -> Result<(), ApiError> {
     match kind {
         "application/json-patch+json" => {
-            let ops: json_patch::Patch = serde_json::from_value(patch.clone())
+            // Kubernetes treats a missing path as null in `test` operations (kube's finalizer
+            // helper relies on it); the json-patch crate does not, so such tests are checked here.
+            let mut patch = patch.clone();
+            if let Some(ops) = patch.as_array_mut() {
+                ops.retain(|op| {
+                    let missing_null_test = op["op"] == "test"
+                        && op["value"].is_null()
+                        && op["path"]
+                            .as_str()
+                            .is_some_and(|p| obj.pointer(p).is_none());
+                    !missing_null_test
+                });
+            }
+            let ops: json_patch::Patch = serde_json::from_value(patch)
                 .map_err(|e| ApiError::new(400, "BadRequest", format!("not a JSON patch: {e}")))?;
             json_patch::patch(obj, &ops)
                 .map_err(|e| ApiError::new(422, "Invalid", format!("JSON patch failed: {e}")))

@@ -71,7 +71,11 @@ impl ClusterIndex {
             .map(|t| t.0.to_string())
             .unwrap_or_default();
         let spec = obj.spec.validate();
-        if let Err(err) = &spec {
+        let known_bad = self
+            .routes
+            .get(&k)
+            .is_some_and(|r| r.spec.as_ref().err() == spec.as_ref().err());
+        if let (Err(err), false) = (&spec, known_bad) {
             tracing::warn!(route = %format!("{}/{}", k.0, k.1), error = %err, "HTTPScaledObject is invalid; not routing it");
         }
         self.routes.insert(k, Route { created, spec });

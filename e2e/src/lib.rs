@@ -1,0 +1,468 @@
+//! The end-to-end harness.
+//!
+//! By default a [`Cluster`] is the test API server from `wakegate-testapi` with its pod
+//! simulator: Deployments scaled above zero get real backend processes and ready
+//! EndpointSlices on 127.0.0.1. With `WAKEGATE_E2E_KUBECONFIG` set, the same tests run against
+//! that real cluster instead, in a namespace of their own that is deleted afterwards; the
+//! backend pods then run `WAKEGATE_E2E_IMAGE`, and the machine running the tests must reach pod
+//! IPs (run them on a node, e.g. a k3s Raspberry Pi).
+//!
+//! The interceptor and the controller run in-process, through their libraries, wired as their
+//! `main`s wire them, against the cluster's API through the real kube client.
+
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)] // test harness: a panic is the report
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Parser;
+use futures_util::Future;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::{connect::HttpConnector, Client as HttpClient};
+use hyper_util::rt::TokioExecutor;
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::core::GroupVersionKind;
+use kube::Client;
+use serde::Deserialize as _;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use wakegate_testapi::{ApiServer, PodSimulator, ResourceDef, SimulatorConfig};
+
+/// The simulated backend's boot delay.
+pub const BOOT_DELAY: Duration = Duration::from_millis(300);
+
+/// Waits until `check` is true, polling every 20 ms; panics naming `what` after `deadline`.
+pub async fn eventually<F, Fut>(what: &str, deadline: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "timed out after {deadline:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+enum Backing {
+    Simulated {
+        _server: ApiServer,
+        _pods: PodSimulator,
+    },
+    Real,
+}
+
+/// A cluster to test against.
+pub struct Cluster {
+    /// A client for it.
+    pub client: Client,
+    /// The namespace the test's objects go in.
+    pub namespace: String,
+    /// A kubeconfig file for it.
+    pub kubeconfig: PathBuf,
+    backing: Backing,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// The test API server with simulated pods running `backend` (serving KEDA's ScaledObject
+    /// when `keda`), or the real cluster `WAKEGATE_E2E_KUBECONFIG` points at. Tests pass
+    /// `env!("CARGO_BIN_EXE_wakegate-e2e-backend")`.
+    pub async fn start(keda: bool, backend: &str) -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .with_test_writer()
+            .try_init();
+        let dir = tempfile::tempdir().unwrap();
+        if let Ok(path) = std::env::var("WAKEGATE_E2E_KUBECONFIG") {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let kubeconfig = PathBuf::from(path);
+            let client = wakegate_interceptor::kube_client(Some(&kubeconfig))
+                .await
+                .unwrap();
+            let namespace = format!(
+                "wakegate-e2e-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            );
+            let cluster = Self {
+                client,
+                namespace: namespace.clone(),
+                kubeconfig,
+                backing: Backing::Real,
+                _dir: dir,
+            };
+            cluster
+                .apply(&format!(
+                    "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {namespace}\n"
+                ))
+                .await;
+            return cluster;
+        }
+        let mut defs = ResourceDef::standard();
+        if keda {
+            defs.push(ResourceDef::keda_scaled_object());
+        }
+        let server = ApiServer::start(defs).await.unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, server.kubeconfig()).unwrap();
+        let pods = PodSimulator::start(
+            &server,
+            SimulatorConfig {
+                program: backend.into(),
+                args: Vec::new(),
+                boot_delay: BOOT_DELAY,
+            },
+        )
+        .unwrap();
+        let client = wakegate_interceptor::kube_client(Some(&kubeconfig))
+            .await
+            .unwrap();
+        Self {
+            client,
+            namespace: "e2e".into(),
+            kubeconfig,
+            backing: Backing::Simulated {
+                _server: server,
+                _pods: pods,
+            },
+            _dir: dir,
+        }
+    }
+
+    /// Whether this is the simulated cluster.
+    pub fn simulated(&self) -> bool {
+        matches!(self.backing, Backing::Simulated { .. })
+    }
+
+    /// Server-side applies every document in `yaml` (objects without a namespace go in the
+    /// test's namespace).
+    pub async fn apply(&self, yaml: &str) {
+        for doc in serde_yaml::Deserializer::from_str(yaml) {
+            let value = serde_yaml::Value::deserialize(doc).unwrap();
+            if value.is_null() {
+                continue;
+            }
+            let obj: DynamicObject = serde_yaml::from_value(value).unwrap();
+            let types = obj.types.clone().unwrap();
+            let (group, version) = types
+                .api_version
+                .split_once('/')
+                .unwrap_or(("", &types.api_version));
+            let gvk = GroupVersionKind::gvk(group, version, &types.kind);
+            let (resource, caps) = kube::discovery::pinned_kind(&self.client, &gvk)
+                .await
+                .unwrap();
+            let name = obj.metadata.name.clone().unwrap();
+            let api: Api<DynamicObject> = if caps.scope == kube::discovery::Scope::Namespaced {
+                let ns = obj
+                    .metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| self.namespace.clone());
+                Api::namespaced_with(self.client.clone(), &ns, &resource)
+            } else {
+                Api::all_with(self.client.clone(), &resource)
+            };
+            api.patch(
+                &name,
+                &PatchParams::apply("wakegate-e2e").force(),
+                &Patch::Apply(&obj),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("applying {} {name}: {e}", types.kind));
+        }
+    }
+
+    /// A Deployment of the example backend at zero replicas, and its Service on port 8080.
+    pub fn app_yaml(&self, name: &str) -> String {
+        let image = std::env::var("WAKEGATE_E2E_IMAGE")
+            .unwrap_or_else(|_| "ghcr.io/wakegate/wakegate:latest".into());
+        format!(
+            r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {name}
+spec:
+  replicas: 0
+  selector:
+    matchLabels: {{app: {name}}}
+  template:
+    metadata:
+      labels: {{app: {name}}}
+    spec:
+      containers:
+        - name: app
+          image: {image}
+          command: ["/wakegate-interceptor", "backend", "--host", "0.0.0.0", "--port", "8080", "--name", "{name}"]
+          ports: [{{containerPort: 8080, name: http}}]
+          readinessProbe: {{tcpSocket: {{port: 8080}}, periodSeconds: 1}}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: {name}
+spec:
+  selector: {{app: {name}}}
+  ports: [{{name: http, port: 8080, targetPort: http}}]
+"#
+        )
+    }
+
+    /// The workload's desired replicas.
+    pub async fn replicas(&self, deployment: &str) -> i32 {
+        let api: Api<k8s_openapi::api::apps::v1::Deployment> =
+            Api::namespaced(self.client.clone(), &self.namespace);
+        api.get(deployment)
+            .await
+            .unwrap()
+            .spec
+            .and_then(|s| s.replicas)
+            .unwrap_or(1)
+    }
+
+    /// Publishes an interceptor's admin address the way its admin Service would, so the
+    /// controller discovers it through EndpointSlices (simulated cluster only).
+    pub async fn publish_interceptor(&self, admin: SocketAddr, controller_ns: &str) {
+        self.apply(&format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: wakegate-interceptor-admin, namespace: {controller_ns}}}
+spec:
+  selector: {{app: wakegate-interceptor}}
+  ports: [{{name: admin, port: 9090}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: wakegate-interceptor-admin-test
+  namespace: {controller_ns}
+  labels: {{kubernetes.io/service-name: wakegate-interceptor-admin}}
+addressType: IPv4
+endpoints: [{{addresses: ["{}"], conditions: {{ready: true}}}}]
+ports: [{{name: admin, port: {}, protocol: TCP}}]
+"#,
+            admin.ip(),
+            admin.port()
+        ))
+        .await;
+    }
+
+    /// Deletes the test namespace on a real cluster.
+    pub async fn cleanup(self) {
+        if let Backing::Real = self.backing {
+            let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(self.client.clone());
+            let _ = api.delete(&self.namespace, &Default::default()).await;
+        }
+    }
+}
+
+/// An interceptor running in-process in Kubernetes mode.
+pub struct Interceptor {
+    /// Its proxy address.
+    pub proxy: SocketAddr,
+    /// Its admin address.
+    pub admin: SocketAddr,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Interceptor {
+    /// Starts it against `cluster`, watching the test namespace.
+    pub async fn start(cluster: &Cluster) -> Self {
+        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let cli = wakegate_interceptor::cli::Cli::try_parse_from([
+            "wakegate-interceptor",
+            "--proxy-addr",
+            &proxy.to_string(),
+            "--admin-addr",
+            &admin.to_string(),
+            "--kubeconfig",
+            cluster.kubeconfig.to_str().unwrap(),
+            "--namespace",
+            &cluster.namespace,
+            "--readiness-timeout",
+            "60s",
+        ])
+        .unwrap();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                wakegate_interceptor::run_until(
+                    cli.serve,
+                    stop.clone().cancelled_owned(),
+                    stop.cancelled_owned(),
+                )
+                .await
+                .unwrap();
+            }
+        });
+        let this = Self {
+            proxy,
+            admin,
+            stop,
+            task,
+        };
+        let http = Http::default();
+        eventually(
+            "interceptor /readyz = 200",
+            Duration::from_secs(20),
+            || async {
+                http.get(admin, "admin", "/readyz")
+                    .await
+                    .is_ok_and(|(s, _, _)| s == 200)
+            },
+        )
+        .await;
+        this
+    }
+
+    /// Stops it and waits for it.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// A controller running in-process.
+pub struct Controller {
+    /// Its gRPC address.
+    pub grpc: SocketAddr,
+    /// Its admin address.
+    pub admin: SocketAddr,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Controller {
+    /// Starts it against `cluster` with `--scaler scaler`, finding the interceptor at `admin`
+    /// (through discovery on the simulated cluster, by address on a real one).
+    pub async fn start(cluster: &Cluster, scaler: &str, interceptor_admin: SocketAddr) -> Self {
+        let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let controller_ns = cluster.namespace.clone();
+        let mut argv = vec![
+            "wakegate-controller".to_owned(),
+            "--scaler".into(),
+            scaler.into(),
+            "--kubeconfig".into(),
+            cluster.kubeconfig.to_str().unwrap().into(),
+            "--watch-namespace".into(),
+            cluster.namespace.clone(),
+            "--namespace".into(),
+            controller_ns.clone(),
+            "--grpc-addr".into(),
+            grpc.to_string(),
+            "--admin-addr".into(),
+            admin.to_string(),
+            "--sample-interval".into(),
+            "200ms".into(),
+            "--scale-in-stabilization".into(),
+            "1s".into(),
+            "--identity".into(),
+            format!("e2e-{}", free_port()),
+        ];
+        if cluster.simulated() {
+            cluster
+                .publish_interceptor(interceptor_admin, &controller_ns)
+                .await;
+        } else {
+            argv.extend([
+                "--interceptor-admin-addrs".into(),
+                interceptor_admin.to_string(),
+            ]);
+        }
+        let args = wakegate_controller::cli::Args::try_parse_from(argv).unwrap();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                wakegate_controller::run_until(args, stop.cancelled_owned())
+                    .await
+                    .unwrap();
+            }
+        });
+        let http = Http::default();
+        eventually(
+            "controller /readyz = 200",
+            Duration::from_secs(20),
+            || async {
+                http.get(admin, "admin", "/readyz")
+                    .await
+                    .is_ok_and(|(s, _, _)| s == 200)
+            },
+        )
+        .await;
+        Self {
+            grpc,
+            admin,
+            stop,
+            task,
+        }
+    }
+
+    /// Its Prometheus metrics.
+    pub async fn metrics(&self) -> String {
+        Http::default()
+            .get(self.admin, "admin", "/metrics")
+            .await
+            .map(|(_, _, b)| b)
+            .unwrap_or_default()
+    }
+
+    /// Stops it and waits for it.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// A small HTTP client.
+#[derive(Clone)]
+pub struct Http(HttpClient<HttpConnector, Empty<Bytes>>);
+
+impl Default for Http {
+    fn default() -> Self {
+        Self(HttpClient::builder(TokioExecutor::new()).build_http())
+    }
+}
+
+impl Http {
+    /// GET with a Host header: status, headers, body text.
+    pub async fn get(
+        &self,
+        addr: SocketAddr,
+        host: &str,
+        path: &str,
+    ) -> Result<(u16, http::HeaderMap, String), String> {
+        let req = http::Request::get(format!("http://{addr}{path}"))
+            .header("host", host)
+            .body(Empty::new())
+            .unwrap();
+        let rsp = self.0.request(req).await.map_err(|e| e.to_string())?;
+        let (parts, body) = rsp.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok((
+            parts.status.as_u16(),
+            parts.headers,
+            String::from_utf8_lossy(&body).into_owned(),
+        ))
+    }
+}
