@@ -259,13 +259,16 @@ impl Interceptors {
             let replica = state.replicas.entry(addr.clone()).or_default();
             match result {
                 Some(counts) => {
+                    // The first answer of a replica is a baseline: what it counted before this
+                    // controller saw it is history, not new requests.
+                    let baseline = !replica.reachable && replica.last.is_empty();
                     for (route, c) in &counts {
                         let before = replica.last.get(route).map_or(0, |p| p.request_count);
                         // A restarted replica starts counting from zero again.
-                        let delta = if c.request_count >= before {
-                            c.request_count - before
-                        } else {
-                            c.request_count
+                        let delta = match (baseline, c.request_count >= before) {
+                            (true, _) => 0,
+                            (false, true) => c.request_count - before,
+                            (false, false) => c.request_count,
                         };
                         *deltas.entry(route.clone()).or_default() += delta;
                     }
@@ -376,6 +379,16 @@ impl Interceptors {
         true
     }
 
+    /// A held request is activity, before any sample shows it.
+    fn woke(&self, route: &str) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state
+            .routes
+            .entry(route.to_owned())
+            .or_default()
+            .last_active = Some(Instant::now());
+    }
+
     fn on_event(&self, addr: &str, line: &[u8]) {
         let Ok(event) = serde_json::from_slice::<serde_json::Value>(line) else {
             return;
@@ -384,6 +397,7 @@ impl Interceptors {
             Some("wake") => {
                 if let Some(route) = event["route"].as_str() {
                     tracing::debug!(%addr, route, "wake");
+                    self.woke(route);
                     let _ = self.wakes.send(Wake {
                         route: route.to_owned(),
                         held_at_us: event["atUs"].as_u64(),
@@ -395,6 +409,7 @@ impl Interceptors {
                 if let Some(queue) = event["queue"].as_object() {
                     for (route, counts) in queue {
                         if counts["Concurrency"].as_u64().unwrap_or(0) > 0 {
+                            self.woke(route);
                             let _ = self.wakes.send(Wake {
                                 route: route.clone(),
                                 held_at_us: None,
@@ -533,7 +548,7 @@ mod tests {
         let addrs = vec!["a".to_owned(), "b".to_owned()];
         agg.record(
             &addrs,
-            vec![counts(&[("ns/r", 2, 10)]), counts(&[("ns/r", 3, 5)])],
+            vec![counts(&[("ns/r", 2, 0)]), counts(&[("ns/r", 3, 0)])],
         );
         assert_eq!(agg.metrics("ns/r").concurrency, 5.0);
         tokio::time::advance(Duration::from_secs(10)).await;
@@ -541,9 +556,9 @@ mod tests {
         agg.record(&addrs, vec![counts(&[("ns/r", 0, 30)]), None]);
         assert_eq!(agg.metrics("ns/r").concurrency, 3.0);
         assert_eq!(agg.replicas(), (2, 1));
-        // 20 requests in 10 s on a.
+        // 30 requests in 10 s on a.
         let rate = agg.rate("ns/r", Duration::from_secs(60), Duration::from_secs(1));
-        assert!((rate - 2.0).abs() < 1e-9, "{rate}");
+        assert!((rate - 3.0).abs() < 1e-9, "{rate}");
         // b leaves the Service: its concurrency goes with it.
         let only_a = vec!["a".to_owned()];
         tokio::time::advance(Duration::from_secs(10)).await;
@@ -567,6 +582,13 @@ mod tests {
         let agg = aggregate();
         let addrs = vec!["a".to_owned()];
         agg.record(&addrs, vec![counts(&[("r", 0, 100)])]);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        agg.record(&addrs, vec![counts(&[("r", 0, 104)])]);
+        let rate = agg.rate("r", Duration::from_secs(1), Duration::from_secs(1));
+        assert!(
+            (rate - 4.0).abs() < 1e-9,
+            "the 100 counted before the first sample are a baseline: {rate}"
+        );
         tokio::time::advance(Duration::from_secs(1)).await;
         agg.record(&addrs, vec![counts(&[("r", 0, 4)])]);
         let rate = agg.rate("r", Duration::from_secs(1), Duration::from_secs(1));

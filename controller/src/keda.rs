@@ -39,6 +39,8 @@ pub struct KedaScaler {
     pub activity_window: Duration,
     /// Metrics.
     pub metrics: ControllerMetrics,
+    /// Ends open `StreamIsActive` streams on shutdown, so the server can drain.
+    pub stop: tokio_util::sync::CancellationToken,
 }
 
 impl KedaScaler {
@@ -102,34 +104,36 @@ impl ExternalScaler for KedaScaler {
         let wakes = self.interceptors.wakes();
         let initial = self.active(&key);
         let metrics = self.metrics.clone();
+        let stop = self.stop.clone();
         tracing::info!(route = %key, "KEDA is streaming activity");
-        let stream = futures_util::stream::unfold(
-            (wakes, Some(initial), key),
-            move |(mut wakes, first, key)| {
-                let metrics = metrics.clone();
-                async move {
-                    if let Some(active) = first {
-                        return Some((Ok(IsActiveResponse { result: active }), (wakes, None, key)));
-                    }
-                    loop {
-                        match wakes.recv().await {
-                            Ok(wake) if wake.route == key => {
-                                if let Some(latency) = metrics.wake_latency(wake.held_at_us, "push")
-                                {
-                                    tracing::info!(route = %key, wake_latency_us = latency.as_micros() as u64, "pushed active to KEDA");
-                                }
-                                return Some((
-                                    Ok(IsActiveResponse { result: true }),
-                                    (wakes, None, key),
-                                ));
+        let state = (wakes, Some(initial), key);
+        let stream = futures_util::stream::unfold(state, move |(mut wakes, first, key)| {
+            let (metrics, stop) = (metrics.clone(), stop.clone());
+            async move {
+                if let Some(active) = first {
+                    return Some((Ok(IsActiveResponse { result: active }), (wakes, None, key)));
+                }
+                loop {
+                    let wake = tokio::select! {
+                        () = stop.cancelled() => return None,
+                        wake = wakes.recv() => wake,
+                    };
+                    match wake {
+                        Ok(wake) if wake.route == key => {
+                            if let Some(latency) = metrics.wake_latency(wake.held_at_us, "push") {
+                                tracing::info!(route = %key, wake_latency_us = latency.as_micros() as u64, "pushed active to KEDA");
                             }
-                            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                            Err(broadcast::error::RecvError::Closed) => return None,
+                            return Some((
+                                Ok(IsActiveResponse { result: true }),
+                                (wakes, None, key),
+                            ));
                         }
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(broadcast::error::RecvError::Closed) => return None,
                     }
                 }
-            },
-        );
+            }
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -144,6 +144,7 @@ pub async fn run_until(args: Args, shutdown: impl Future<Output = ()>) -> Result
         interceptors: interceptors.clone(),
         activity_window: args.activity_window,
         metrics: metrics.clone(),
+        stop: stop.clone(),
     };
     let grpc = tokio::spawn({
         let stop = stop.clone();
@@ -236,7 +237,12 @@ pub async fn run_until(args: Args, shutdown: impl Future<Output = ()>) -> Result
     tracing::info!("shutting down");
     ready.store(false, Ordering::Release);
     stop.cancel();
-    let _ = grpc.await;
+    if tokio::time::timeout(Duration::from_secs(5), grpc)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the gRPC server did not drain in 5 s");
+    }
     // Give the lease task a moment to step down.
     let _ = tokio::time::timeout(Duration::from_secs(2), leading.wait_for(|l| !*l)).await;
     tracing::info!("stopped");
