@@ -61,7 +61,7 @@ pub fn free_port() -> u16 {
 
 enum Backing {
     Simulated {
-        _server: ApiServer,
+        server: Option<ApiServer>,
         _pods: PodSimulator,
     },
     Real,
@@ -138,10 +138,17 @@ impl Cluster {
             namespace: "e2e".into(),
             kubeconfig,
             backing: Backing::Simulated {
-                _server: server,
+                server: Some(server),
                 _pods: pods,
             },
             _dir: dir,
+        }
+    }
+
+    /// Takes the simulated API server away (an outage); simulated pods keep running.
+    pub fn stop_api_server(&mut self) {
+        if let Backing::Simulated { server, .. } = &mut self.backing {
+            drop(server.take());
         }
     }
 

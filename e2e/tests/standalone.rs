@@ -162,6 +162,70 @@ async fn standalone_wakes_serves_scales_to_zero_and_isolates_invalid_objects() {
         (200, "true")
     );
 
+    // A workload that an HPA already scales: reported, and left alone.
+    cluster.apply(&cluster.app_yaml("owned")).await;
+    cluster
+        .apply(
+            r#"
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata: {name: owned}
+spec:
+  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: owned}
+  minReplicas: 1
+  maxReplicas: 3
+---
+kind: HTTPScaledObject
+apiVersion: http.keda.sh/v1alpha1
+metadata: {name: owned}
+spec:
+  hosts: [owned.example]
+  scaleTargetRef: {name: owned, service: owned, port: 8080}
+"#,
+        )
+        .await;
+    eventually(
+        "owned reports its other owner",
+        Duration::from_secs(20),
+        || async {
+            let obj = api.get("owned").await.ok();
+            let scaling = obj
+                .and_then(|o| o.status)
+                .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Scaling"));
+            scaling.is_some_and(|c| {
+                c.status == "False"
+                    && c.reason == "ScaledByAnotherOwner"
+                    && c.message.contains("HorizontalPodAutoscaler owned")
+            })
+        },
+    )
+    .await;
+    let held = tokio::spawn({
+        let http = http.clone();
+        let proxy = interceptor.proxy;
+        async move { http.get(proxy, "owned.example", "/").await }
+    });
+    eventually("the request is held", Duration::from_secs(5), || async {
+        let (_, _, queue) = http
+            .get(interceptor.admin, "admin", "/queue")
+            .await
+            .unwrap();
+        queue.contains(r#""e2e/owned":{"Concurrency":1"#)
+            || queue.contains(&format!(
+                r#""{}/owned":{{"Concurrency":1"#,
+                cluster.namespace
+            ))
+    })
+    .await;
+    // Several sample rounds later, the controller has not touched its replicas.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        cluster.replicas("owned").await,
+        0,
+        "the HPA owns this workload's scale"
+    );
+    held.abort();
+
     controller.stop().await;
     interceptor.stop().await;
     cluster.cleanup().await;
