@@ -401,3 +401,88 @@ mod tests {
         assert_eq!(so["metadata"]["ownerReferences"], json!([]));
     }
 }
+
+/// kube's mock-service pattern: the exact API calls one reconcile makes.
+#[cfg(test)]
+mod mock_tests {
+    use super::*;
+    use http::{Request, Response};
+    use kube::client::Body;
+
+    fn context(client: Client) -> Arc<Context> {
+        Arc::new(Context {
+            client,
+            routes: Arc::new(Routes::default()),
+            mode: ScalerMode::Standalone,
+            scaler_address: "x:1".into(),
+            keda_served: false,
+            metrics: ControllerMetrics::register(&prometheus::Registry::new()).unwrap(),
+        })
+    }
+
+    #[tokio::test]
+    async fn an_invalid_object_gets_one_status_patch_naming_the_field() {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let ctx = context(Client::new(service, "default"));
+        let obj: HTTPScaledObject = serde_json::from_value(json!({
+            "apiVersion": "http.keda.sh/v1alpha1", "kind": "HTTPScaledObject",
+            "metadata": {"name": "bad", "namespace": "apps", "finalizers": [FINALIZER], "generation": 3},
+            "spec": {"scaleTargetRef": {"name": "a", "service": "a", "port": 80, "portName": "http"}}
+        }))
+        .unwrap();
+        let routes = ctx.routes.clone();
+        let server = tokio::spawn(async move {
+            let (request, send) = handle.next_request().await.expect("one API call");
+            assert_eq!(request.method(), http::Method::PATCH);
+            assert_eq!(
+                request.uri().path(),
+                "/apis/http.keda.sh/v1alpha1/namespaces/apps/httpscaledobjects/bad/status"
+            );
+            assert_eq!(
+                request.headers()["content-type"],
+                "application/merge-patch+json"
+            );
+            let body = request.into_body().collect_bytes().await.unwrap();
+            let patch: Value = serde_json::from_slice(&body).unwrap();
+            let ready = &patch["status"]["conditions"][0];
+            assert_eq!(
+                (
+                    ready["type"].as_str(),
+                    ready["status"].as_str(),
+                    ready["reason"].as_str()
+                ),
+                (Some("Ready"), Some("False"), Some("InvalidSpec"))
+            );
+            assert!(ready["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("spec.scaleTargetRef: set exactly one of port and portName"));
+            assert_eq!(ready["observedGeneration"], 3);
+            assert!(patch["status"]["targetWorkload"].is_null());
+            let mut rsp = obj_json();
+            rsp["status"] = patch["status"].clone();
+            send.send_response(Response::new(Body::from(serde_json::to_vec(&rsp).unwrap())));
+            assert!(
+                handle.next_request().await.is_none(),
+                "no further API calls"
+            );
+        });
+        let action = reconcile(Arc::new(obj), ctx).await.unwrap();
+        assert_eq!(action, Action::await_change());
+        assert!(
+            routes.get("apps/bad").is_none(),
+            "an invalid object is not routed"
+        );
+        drop(routes);
+        tokio::time::timeout(std::time::Duration::from_secs(5), server)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    fn obj_json() -> Value {
+        json!({"apiVersion": "http.keda.sh/v1alpha1", "kind": "HTTPScaledObject",
+               "metadata": {"name": "bad", "namespace": "apps"},
+               "spec": {"scaleTargetRef": {"name": "a", "service": "a", "port": 80}}})
+    }
+}
