@@ -19,34 +19,46 @@ use http::Uri;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tower::Service;
+
+use crate::provider::ReadyEndpoints;
 
 /// How often a connect to a fresh endpoint is retried.
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(20);
 
-/// Endpoints whose connects may be retried, and until when. Keyed by `host:port`.
+/// The longest a fresh endpoint's connects are retried: kube-proxy can lag a pod's readiness by
+/// up to about 10 s.
+pub const MAX_FRESH: Duration = Duration::from_secs(10);
+
+/// Endpoints whose connects may be retried: until when, and while their provider still lists
+/// them ready (a crashed backend stops the retries at once). Keyed by `host:port`.
 #[derive(Clone, Debug, Default)]
-pub struct FreshEndpoints(Arc<DashMap<Box<str>, Instant>>);
+pub struct FreshEndpoints(Arc<DashMap<Box<str>, (Instant, watch::Receiver<ReadyEndpoints>)>>);
 
 impl FreshEndpoints {
-    /// Allows retrying connects to `authority` until `until`.
-    pub fn mark(&self, authority: &str, until: Instant) {
+    /// Allows retrying connects to `authority` until `until` (at most [`MAX_FRESH`] from now),
+    /// for as long as `ready` lists it.
+    pub fn mark(&self, authority: &str, until: Instant, ready: &watch::Receiver<ReadyEndpoints>) {
+        let now = Instant::now();
+        let until = until.min(now + MAX_FRESH);
         if self.0.len() > 4096 {
-            let now = Instant::now();
-            self.0.retain(|_, t| *t > now);
+            self.0.retain(|_, (t, _)| *t > now);
         }
-        match self.0.get_mut(authority) {
-            Some(t) if *t >= until => {}
-            Some(mut t) => *t = until,
-            None => {
-                self.0.insert(authority.into(), until);
-            }
-        }
+        self.0.insert(authority.into(), (until, ready.clone()));
     }
 
+    /// Until when a failed connect to `authority` may be retried, if at all.
     fn retry_until(&self, authority: &str) -> Option<Instant> {
-        self.0.get(authority).map(|t| *t)
+        let entry = self.0.get(authority)?;
+        let (until, ready) = &*entry;
+        let listed = ready
+            .borrow()
+            .as_slice()
+            .iter()
+            .any(|e| e.authority().as_str() == authority);
+        listed.then_some(*until)
     }
 }
 

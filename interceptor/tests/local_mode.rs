@@ -119,6 +119,12 @@ async fn a_backend_killed_mid_response_fails_only_that_request() {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
     let reply = slow.await.unwrap().unwrap();
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    // "Later" means once the interceptor knows the process is gone (a request racing that
+    // notice, within about a millisecond of the crash, can still meet the dead socket).
+    eventually("the crash is noticed", Duration::from_secs(5), || async {
+        ic.target("kill").await["readyEndpoints"] == 0
+    })
+    .await;
 
     for _ in 0..3 {
         let later = ic.get("kill.test", "/").await;

@@ -211,8 +211,11 @@ impl Proxy {
         let cold = acquired.waited.is_some();
         if let Some(waited) = acquired.waited {
             // The endpoint was only just reported ready: let connects retry until the deadline.
-            self.fresh
-                .mark(acquired.endpoint.authority().as_str(), deadline);
+            self.fresh.mark(
+                acquired.endpoint.authority().as_str(),
+                deadline,
+                &route.endpoints,
+            );
             self.metrics.cold_start(&route.spec.id, waited);
             tracing::debug!(endpoint = %acquired.endpoint, waited_ms = waited.as_millis() as u64, "released held request");
         }
