@@ -35,7 +35,10 @@ pub const MAX_FRESH: Duration = Duration::from_secs(10);
 /// Endpoints whose connects may be retried: until when, and while their provider still lists
 /// them ready (a crashed backend stops the retries at once). Keyed by `host:port`.
 #[derive(Clone, Debug, Default)]
-pub struct FreshEndpoints(Arc<DashMap<Box<str>, (Instant, watch::Receiver<ReadyEndpoints>)>>);
+pub struct FreshEndpoints(Arc<DashMap<Box<str>, Fresh>>);
+
+/// Until when, and the ready set that must still list the endpoint.
+type Fresh = (Instant, watch::Receiver<ReadyEndpoints>);
 
 impl FreshEndpoints {
     /// Allows retrying connects to `authority` until `until` (at most [`MAX_FRESH`] from now),
