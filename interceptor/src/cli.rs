@@ -89,6 +89,10 @@ pub struct ServeArgs {
     #[arg(long, env = "WAKEGATE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
 
+    /// Largest request header block accepted (bytes); larger ones get 431. At least 8192.
+    #[arg(long, env = "WAKEGATE_MAX_HEADER_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(8192..))]
+    pub max_header_bytes: u32,
+
     /// On shutdown, how long in-flight requests may take to finish.
     #[arg(long, env = "WAKEGATE_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,

@@ -152,6 +152,7 @@ pub async fn run_until(
 
     let settings = ConnectionSettings {
         header_read_timeout: args.header_read_timeout,
+        max_header_bytes: args.max_header_bytes as usize,
     };
     let stop_proxy = CancellationToken::new();
     let stop_admin = CancellationToken::new();

@@ -7,10 +7,12 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
@@ -37,6 +39,8 @@ pub struct Drain {
 pub struct ConnectionSettings {
     /// Time allowed for a client to send a request's headers.
     pub header_read_timeout: Duration,
+    /// Largest header block accepted; larger ones get 431.
+    pub max_header_bytes: usize,
 }
 
 /// Binds a listener with a deep accept backlog: a burst of clients at a cold target all connect
@@ -63,7 +67,7 @@ pub async fn serve<H, F, B>(
 where
     H: Fn(Request<Incoming>, ClientConn) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
-    B: Body + Send + 'static,
+    B: Body + Default + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -72,8 +76,12 @@ where
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
+        .max_buf_size(settings.max_header_bytes)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
     let graceful = GracefulShutdown::new();
     let open = Arc::new(AtomicUsize::new(0));
 
@@ -96,8 +104,22 @@ where
         let handler = handler.clone();
         let (client, io) = ClientConn::new(stream, remote);
         let service = service_fn(move |req| {
-            let rsp = handler(req, client.clone());
-            async move { Ok::<_, Infallible>(rsp.await) }
+            let rsp = AssertUnwindSafe(handler(req, client.clone())).catch_unwind();
+            async move {
+                // A panic while handling one request answers that request with a 500 and
+                // ends nothing else: not the connection, not the process.
+                Ok::<_, Infallible>(rsp.await.unwrap_or_else(|panic| {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    tracing::error!(panic = %what, "request handler panicked");
+                    let mut rsp = Response::new(B::default());
+                    *rsp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                    rsp
+                }))
+            }
         });
         let conn = builder
             .serve_connection(TokioIo::new(io), service)
@@ -123,5 +145,56 @@ where
             complete: false,
             abandoned: open.load(Ordering::Relaxed),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+
+    #[tokio::test]
+    async fn a_panicking_request_gets_500_and_the_next_one_is_served() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let handler = |req: Request<Incoming>, _client: ClientConn| async move {
+            assert!(req.uri().path() != "/panic", "handler bug on purpose");
+            Response::new(Full::new(Bytes::from_static(b"fine")))
+        };
+        let settings = ConnectionSettings {
+            header_read_timeout: Duration::from_secs(5),
+            max_header_bytes: 65_536,
+        };
+        tokio::spawn(serve(
+            listener,
+            handler,
+            settings,
+            stop.clone(),
+            Duration::from_secs(1),
+        ));
+        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .build_http::<http_body_util::Empty<Bytes>>();
+        let get = |path: &'static str| {
+            let client = client.clone();
+            async move {
+                let rsp = client
+                    .get(format!("http://{addr}{path}").parse().unwrap())
+                    .await
+                    .unwrap();
+                let status = rsp.status();
+                (status, rsp.into_body().collect().await.unwrap().to_bytes())
+            }
+        };
+        assert_eq!(
+            get("/panic").await.0,
+            http::StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert_eq!(
+            get("/ok").await,
+            (http::StatusCode::OK, Bytes::from_static(b"fine"))
+        );
+        stop.cancel();
     }
 }

@@ -80,6 +80,7 @@ async fn start(provider: Arc<ManualProvider>) -> (SocketAddr, Arc<Proxy>, Cancel
     };
     let settings = ConnectionSettings {
         header_read_timeout: Duration::from_secs(5),
+        max_header_bytes: 65_536,
     };
     tokio::spawn(server::serve(
         listener,

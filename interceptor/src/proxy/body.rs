@@ -30,6 +30,12 @@ pin_project_lite::pin_project! {
     }
 }
 
+impl Default for ProxyBody {
+    fn default() -> Self {
+        Self::full(Bytes::new())
+    }
+}
+
 impl ProxyBody {
     /// A body of fixed bytes.
     pub fn full(bytes: Bytes) -> Self {

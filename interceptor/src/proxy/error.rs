@@ -24,6 +24,13 @@ pub enum ProxyError {
         host: String,
     },
 
+    /// CONNECT (tunnelling) is not something this proxy does.
+    #[error("method {method} is not allowed here")]
+    MethodNotAllowed {
+        /// The method.
+        method: http::Method,
+    },
+
     /// The request was held, and no endpoint of its target became ready in time.
     #[error("route {route}: target {target} had no ready endpoint after waiting {}", humantime::format_duration(*.waited))]
     ReadinessTimeout {
@@ -101,6 +108,7 @@ impl ProxyError {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::NoRoute { .. } => "no_route",
+            Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::ReadinessTimeout { .. } => "readiness_timeout",
             Self::CapacityTimeout { .. } => "capacity_timeout",
             Self::ClientGone { .. } => "client_gone",
@@ -124,6 +132,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::NoRoute { .. } => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::ReadinessTimeout { .. }
             | Self::CapacityTimeout { .. }
             | Self::ResponseHeaderTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -143,6 +152,12 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        if let Self::MethodNotAllowed { .. } = self {
+            rsp.headers_mut().insert(
+                header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE"),
+            );
+        }
         rsp
     }
 }

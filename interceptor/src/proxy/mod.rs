@@ -152,6 +152,12 @@ impl Proxy {
         client: ClientConn,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
+        if let Some(err) = refuse(&req) {
+            tracing::info!(method = %req.method(), error = %err, "request refused");
+            self.metrics
+                .request("", req.method(), err.status(), start.elapsed());
+            return err.to_response();
+        }
         let route = {
             let table = self.table.load();
             table
@@ -351,6 +357,16 @@ struct Acquired {
     lease: Option<EndpointLease>,
     /// How long the request was held; `None` when an endpoint was ready at once.
     waited: Option<Duration>,
+}
+
+/// Requests refused before routing, so nothing of them is forwarded: tunnels. (Ambiguous
+/// framing never gets here: hyper rejects conflicting lengths, and for Content-Length with
+/// Transfer-Encoding it drops the length, frames by chunked and closes the connection after
+/// the response, as RFC 9112 requires, so nothing can be smuggled behind the body.)
+fn refuse<B>(req: &Request<B>) -> Option<ProxyError> {
+    (req.method() == Method::CONNECT).then_some(ProxyError::MethodNotAllowed {
+        method: Method::CONNECT,
+    })
 }
 
 /// The host a request names: the URI's authority (absolute-form, HTTP/2) or the Host header.
