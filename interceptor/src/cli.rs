@@ -89,6 +89,11 @@ pub struct ServeArgs {
     #[arg(long, env = "WAKEGATE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
 
+    /// Most requests held at once over all routes (waiting for a cold target); past it, 503
+    /// with Retry-After. Each held request costs a socket and a few KiB.
+    #[arg(long, env = "WAKEGATE_MAX_HELD_REQUESTS", default_value_t = 20_000)]
+    pub max_held_requests: usize,
+
     /// Largest request header block accepted (bytes); larger ones get 431. At least 8192.
     #[arg(long, env = "WAKEGATE_MAX_HEADER_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(8192..))]
     pub max_header_bytes: u32,

@@ -138,6 +138,7 @@ pub async fn run_until(
     let timeouts = DefaultTimeouts {
         readiness: args.readiness_timeout,
         response_header: args.response_header_timeout,
+        max_held_total: args.max_held_requests,
     };
     let wakes = WakeEvents::default();
     let proxy = Proxy::new(

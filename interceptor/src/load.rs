@@ -159,11 +159,11 @@ impl RouteLoad {
         InFlight(self.clone())
     }
 
-    /// Counts a request as held until the guard drops. The flag says whether it is the only
-    /// one held (the route just went from none held to one).
-    pub fn hold(self: &Arc<Self>) -> (Held, bool) {
+    /// Counts a request as held until the guard drops, and says how many were held before it
+    /// (0: the route just went from none held to one).
+    pub fn hold(self: &Arc<Self>) -> (Held, u64) {
         let before = self.held.fetch_add(1, Ordering::AcqRel);
-        (Held(self.clone()), before == 0)
+        (Held(self.clone()), before)
     }
 
     /// A future that completes when a per-endpoint lease ends. Create it (and enable it) before
@@ -270,13 +270,13 @@ mod tests {
         let loads = Loads::default();
         let load = loads.get(&"r".into());
         let a = load.start_request();
-        let (held, first) = load.hold();
-        assert!(first);
-        assert!(!load.hold().1, "a second held request is not the first");
+        let (held, before) = load.hold();
+        assert_eq!(before, 0);
+        assert_eq!(load.hold().1, 1, "a second held request is not the first");
         let _b = load.start_request();
         assert_eq!((load.in_flight(), load.held(), load.requests()), (2, 1, 2));
         drop(held);
-        assert!(load.hold().1, "none held again: the next is the first");
+        assert_eq!(load.hold().1, 0, "none held again: the next is the first");
         drop(a);
         assert_eq!((load.in_flight(), load.held(), load.requests()), (1, 0, 2));
         let q = loads.queue();

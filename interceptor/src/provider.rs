@@ -36,6 +36,8 @@ pub struct RouteSpec {
     pub response_header_timeout: Option<Duration>,
     /// Optional cap on requests in flight per endpoint, spreading a release over endpoints.
     pub max_in_flight_per_endpoint: Option<NonZeroUsize>,
+    /// Optional cap on requests held at once for this route; past it, 503.
+    pub max_held: Option<NonZeroUsize>,
 }
 
 /// One address a request can be forwarded to.

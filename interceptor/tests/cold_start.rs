@@ -267,3 +267,58 @@ async fn the_first_held_request_is_pushed_on_the_events_stream() {
     let more = tokio::time::timeout(Duration::from_millis(200), body.frame()).await;
     assert!(more.is_err(), "no second wake for the same cold start");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_request_caps_answer_503_with_retry_after_and_free_up_when_clients_leave() {
+    let (pa, pb) = (free_port(), free_port());
+    let config = format!(
+        "routes:\n{}{}",
+        backend_route(
+            "a",
+            "a.test",
+            pa,
+            "60s",
+            "    maxHeldRequests: 2\n    timeouts: { readiness: 60s }\n"
+        ),
+        backend_route(
+            "b",
+            "b.test",
+            pb,
+            "60s",
+            "    timeouts: { readiness: 60s }\n"
+        ),
+    );
+    let ic = Interceptor::start_with(&config, &["--max-held-requests", "3"]).await;
+    let a1 = ic.spawn_get("a.test", "/");
+    let _a2 = ic.spawn_get("a.test", "/");
+    ic.wait_concurrency("a", 2).await;
+
+    let over = ic.get("a.test", "/").await;
+    assert_eq!(over.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(over.headers["retry-after"], "1");
+    assert_eq!(
+        over.text(),
+        "route a: too many requests are waiting for target a (route cap 2); retry shortly\n"
+    );
+
+    let _b1 = ic.spawn_get("b.test", "/");
+    ic.wait_concurrency("b", 1).await;
+    let total = ic.get("b.test", "/").await;
+    assert_eq!(total.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(total.text().contains("(total cap 3)"), "{}", total.text());
+
+    // A client that leaves frees its place at once.
+    a1.abort();
+    ic.wait_concurrency("a", 1).await;
+    let _a3 = ic.spawn_get("a.test", "/");
+    ic.wait_concurrency("a", 2).await;
+    let metrics = ic.metrics().await;
+    assert!(
+        metrics.contains(r#"wakegate_requests_total{code="503",method="GET",route="a"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"wakegate_requests_total{code="499",method="GET",route="a"} 1"#),
+        "{metrics}"
+    );
+}

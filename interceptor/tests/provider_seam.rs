@@ -56,6 +56,7 @@ fn route(id: &str, host: &str) -> RouteSpec {
         readiness_timeout: Some(Duration::from_secs(10)),
         response_header_timeout: None,
         max_in_flight_per_endpoint: None,
+        max_held: None,
     }
 }
 
@@ -65,6 +66,7 @@ async fn start(provider: Arc<ManualProvider>) -> (SocketAddr, Arc<Proxy>, Cancel
     let timeouts = DefaultTimeouts {
         readiness: Duration::from_secs(10),
         response_header: Duration::from_secs(10),
+        max_held_total: 10_000,
     };
     let proxy = Proxy::new(provider, loads, metrics, timeouts, Default::default());
     tokio::spawn(proxy.clone().follow_routes());

@@ -224,6 +224,7 @@ impl ClusterIndex {
                     readiness_timeout: spec.condition_wait,
                     response_header_timeout: spec.response_header,
                     max_in_flight_per_endpoint: None,
+                    max_held: None,
                 })
             })
             .collect()

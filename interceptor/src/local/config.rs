@@ -188,6 +188,7 @@ struct RawRoute {
     #[serde(default)]
     timeouts: RawTimeouts,
     max_in_flight_per_endpoint: Option<NonZeroUsize>,
+    max_held_requests: Option<NonZeroUsize>,
 }
 
 #[derive(Deserialize)]
@@ -317,6 +318,7 @@ impl RawRoute {
                 readiness_timeout: self.timeouts.readiness.map(|d| d.0),
                 response_header_timeout: self.timeouts.response_header.map(|d| d.0),
                 max_in_flight_per_endpoint: self.max_in_flight_per_endpoint,
+                max_held: self.max_held_requests,
             },
             target,
             scaledown_period: self

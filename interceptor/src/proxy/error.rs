@@ -31,6 +31,19 @@ pub enum ProxyError {
         method: http::Method,
     },
 
+    /// Holding the request would pass a cap on held requests (the route's or the total).
+    #[error(
+        "route {route}: too many requests are waiting for target {target} ({limit}); retry shortly"
+    )]
+    Overloaded {
+        /// The route that matched.
+        route: RouteId,
+        /// Its target.
+        target: TargetId,
+        /// Which cap, e.g. "route cap 100" or "total cap 10000".
+        limit: String,
+    },
+
     /// The request was held, and no endpoint of its target became ready in time.
     #[error("route {route}: target {target} had no ready endpoint after waiting {}", humantime::format_duration(*.waited))]
     ReadinessTimeout {
@@ -109,6 +122,7 @@ impl ProxyError {
         match self {
             Self::NoRoute { .. } => "no_route",
             Self::MethodNotAllowed { .. } => "method_not_allowed",
+            Self::Overloaded { .. } => "overloaded",
             Self::ReadinessTimeout { .. } => "readiness_timeout",
             Self::CapacityTimeout { .. } => "capacity_timeout",
             Self::ClientGone { .. } => "client_gone",
@@ -133,6 +147,7 @@ impl ProxyError {
         match self {
             Self::NoRoute { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::ReadinessTimeout { .. }
             | Self::CapacityTimeout { .. }
             | Self::ResponseHeaderTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -152,11 +167,18 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
-        if let Self::MethodNotAllowed { .. } = self {
-            rsp.headers_mut().insert(
-                header::ALLOW,
-                HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE"),
-            );
+        match self {
+            Self::MethodNotAllowed { .. } => {
+                rsp.headers_mut().insert(
+                    header::ALLOW,
+                    HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE"),
+                );
+            }
+            Self::Overloaded { .. } => {
+                rsp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
         }
         rsp
     }

@@ -43,6 +43,8 @@ pub struct DefaultTimeouts {
     pub readiness: Duration,
     /// How long to wait for the upstream's response headers.
     pub response_header: Duration,
+    /// Most requests held at once, over all routes.
+    pub max_held_total: usize,
 }
 
 /// A route as the proxy uses it: its spec, its load, and its target's ready endpoints.
@@ -67,6 +69,8 @@ pub struct Proxy {
     metrics: ProxyMetrics,
     timeouts: DefaultTimeouts,
     wakes: WakeEvents,
+    /// Requests held now, over all routes, against `timeouts.max_held_total`.
+    held_total: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -103,6 +107,7 @@ impl Proxy {
             metrics,
             timeouts,
             wakes,
+            held_total: Arc::default(),
         })
     }
 
@@ -177,7 +182,9 @@ impl Proxy {
         let mut done = Completion {
             proxy: self.clone(),
             method: req.method().clone(),
-            code: StatusCode::BAD_GATEWAY,
+            // Every path that answers sets the code; a future dropped before that means the
+            // client went away.
+            code: error::CLIENT_CLOSED_REQUEST,
             start,
             _in_flight: route.load.start_request(),
             _lease: None,
@@ -279,7 +286,7 @@ impl Proxy {
         }
 
         let held_at = Instant::now();
-        let (_held, first) = route.load.hold();
+        let (_total, _held, first) = self.admit_hold(route)?;
         self.provider.wake(&route.spec.target);
         if first {
             self.wakes.publish(&route.spec.id, &route.spec.target);
@@ -350,6 +357,47 @@ impl Proxy {
 
 fn round_to_ms(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis().try_into().unwrap_or(u64::MAX))
+}
+
+/// One held request counted against the total cap.
+struct TotalHeld(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for TotalHeld {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Proxy {
+    /// Admits one more held request under the route's cap and the total cap, or says which
+    /// cap is full. Memory for held requests stays bounded by the caps.
+    /// Returns both guards and whether this is the route's first held request.
+    fn admit_hold(
+        &self,
+        route: &RouteState,
+    ) -> Result<(TotalHeld, crate::load::Held, bool), ProxyError> {
+        let overloaded = |limit: String| ProxyError::Overloaded {
+            route: route.spec.id.clone(),
+            target: route.spec.target.clone(),
+            limit,
+        };
+        // Counted first, then checked: concurrent requests cannot both slip under a cap.
+        let (held, before) = route.load.hold();
+        if let Some(cap) = route.spec.max_held {
+            if before >= cap.get() as u64 {
+                return Err(overloaded(format!("route cap {cap}")));
+            }
+        }
+        let total_before = self.held_total.fetch_add(1, Ordering::AcqRel);
+        let total = TotalHeld(self.held_total.clone());
+        if total_before >= self.timeouts.max_held_total {
+            return Err(overloaded(format!(
+                "total cap {}",
+                self.timeouts.max_held_total
+            )));
+        }
+        Ok((total, held, before == 0))
+    }
 }
 
 struct Acquired {
