@@ -27,6 +27,7 @@ pub struct ProxyMetrics {
     cold_starts: IntCounterVec,
     cold_start_wait: HistogramVec,
     upstream_errors: IntCounterVec,
+    failovers: IntCounterVec,
 }
 
 impl ProxyMetrics {
@@ -63,6 +64,13 @@ impl ProxyMetrics {
                 .buckets(LATENCY_BUCKETS.to_vec()),
                 &["route"],
             )?,
+            failovers: IntCounterVec::new(
+                Opts::new(
+                    "wakegate_failovers_total",
+                    "Held requests sent to the failover target after the cold-start timeout",
+                ),
+                &["route"],
+            )?,
             upstream_errors: IntCounterVec::new(
                 Opts::new(
                     "wakegate_upstream_errors_total",
@@ -76,6 +84,7 @@ impl ProxyMetrics {
         registry.register(Box::new(metrics.cold_starts.clone()))?;
         registry.register(Box::new(metrics.cold_start_wait.clone()))?;
         registry.register(Box::new(metrics.upstream_errors.clone()))?;
+        registry.register(Box::new(metrics.failovers.clone()))?;
         registry.register(Box::new(LoadCollector::new(loads)?))?;
         Ok(metrics)
     }
@@ -98,6 +107,11 @@ impl ProxyMetrics {
         self.cold_start_wait
             .with_label_values(&[route])
             .observe(waited.as_secs_f64());
+    }
+
+    /// Records a request sent to the failover target.
+    pub fn failover(&self, route: &str) {
+        self.failovers.with_label_values(&[route]).inc();
     }
 
     /// Records an upstream failure of a bounded `kind`.

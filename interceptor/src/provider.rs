@@ -38,6 +38,17 @@ pub struct RouteSpec {
     pub max_in_flight_per_endpoint: Option<NonZeroUsize>,
     /// Optional cap on requests held at once for this route; past it, 503.
     pub max_held: Option<NonZeroUsize>,
+    /// Where a held request goes once it has waited too long, instead of a 504.
+    pub failover: Option<FailoverSpec>,
+}
+
+/// A failover destination: another target, used after a request has been held `after`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailoverSpec {
+    /// The failover target (its endpoints come from the provider like any target's).
+    pub target: TargetId,
+    /// How long a request waits for the route's own target first.
+    pub after: Duration,
 }
 
 /// One address a request can be forwarded to.

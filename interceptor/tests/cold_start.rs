@@ -322,3 +322,38 @@ async fn held_request_caps_answer_503_with_retry_after_and_free_up_when_clients_
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_failover_timeout_the_failover_target_answers() {
+    let fallback = Upstream::start("fallback", Duration::ZERO).await;
+    let port = free_port();
+    let extra = format!(
+        "    failover: {{ upstream: \"{}\", timeout: 300ms }}\n    timeouts: {{ readiness: 60s }}\n",
+        fallback.addr
+    );
+    let config = format!(
+        "routes:\n{}",
+        backend_route("slowboot", "slowboot.test", port, "60s", &extra)
+    );
+    let ic = Interceptor::start(&config).await;
+    let started = std::time::Instant::now();
+    let reply = ic.get("slowboot.test", "/page").await;
+    let waited = started.elapsed();
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert!(
+        reply.text().starts_with("fallback /page\n"),
+        "{}",
+        reply.text()
+    );
+    assert_eq!(reply.headers["x-wakegate-failover"], "true");
+    assert_eq!(reply.cold_start(), Some("true"));
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    assert_eq!(fallback.count(), 1);
+    assert!(ic
+        .metrics()
+        .await
+        .contains(r#"wakegate_failovers_total{route="slowboot"} 1"#));
+}

@@ -57,6 +57,7 @@ fn route(id: &str, host: &str) -> RouteSpec {
         response_header_timeout: None,
         max_in_flight_per_endpoint: None,
         max_held: None,
+        failover: None,
     }
 }
 

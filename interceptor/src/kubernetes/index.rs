@@ -11,7 +11,10 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use wakegate_crds::{HTTPScaledObject, PortRef, SpecError, ValidSpec};
 
-use crate::provider::{Endpoint, ReadyEndpoints, RouteSpec};
+use crate::provider::{Endpoint, FailoverSpec, ReadyEndpoints, RouteSpec};
+
+/// The suffix of a route's failover target id.
+const FAILOVER_SUFFIX: &str = "#failover";
 use crate::routing::{HeaderMatch, RouteMatch};
 
 /// Where held requests are sent.
@@ -225,13 +228,22 @@ impl ClusterIndex {
                     response_header_timeout: spec.response_header,
                     max_in_flight_per_endpoint: None,
                     max_held: None,
+                    failover: spec.failover.as_ref().map(|f| FailoverSpec {
+                        target: format!("{ns}/{name}{FAILOVER_SUFFIX}").into(),
+                        after: f.timeout,
+                    }),
                 })
             })
             .collect()
     }
 
-    /// The ready endpoints of the route `ns/name`'s target.
-    pub fn endpoints(&self, route: &str, mode: EndpointMode) -> ReadyEndpoints {
+    /// The ready endpoints of the route `ns/name`'s target (or, for `ns/name#failover`, of its
+    /// failover Service).
+    pub fn endpoints(&self, target: &str, mode: EndpointMode) -> ReadyEndpoints {
+        let (route, failover) = match target.strip_suffix(FAILOVER_SUFFIX) {
+            Some(route) => (route, true),
+            None => (target, false),
+        };
         let Some((ns, name)) = route.split_once('/') else {
             return ReadyEndpoints::none();
         };
@@ -242,7 +254,11 @@ impl ClusterIndex {
         else {
             return ReadyEndpoints::none();
         };
-        self.service_endpoints(ns, &spec.service, &spec.port, mode)
+        match (&spec.failover, failover) {
+            (_, false) => self.service_endpoints(ns, &spec.service, &spec.port, mode),
+            (Some(f), true) => self.service_endpoints(ns, &f.service, &f.port, mode),
+            (None, true) => ReadyEndpoints::none(),
+        }
     }
 
     fn service_endpoints(
@@ -393,6 +409,36 @@ mod tests {
         );
         index.delete_slice(&slice("app", "web-1", "web", json!([]), json!([])));
         assert!(index.endpoints("app/web", EndpointMode::Service).is_empty());
+    }
+
+    #[test]
+    fn failover_targets_resolve_through_their_own_service() {
+        let mut index = ClusterIndex::default();
+        index.apply_route(&hso("ns", "a", "2026-01-01T00:00:00Z", json!({
+            "scaleTargetRef": {"name": "a", "service": "a", "port": 80},
+            "coldStartTimeoutFailoverRef": {"service": "sorry", "portName": "http", "timeoutSeconds": 5}
+        })));
+        index.apply_service(&service(
+            "ns",
+            "sorry",
+            json!([{"name": "http", "port": 80}]),
+        ));
+        index.apply_slice(&slice(
+            "ns",
+            "sorry-1",
+            "sorry",
+            json!([{"name": "http", "port": 8080}]),
+            json!([{"addresses": ["10.1.1.1"]}]),
+        ));
+        let specs = index.route_specs();
+        let failover = specs[0].failover.as_ref().unwrap();
+        assert_eq!(&*failover.target, "ns/a#failover");
+        assert_eq!(failover.after, std::time::Duration::from_secs(5));
+        assert_eq!(
+            addrs(&index.endpoints("ns/a#failover", EndpointMode::Pod)),
+            ["10.1.1.1:8080"]
+        );
+        assert!(index.endpoints("ns/a", EndpointMode::Pod).is_empty());
     }
 
     #[test]

@@ -14,11 +14,13 @@ use http::uri::{Authority, PathAndQuery};
 use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
-use crate::provider::RouteSpec;
+use crate::provider::{FailoverSpec, RouteSpec};
 use crate::routing::{HeaderMatch, RouteMatch};
 
 /// Idle time before a command is stopped, when a route does not say (the add-on's default).
 pub const DEFAULT_SCALEDOWN_PERIOD: Duration = Duration::from_secs(300);
+/// How long a request is held before failing over, when a failover does not say (the add-on's).
+pub const DEFAULT_FAILOVER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time between SIGTERM and SIGKILL when stopping a command, when a target does not say.
 pub const DEFAULT_STOP_GRACE_PERIOD: Duration = Duration::from_secs(10);
 
@@ -36,6 +38,8 @@ pub struct LocalRoute {
     pub spec: RouteSpec,
     /// Where requests go.
     pub target: LocalTarget,
+    /// Where held requests go after the route's failover timeout.
+    pub failover: Option<Authority>,
     /// Idle time (no requests, none in flight) before a command target is stopped.
     pub scaledown_period: Duration,
 }
@@ -189,6 +193,15 @@ struct RawRoute {
     timeouts: RawTimeouts,
     max_in_flight_per_endpoint: Option<NonZeroUsize>,
     max_held_requests: Option<NonZeroUsize>,
+    failover: Option<RawFailover>,
+}
+
+/// Where held requests go after `timeout` (the add-on's `coldStartTimeoutFailoverRef`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFailover {
+    upstream: String,
+    timeout: Option<DurationValue>,
 }
 
 #[derive(Deserialize)]
@@ -305,6 +318,17 @@ impl RawRoute {
             .collect::<Result<Vec<_>, Problem>>()?;
 
         let target = self.target.validate(&format!("{key}.target"))?;
+        let failover = self
+            .failover
+            .as_ref()
+            .map(|f| {
+                let authority = parse_upstream(&format!("{key}.failover.upstream"), &f.upstream)?;
+                Ok::<_, Problem>((
+                    authority,
+                    f.timeout.map_or(DEFAULT_FAILOVER_TIMEOUT, |d| d.0),
+                ))
+            })
+            .transpose()?;
         let id: Arc<str> = self.name.as_str().into();
         Ok(LocalRoute {
             spec: RouteSpec {
@@ -319,8 +343,13 @@ impl RawRoute {
                 response_header_timeout: self.timeouts.response_header.map(|d| d.0),
                 max_in_flight_per_endpoint: self.max_in_flight_per_endpoint,
                 max_held: self.max_held_requests,
+                failover: failover.as_ref().map(|(_, after)| FailoverSpec {
+                    target: format!("{}#failover", self.name).into(),
+                    after: *after,
+                }),
             },
             target,
+            failover: failover.map(|(authority, _)| authority),
             scaledown_period: self
                 .scaledown_period
                 .map_or(DEFAULT_SCALEDOWN_PERIOD, |d| d.0),
@@ -353,19 +382,10 @@ impl RawTarget {
                         "applies only to a `command` target",
                     ));
                 }
-                let authority: Authority = upstream.parse().map_err(|_| {
-                    invalid(
-                        &format!("{key}.upstream"),
-                        &format!("{upstream:?} is not a host:port address"),
-                    )
-                })?;
-                if authority.port_u16().is_none() {
-                    return Err(invalid(
-                        &format!("{key}.upstream"),
-                        &format!("{upstream:?} has no port; write it like 127.0.0.1:8000"),
-                    ));
-                }
-                Ok(LocalTarget::Upstream(authority))
+                Ok(LocalTarget::Upstream(parse_upstream(
+                    &format!("{key}.upstream"),
+                    &upstream,
+                )?))
             }
             (None, Some(argv)) => {
                 if argv.first().is_none_or(|p| p.is_empty()) {
@@ -425,6 +445,20 @@ impl RawTarget {
             }
         }
     }
+}
+
+/// A `host:port` upstream address.
+fn parse_upstream(key: &str, upstream: &str) -> Result<Authority, Problem> {
+    let authority: Authority = upstream
+        .parse()
+        .map_err(|_| invalid(key, &format!("{upstream:?} is not a host:port address")))?;
+    if authority.port_u16().is_none() {
+        return Err(invalid(
+            key,
+            &format!("{upstream:?} has no port; write it like 127.0.0.1:8000"),
+        ));
+    }
+    Ok(authority)
 }
 
 /// Accepts `*`, `*.suffix`, host names and IP addresses.

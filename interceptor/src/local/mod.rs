@@ -67,6 +67,17 @@ impl LocalProvider {
         let mut supervisors = JoinSet::new();
         let specs: Arc<[RouteSpec]> = config.routes.iter().map(|r| r.spec.clone()).collect();
         for route in config.routes {
+            if let (Some(authority), Some(failover)) = (&route.failover, &route.spec.failover) {
+                let (_tx, endpoints) =
+                    watch::channel(std::iter::once(Endpoint::new(authority.clone())).collect());
+                targets.insert(
+                    failover.target.clone(),
+                    Target {
+                        endpoints,
+                        kind: TargetKind::Upstream(authority.to_string()),
+                    },
+                );
+            }
             let id = route.spec.target.clone();
             let target = match route.target {
                 LocalTarget::Upstream(authority) => {

@@ -35,6 +35,8 @@ use crate::routing::RouteTable;
 
 /// The response header telling whether the request waited for a cold start.
 pub const COLD_START_HEADER: &str = "x-keda-http-cold-start";
+/// The response header set when the failover target answered.
+pub const FAILOVER_HEADER: &str = "x-wakegate-failover";
 
 /// Timeouts used when a route does not set its own.
 #[derive(Clone, Copy, Debug)]
@@ -55,6 +57,8 @@ pub struct RouteState {
     endpoints: watch::Receiver<ReadyEndpoints>,
     readiness_timeout: Duration,
     response_header_timeout: Duration,
+    /// The failover target's endpoints, and how long to hold before using them.
+    failover: Option<(watch::Receiver<ReadyEndpoints>, Duration)>,
 }
 
 /// The proxy: a routing table swapped whole on change, and a pooled upstream client.
@@ -126,6 +130,10 @@ impl Proxy {
                 response_header_timeout: spec
                     .response_header_timeout
                     .unwrap_or(self.timeouts.response_header),
+                failover: spec
+                    .failover
+                    .as_ref()
+                    .map(|f| (self.provider.endpoints(&f.target), f.after)),
                 spec: spec.clone(),
             };
             (spec.matcher.clone(), Arc::new(state))
@@ -219,9 +227,40 @@ impl Proxy {
     ) -> Result<Response<Incoming>, ProxyError> {
         let route = done.route.clone();
         let deadline = done.start + route.readiness_timeout;
-        let acquired = self.acquire(&route, deadline, client).await?;
+        let hold_until = match &route.failover {
+            Some((_, after)) => deadline.min(done.start + *after),
+            None => deadline,
+        };
+        let mut failed_over = false;
+        let acquired = match self.acquire(&route, hold_until, client).await {
+            Err(ProxyError::ReadinessTimeout { .. } | ProxyError::CapacityTimeout { .. })
+                if route.failover.is_some() =>
+            {
+                // Waited long enough: the failover target answers instead of a 504.
+                let picked = route
+                    .failover
+                    .as_ref()
+                    .and_then(|(ready, _)| route.load.pick(&ready.borrow(), None));
+                let Some((endpoint, _)) = picked else {
+                    return Err(ProxyError::ReadinessTimeout {
+                        route: route.spec.id.clone(),
+                        target: route.spec.target.clone(),
+                        waited: round_to_ms(done.start.elapsed()),
+                    });
+                };
+                failed_over = true;
+                self.metrics.failover(&route.spec.id);
+                tracing::info!(endpoint = %endpoint, "failing over after the cold-start timeout");
+                Acquired {
+                    endpoint,
+                    lease: None,
+                    waited: None,
+                }
+            }
+            other => other?,
+        };
         done._lease = acquired.lease;
-        let cold = acquired.waited.is_some();
+        let cold = acquired.waited.is_some() || failed_over;
         if let Some(waited) = acquired.waited {
             // The endpoint was only just reported ready: let connects retry until the deadline.
             self.fresh.mark(
@@ -265,6 +304,10 @@ impl Proxy {
             COLD_START_HEADER,
             HeaderValue::from_static(if cold { "true" } else { "false" }),
         );
+        if failed_over {
+            rsp.headers_mut()
+                .insert(FAILOVER_HEADER, HeaderValue::from_static("true"));
+        }
         Ok(rsp)
     }
 
