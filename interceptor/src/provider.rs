@@ -40,6 +40,28 @@ pub struct RouteSpec {
     pub max_held: Option<NonZeroUsize>,
     /// Where a held request goes once it has waited too long, instead of a 504.
     pub failover: Option<FailoverSpec>,
+    /// What a request for a cold target gets instead of being held, if anything.
+    pub cold_response: Option<ColdResponse>,
+}
+
+/// An answer given at once while the target wakes, instead of holding the request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ColdResponse {
+    /// Browsers (Accept includes text/html) get a small page that refreshes itself every
+    /// `refresh`; other clients are still held.
+    WaitingPage {
+        /// Seconds between refreshes (also the Retry-After).
+        refresh: u32,
+    },
+    /// Every request gets this response.
+    Placeholder {
+        /// Status code.
+        status: http::StatusCode,
+        /// Content type.
+        content_type: http::HeaderValue,
+        /// Body.
+        body: bytes::Bytes,
+    },
 }
 
 /// A failover destination: another target, used after a request has been held `after`.

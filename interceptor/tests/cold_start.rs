@@ -357,3 +357,68 @@ async fn after_the_failover_timeout_the_failover_target_answers() {
         .await
         .contains(r#"wakegate_failovers_total{route="slowboot"} 1"#));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsers_get_a_waiting_page_while_api_clients_are_held() {
+    let port = free_port();
+    let extra = "    coldStart: { waitingPage: { refreshSeconds: 3 } }\n";
+    let config = format!(
+        "routes:\n{}",
+        backend_route("page", "page.test", port, "500ms", extra)
+    );
+    let ic = Interceptor::start(&config).await;
+    let browser = |accept: &'static str| {
+        http::Request::get(format!("http://{}/", ic.proxy))
+            .header("host", "page.test")
+            .header("accept", accept)
+            .body(http_body_util::Full::<Bytes>::default())
+            .unwrap()
+    };
+    let page = ic
+        .http
+        .send(browser("text/html,application/xhtml+xml,*/*;q=0.8"))
+        .await
+        .unwrap();
+    assert_eq!(page.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(page.headers["retry-after"], "3");
+    assert_eq!(page.headers["content-type"], "text/html; charset=utf-8");
+    assert!(
+        page.text()
+            .contains(r#"<meta http-equiv="refresh" content="3">"#),
+        "{}",
+        page.text()
+    );
+    // The wake goes on: the command is starting, and an API client is held until it is ready.
+    let api = ic.http.send(browser("application/json")).await.unwrap();
+    assert_eq!(api.status, StatusCode::OK);
+    assert_eq!(api.cold_start(), Some("true"));
+    assert_eq!(ic.target("page").await["starts"], 1);
+    // Once ready, the browser gets the app.
+    let ready = ic.http.send(browser("text/html")).await.unwrap();
+    assert_eq!(ready.status, StatusCode::OK);
+    assert!(ready.text().starts_with("hello from page"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placeholder_answers_every_request_while_the_target_wakes() {
+    let port = free_port();
+    let extra = "    coldStart:\n      placeholder: { status: 202, contentType: application/json, body: '{\"status\":\"waking\"}' }\n";
+    let config = format!(
+        "routes:\n{}",
+        backend_route("ph", "ph.test", port, "300ms", extra)
+    );
+    let ic = Interceptor::start(&config).await;
+    let first = ic.get("ph.test", "/").await;
+    assert_eq!(first.status, StatusCode::ACCEPTED);
+    assert_eq!(first.headers["content-type"], "application/json");
+    assert_eq!(first.text(), r#"{"status":"waking"}"#);
+    eventually(
+        "the command becomes ready",
+        Duration::from_secs(10),
+        || async { ic.target("ph").await["state"] == "ready" },
+    )
+    .await;
+    let later = ic.get("ph.test", "/").await;
+    assert_eq!(later.status, StatusCode::OK);
+    assert!(later.text().starts_with("hello from ph"));
+}

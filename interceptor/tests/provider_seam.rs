@@ -58,6 +58,7 @@ fn route(id: &str, host: &str) -> RouteSpec {
         max_in_flight_per_endpoint: None,
         max_held: None,
         failover: None,
+        cold_response: None,
     }
 }
 

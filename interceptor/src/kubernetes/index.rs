@@ -228,6 +228,7 @@ impl ClusterIndex {
                     response_header_timeout: spec.response_header,
                     max_in_flight_per_endpoint: None,
                     max_held: None,
+                    cold_response: None,
                     failover: spec.failover.as_ref().map(|f| FailoverSpec {
                         target: format!("{ns}/{name}{FAILOVER_SUFFIX}").into(),
                         after: f.timeout,

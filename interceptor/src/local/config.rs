@@ -14,7 +14,7 @@ use http::uri::{Authority, PathAndQuery};
 use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
-use crate::provider::{FailoverSpec, RouteSpec};
+use crate::provider::{ColdResponse, FailoverSpec, RouteSpec};
 use crate::routing::{HeaderMatch, RouteMatch};
 
 /// Idle time before a command is stopped, when a route does not say (the add-on's default).
@@ -194,6 +194,29 @@ struct RawRoute {
     max_in_flight_per_endpoint: Option<NonZeroUsize>,
     max_held_requests: Option<NonZeroUsize>,
     failover: Option<RawFailover>,
+    cold_start: Option<RawColdStart>,
+}
+
+/// What requests for a cold target get instead of being held.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawColdStart {
+    waiting_page: Option<RawWaitingPage>,
+    placeholder: Option<RawPlaceholder>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawWaitingPage {
+    refresh_seconds: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawPlaceholder {
+    status: Option<u16>,
+    content_type: Option<String>,
+    body: String,
 }
 
 /// Where held requests go after `timeout` (the add-on's `coldStartTimeoutFailoverRef`).
@@ -318,6 +341,60 @@ impl RawRoute {
             .collect::<Result<Vec<_>, Problem>>()?;
 
         let target = self.target.validate(&format!("{key}.target"))?;
+        let cold_response = match &self.cold_start {
+            None => None,
+            Some(RawColdStart {
+                waiting_page: Some(_),
+                placeholder: Some(_),
+            }) => {
+                return Err(invalid(
+                    &format!("{key}.coldStart"),
+                    "give either `waitingPage` or `placeholder`, not both",
+                ))
+            }
+            Some(RawColdStart {
+                waiting_page: Some(page),
+                ..
+            }) => Some(ColdResponse::WaitingPage {
+                refresh: page.refresh_seconds.unwrap_or(2).max(1),
+            }),
+            Some(RawColdStart {
+                placeholder: Some(p),
+                ..
+            }) => {
+                let status = http::StatusCode::from_u16(p.status.unwrap_or(503))
+                    .ok()
+                    .filter(|s| s.as_u16() >= 200)
+                    .ok_or_else(|| {
+                        invalid(
+                            &format!("{key}.coldStart.placeholder.status"),
+                            "is not an HTTP status from 200 to 999",
+                        )
+                    })?;
+                let content_type = HeaderValue::from_str(
+                    p.content_type
+                        .as_deref()
+                        .unwrap_or("text/plain; charset=utf-8"),
+                )
+                .map_err(|_| {
+                    invalid(
+                        &format!("{key}.coldStart.placeholder.contentType"),
+                        "is not a valid header value",
+                    )
+                })?;
+                Some(ColdResponse::Placeholder {
+                    status,
+                    content_type,
+                    body: bytes::Bytes::from(p.body.clone()),
+                })
+            }
+            Some(_) => {
+                return Err(invalid(
+                    &format!("{key}.coldStart"),
+                    "give `waitingPage` or `placeholder`",
+                ))
+            }
+        };
         let failover = self
             .failover
             .as_ref()
@@ -343,6 +420,7 @@ impl RawRoute {
                 response_header_timeout: self.timeouts.response_header.map(|d| d.0),
                 max_in_flight_per_endpoint: self.max_in_flight_per_endpoint,
                 max_held: self.max_held_requests,
+                cold_response,
                 failover: failover.as_ref().map(|(_, after)| FailoverSpec {
                     target: format!("{}#failover", self.name).into(),
                     after: *after,

@@ -8,14 +8,14 @@ mod process;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use self::config::LocalTarget;
 pub use self::config::{ConfigError, LocalConfig};
 pub use self::process::PROBE_INTERVAL;
-use self::process::{ProcessStatus, Supervisor};
+use self::process::{ProcessStatus, Supervisor, WakeSignal};
 use crate::load::Loads;
 use crate::provider::{never_ready, Endpoint, Provider, ReadyEndpoints, RouteSpec, TargetId};
 
@@ -36,7 +36,7 @@ struct Target {
 enum TargetKind {
     Upstream(String),
     Command {
-        wake: Arc<Notify>,
+        wake: Arc<WakeSignal>,
         status: Arc<Mutex<ProcessStatus>>,
     },
 }
@@ -90,7 +90,7 @@ impl LocalProvider {
                 }
                 LocalTarget::Command(command) => {
                     let (ready, endpoints) = watch::channel(ReadyEndpoints::none());
-                    let wake = Arc::new(Notify::new());
+                    let wake = Arc::new(WakeSignal::default());
                     let status = Arc::new(Mutex::new(ProcessStatus {
                         state: "stopped",
                         ..ProcessStatus::default()
@@ -138,7 +138,7 @@ impl Provider for LocalProvider {
             ..
         }) = self.targets.get(target)
         {
-            wake.notify_one();
+            wake.wake();
         }
     }
 

@@ -57,13 +57,33 @@ pub struct ProcessStatus {
     pub last_exit: Option<String>,
 }
 
+/// The wake signal of one command target: a notification, and a count so that a wake is not
+/// lost between two looks and an old one is not taken for a new one.
+#[derive(Debug, Default)]
+pub struct WakeSignal {
+    notify: Notify,
+    count: std::sync::atomic::AtomicU64,
+}
+
+impl WakeSignal {
+    /// Raises the signal.
+    pub fn wake(&self) {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.notify.notify_one();
+    }
+
+    fn count(&self) -> u64 {
+        self.count.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
 /// Runs one command target.
 pub struct Supervisor {
     pub(super) route: RouteId,
     pub(super) target: CommandTarget,
     pub(super) scaledown_period: Duration,
     pub(super) load: Arc<RouteLoad>,
-    pub(super) wake: Arc<Notify>,
+    pub(super) wake: Arc<WakeSignal>,
     pub(super) ready: watch::Sender<ReadyEndpoints>,
     pub(super) status: Arc<Mutex<ProcessStatus>>,
     pub(super) stop: CancellationToken,
@@ -90,8 +110,9 @@ impl Supervisor {
                 .into_iter()
                 .collect();
         let mut backoff = Duration::ZERO;
+        let mut seen = self.wake.count();
         loop {
-            if !self.wait_for_demand().await {
+            if !self.wait_for_demand(seen).await {
                 return;
             }
             if !backoff.is_zero() {
@@ -144,6 +165,7 @@ impl Supervisor {
 
             let run = self.run_until_idle(&mut child).await;
             self.ready.send_replace(ReadyEndpoints::none());
+            seen = self.wake.count();
             match run {
                 Run::Idle => {
                     tracing::info!(route = %self.route, idle_s = self.scaledown_period.as_secs_f64(), "stopping idle command");
@@ -166,15 +188,16 @@ impl Supervisor {
         }
     }
 
-    /// Waits until a request is held for this target. Returns false when told to stop.
-    async fn wait_for_demand(&self) -> bool {
+    /// Waits until a request is held for this target, or a wake came after `seen` (the wake
+    /// count when the command last stopped). Returns false when told to stop.
+    async fn wait_for_demand(&self, seen: u64) -> bool {
         loop {
-            let woken = self.wake.notified();
+            let woken = self.wake.notify.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            // A wake permit can be left over from requests of an earlier start: what counts is
-            // whether a request is held now.
-            if self.load.held() > 0 {
+            // Wakes from requests of an earlier start do not count: only a held request now, or
+            // a wake since the last stop (a placeholder or waiting page answered one).
+            if self.load.held() > 0 || self.wake.count() > seen {
                 return true;
             }
             tokio::select! {

@@ -44,6 +44,17 @@ pub enum ProxyError {
         limit: String,
     },
 
+    /// The target is waking; the route answers at once instead of holding this request.
+    #[error("route {route}: target {target} is starting")]
+    Waking {
+        /// The route that matched.
+        route: RouteId,
+        /// Its target.
+        target: TargetId,
+        /// What to answer.
+        response: crate::provider::ColdResponse,
+    },
+
     /// The request was held, and no endpoint of its target became ready in time.
     #[error("route {route}: target {target} had no ready endpoint after waiting {}", humantime::format_duration(*.waited))]
     ReadinessTimeout {
@@ -123,6 +134,7 @@ impl ProxyError {
             Self::NoRoute { .. } => "no_route",
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::Overloaded { .. } => "overloaded",
+            Self::Waking { .. } => "waking",
             Self::ReadinessTimeout { .. } => "readiness_timeout",
             Self::CapacityTimeout { .. } => "capacity_timeout",
             Self::ClientGone { .. } => "client_gone",
@@ -148,6 +160,11 @@ impl ProxyError {
             Self::NoRoute { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Waking {
+                response: crate::provider::ColdResponse::Placeholder { status, .. },
+                ..
+            } => *status,
+            Self::Waking { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::ReadinessTimeout { .. }
             | Self::CapacityTimeout { .. }
             | Self::ResponseHeaderTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -160,6 +177,9 @@ impl ProxyError {
     /// The response a client sees: the status and a one-line plain-text body saying what
     /// happened. Upstream causes are logged, not sent.
     pub fn to_response(&self) -> Response<ProxyBody> {
+        if let Self::Waking { response, .. } = self {
+            return waking_response(response, self.status());
+        }
         let text = format!("{self}\n");
         let mut rsp = Response::new(ProxyBody::full(Bytes::from(text)));
         *rsp.status_mut() = self.status();
@@ -182,6 +202,36 @@ impl ProxyError {
         }
         rsp
     }
+}
+
+/// The waiting page or placeholder.
+fn waking_response(
+    response: &crate::provider::ColdResponse,
+    status: StatusCode,
+) -> Response<ProxyBody> {
+    use crate::provider::ColdResponse;
+    let (body, content_type, retry) = match response {
+        ColdResponse::WaitingPage { refresh } => (
+            Bytes::from(format!(
+                "<!doctype html>\n<html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"{refresh}\">\
+                 <title>Starting up</title><style>body{{font-family:sans-serif;margin:4em auto;max-width:30em;color:#333}}</style></head>\
+                 <body><h1>Starting up&hellip;</h1><p>This service was asleep and is waking up. This page reloads itself every {refresh} s.</p></body></html>\n"
+            )),
+            HeaderValue::from_static("text/html; charset=utf-8"),
+            Some(*refresh),
+        ),
+        ColdResponse::Placeholder { content_type, body, .. } => (body.clone(), content_type.clone(), None),
+    };
+    let mut rsp = Response::new(ProxyBody::full(body));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(header::CONTENT_TYPE, content_type);
+    rsp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Some(seconds) = retry {
+        rsp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    rsp
 }
 
 #[cfg(test)]

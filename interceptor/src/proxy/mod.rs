@@ -209,8 +209,11 @@ impl Proxy {
                 if err.is_upstream() {
                     self.metrics.upstream_error(&done.route.spec.id, err.kind());
                     tracing::warn!(error = %err, cause = ?std::error::Error::source(&err), "upstream error");
-                } else if matches!(err, ProxyError::ClientGone { .. }) {
-                    tracing::debug!(error = %err, "client went away");
+                } else if matches!(
+                    err,
+                    ProxyError::ClientGone { .. } | ProxyError::Waking { .. }
+                ) {
+                    tracing::debug!(error = %err, "answered without forwarding");
                 } else {
                     tracing::info!(error = %err, "request not forwarded");
                 }
@@ -232,7 +235,12 @@ impl Proxy {
             None => deadline,
         };
         let mut failed_over = false;
-        let acquired = match self.acquire(&route, hold_until, client).await {
+        let wants_html = req
+            .headers()
+            .get_all(header::ACCEPT)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.contains("text/html")));
+        let acquired = match self.acquire(&route, hold_until, client, wants_html).await {
             Err(ProxyError::ReadinessTimeout { .. } | ProxyError::CapacityTimeout { .. })
                 if route.failover.is_some() =>
             {
@@ -318,6 +326,7 @@ impl Proxy {
         route: &Arc<RouteState>,
         deadline: Instant,
         client: &ClientConn,
+        wants_html: bool,
     ) -> Result<Acquired, ProxyError> {
         let cap = route.spec.max_in_flight_per_endpoint;
         if let Some((endpoint, lease)) = route.load.pick(&route.endpoints.borrow(), cap) {
@@ -329,6 +338,16 @@ impl Proxy {
         }
 
         let held_at = Instant::now();
+        if let Some(response) = route.cold_response_for(wants_html) {
+            // Answer at once, but the wake goes on.
+            self.provider.wake(&route.spec.target);
+            self.wakes.publish(&route.spec.id, &route.spec.target);
+            return Err(ProxyError::Waking {
+                route: route.spec.id.clone(),
+                target: route.spec.target.clone(),
+                response: response.clone(),
+            });
+        }
         let (_total, _held, first) = self.admit_hold(route)?;
         self.provider.wake(&route.spec.target);
         if first {
@@ -400,6 +419,18 @@ impl Proxy {
 
 fn round_to_ms(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis().try_into().unwrap_or(u64::MAX))
+}
+
+impl RouteState {
+    /// The answer a request gets at once while the target is cold, if the route has one.
+    fn cold_response_for(&self, wants_html: bool) -> Option<&crate::provider::ColdResponse> {
+        use crate::provider::ColdResponse;
+        match self.spec.cold_response.as_ref()? {
+            page @ ColdResponse::WaitingPage { .. } if wants_html => Some(page),
+            ColdResponse::WaitingPage { .. } => None,
+            placeholder @ ColdResponse::Placeholder { .. } => Some(placeholder),
+        }
+    }
 }
 
 /// One held request counted against the total cap.
