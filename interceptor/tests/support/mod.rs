@@ -157,6 +157,8 @@ impl Interceptor {
             .arg(proxy.to_string())
             .arg("--admin-addr")
             .arg(admin.to_string())
+            // Held requests would otherwise keep a stopping interceptor draining for 30 s.
+            .args(["--drain-timeout", "1s"])
             .args(args)
             .env("RUST_LOG", "info,wakegate_interceptor=debug")
             .stdin(Stdio::null())
@@ -251,14 +253,21 @@ impl Drop for Interceptor {
         if std::thread::panicking() {
             eprintln!("---- interceptor log ----\n{}", self.log());
         }
-        if let Some(child) = &self.child {
+        if let Some(child) = &mut self.child {
             if let Some(pid) = child.id() {
-                // SIGTERM so the interceptor stops its children too.
+                // SIGTERM, and wait for it to exit, so it stops its children: a SIGKILL (what
+                // dropping the handle sends) would leave them behind.
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid as i32),
                     nix::sys::signal::Signal::SIGTERM,
                 );
-                std::thread::sleep(Duration::from_millis(50));
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while std::time::Instant::now() < deadline {
+                    if matches!(child.try_wait(), Ok(Some(_))) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
         }
     }
