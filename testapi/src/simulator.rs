@@ -35,11 +35,23 @@ pub struct SimulatorConfig {
 #[derive(Debug)]
 pub struct PodSimulator {
     stop: CancellationToken,
+    /// Every pod process alive, so dropping the simulator kills them even if its task never
+    /// runs again (the runtime may be shutting down).
+    pids: Pids,
 }
+
+type Pids = Arc<std::sync::Mutex<std::collections::HashSet<u32>>>;
 
 impl Drop for PodSimulator {
     fn drop(&mut self) {
         self.stop.cancel();
+        let pids = self.pids.lock().map(|p| p.clone()).unwrap_or_default();
+        for pid in pids.into_iter().filter_map(|p| i32::try_from(p).ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 }
 
@@ -59,6 +71,7 @@ struct Sim {
     pods: HashMap<(String, String), Vec<Pod>>,
     ready_tx: mpsc::UnboundedSender<(String, String, String)>,
     next: u64,
+    pids: Pids,
 }
 
 impl PodSimulator {
@@ -70,7 +83,9 @@ impl PodSimulator {
                 .ok_or_else(|| anyhow::anyhow!("the server does not serve {plural}.{group}"))
         };
         let (ready_tx, ready_rx) = mpsc::unbounded_channel();
+        let pids = Pids::default();
         let sim = Sim {
+            pids: pids.clone(),
             store: server.store(),
             config,
             deployments: def("deployments", "apps")?,
@@ -82,7 +97,7 @@ impl PodSimulator {
         };
         let stop = CancellationToken::new();
         tokio::spawn(sim.run(ready_rx, stop.clone()));
-        Ok(Self { stop })
+        Ok(Self { stop, pids })
     }
 }
 
@@ -148,6 +163,9 @@ impl Sim {
         let mut changed = false;
         while pods.len() > desired {
             if let Some(mut pod) = pods.pop() {
+                if let (Some(pid), Ok(mut pids)) = (pod.child.id(), self.pids.lock()) {
+                    pids.remove(&pid);
+                }
                 stop_pod(&mut pod.child);
                 changed = true;
             }
@@ -195,6 +213,9 @@ impl Sim {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             });
+            if let (Some(pid), Ok(mut pids)) = (child.id(), self.pids.lock()) {
+                pids.insert(pid);
+            }
             pods.push(Pod {
                 name: pod_name,
                 port,
