@@ -2,7 +2,8 @@
 //! boot delay, to play a slow-starting app in the quick start, the tests and load tests. It binds
 //! its port only after the delay, as a real app does once it has booted.
 //!
-//! Paths: `/healthz`; `/echo` streams the request body back; `/headers` lists the request
+//! Paths: `/healthz`; `/echo` streams the request body back; `/upgrade-echo` accepts any
+//! HTTP/1.1 upgrade (WebSocket included) and echoes the raw bytes; `/headers` lists the request
 //! headers; `/sleep?ms=N` answers after N ms; `/exit` ends the process mid-request; anything
 //! else says hello. Every response carries `X-Backend-Pid`.
 
@@ -72,8 +73,27 @@ pub async fn run(args: BackendArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn handle(req: Request<Incoming>, name: std::sync::Arc<str>) -> Response<Body> {
+async fn handle(mut req: Request<Incoming>, name: std::sync::Arc<str>) -> Response<Body> {
     let mut rsp = match req.uri().path() {
+        "/upgrade-echo" if req.headers().contains_key(http::header::UPGRADE) => {
+            // Any HTTP/1.1 upgrade: switch protocols, then echo every byte back.
+            let protocol = req.headers()[http::header::UPGRADE].clone();
+            let upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(upgraded) = upgrade.await {
+                    let (mut reader, mut writer) =
+                        tokio::io::split(hyper_util::rt::TokioIo::new(upgraded));
+                    let _ = tokio::io::copy(&mut reader, &mut writer).await;
+                }
+            });
+            let mut rsp = text(StatusCode::SWITCHING_PROTOCOLS, String::new());
+            rsp.headers_mut().insert(http::header::UPGRADE, protocol);
+            rsp.headers_mut().insert(
+                http::header::CONNECTION,
+                HeaderValue::from_static("upgrade"),
+            );
+            rsp
+        }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/echo" => Response::new(req.into_body().boxed()),
         "/headers" => {

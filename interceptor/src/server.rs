@@ -122,7 +122,7 @@ where
             }
         });
         let conn = builder
-            .serve_connection(TokioIo::new(io), service)
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
             .into_owned();
         let conn = graceful.watch(conn);
         let open = open.clone();

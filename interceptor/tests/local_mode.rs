@@ -259,3 +259,70 @@ async fn the_shipped_example_config_serves_through_a_cold_start() {
         "the example boots in 1s: {target}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_connection_passes_through_and_keeps_its_route_awake() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let port = free_port();
+    let config = format!(
+        "routes:\n{}",
+        backend_route(
+            "ws",
+            "ws.test",
+            port,
+            "100ms",
+            "    scaledownPeriod: 500ms\n"
+        )
+    );
+    let ic = Interceptor::start(&config).await;
+    let mut stream = tokio::net::TcpStream::connect(ic.proxy).await.unwrap();
+    stream
+        .write_all(b"GET /upgrade-echo HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    assert!(head.contains("connection: upgrade"), "{head}");
+    assert!(
+        head.contains("x-keda-http-cold-start: true"),
+        "woke from zero: {head}"
+    );
+
+    // Open across three scale-down periods: still echoing, still one process, counted in flight.
+    for round in 0..4 {
+        let msg = format!("ping-{round}");
+        stream.write_all(msg.as_bytes()).await.unwrap();
+        let mut echo = vec![0u8; msg.len()];
+        stream.read_exact(&mut echo).await.unwrap();
+        assert_eq!(echo, msg.as_bytes());
+        assert_eq!(ic.queue().await["ws"]["Concurrency"], 1);
+        tokio::time::sleep(Duration::from_millis(500)).await; // time passing is the point here
+    }
+    let target = ic.target("ws").await;
+    assert_eq!(
+        (target["state"].as_str(), target["starts"].as_u64()),
+        (Some("ready"), Some(1)),
+        "{target}"
+    );
+
+    drop(stream);
+    ic.wait_concurrency("ws", 0).await;
+    eventually(
+        "idle stop once the tunnel closed",
+        Duration::from_secs(5),
+        || async { ic.target("ws").await["state"] == "stopped" },
+    )
+    .await;
+    let metrics = ic.metrics().await;
+    assert!(
+        metrics.contains(r#"wakegate_requests_total{code="101",method="GET",route="ws"} 1"#),
+        "{metrics}"
+    );
+}

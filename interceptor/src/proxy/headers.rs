@@ -21,8 +21,8 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
-/// Removes hop-by-hop headers, including any the `Connection` header names. `Upgrade` goes too:
-/// this proxy does not pass upgrades through yet.
+/// Removes hop-by-hop headers, including any the `Connection` header names, and `Upgrade`.
+/// An upgrade being passed through puts its two headers back with [`set_upgrade`].
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Fast path: most requests carry none of these.
     if !HOP_BY_HOP.iter().any(|h| headers.contains_key(h)) && !headers.contains_key(header::UPGRADE)
@@ -40,6 +40,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(name);
     }
     headers.remove(header::UPGRADE);
+}
+
+/// The protocol an HTTP/1.1 message asks to upgrade to (`Connection: upgrade` plus `Upgrade`).
+pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Puts an upgrade's hop-by-hop headers back, for passing it through.
+pub fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocol);
 }
 
 /// Sets the forwarding headers for a request from `client` that arrived over `proto`.

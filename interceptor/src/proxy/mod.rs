@@ -199,7 +199,14 @@ impl Proxy {
             route,
         };
         match self.forward(req, &client, &mut done).instrument(span).await {
-            Ok(rsp) => {
+            Ok((rsp, Some(tunnel))) => {
+                let (parts, _) = rsp.into_parts();
+                done.code = parts.status;
+                // The tunnel is in flight until either side closes it: it keeps the route awake.
+                tokio::spawn(tunnel.run(done));
+                Response::from_parts(parts, ProxyBody::default())
+            }
+            Ok((rsp, None)) => {
                 let (parts, body) = rsp.into_parts();
                 done.code = parts.status;
                 Response::from_parts(parts, ProxyBody::upstream(body, done))
@@ -224,10 +231,15 @@ impl Proxy {
 
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         client: &ClientConn,
         done: &mut Completion,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<(Response<Incoming>, Option<Tunnel>), ProxyError> {
+        let upgrade = match req.version() {
+            Version::HTTP_11 => headers::upgrade_protocol(req.headers()),
+            _ => None,
+        };
+        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let route = done.route.clone();
         let deadline = done.start + route.readiness_timeout;
         let hold_until = match &route.failover {
@@ -280,7 +292,10 @@ impl Proxy {
             tracing::debug!(endpoint = %acquired.endpoint, waited_ms = waited.as_millis() as u64, "released held request");
         }
 
-        let req = upstream_request(req, &acquired.endpoint, client.remote());
+        let mut req = upstream_request(req, &acquired.endpoint, client.remote());
+        if let Some(protocol) = &upgrade {
+            headers::set_upgrade(req.headers_mut(), protocol.clone());
+        }
         let sent = tokio::time::timeout(route.response_header_timeout, self.client.request(req));
         let endpoint = acquired.endpoint;
         let mut rsp = match sent.await {
@@ -307,7 +322,22 @@ impl Proxy {
                 })
             }
         };
-        headers::strip_hop_by_hop(rsp.headers_mut());
+        let mut tunnel = None;
+        if let (StatusCode::SWITCHING_PROTOCOLS, Some(client_upgrade)) =
+            (rsp.status(), client_upgrade)
+        {
+            let protocol = rsp.headers().get(header::UPGRADE).cloned().or(upgrade);
+            tunnel = Some(Tunnel {
+                client: client_upgrade,
+                upstream: hyper::upgrade::on(&mut rsp),
+            });
+            headers::strip_hop_by_hop(rsp.headers_mut());
+            if let Some(protocol) = protocol {
+                headers::set_upgrade(rsp.headers_mut(), protocol);
+            }
+        } else {
+            headers::strip_hop_by_hop(rsp.headers_mut());
+        }
         rsp.headers_mut().insert(
             COLD_START_HEADER,
             HeaderValue::from_static(if cold { "true" } else { "false" }),
@@ -316,7 +346,7 @@ impl Proxy {
             rsp.headers_mut()
                 .insert(FAILOVER_HEADER, HeaderValue::from_static("true"));
         }
-        Ok(rsp)
+        Ok((rsp, tunnel))
     }
 
     /// Gets an endpoint for a request: at once when one is ready, otherwise by holding the
@@ -430,6 +460,38 @@ impl RouteState {
             ColdResponse::WaitingPage { .. } => None,
             placeholder @ ColdResponse::Placeholder { .. } => Some(placeholder),
         }
+    }
+}
+
+/// An upgraded connection (WebSocket or another HTTP/1.1 upgrade) being passed through.
+struct Tunnel {
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+}
+
+impl Tunnel {
+    /// Copies bytes both ways until either side closes; the request counts as in flight until
+    /// then, because `done` lives here.
+    async fn run(self, done: Completion) {
+        let (client, upstream) = tokio::join!(self.client, self.upstream);
+        match (client, upstream) {
+            (Ok(client), Ok(upstream)) => {
+                let mut client = hyper_util::rt::TokioIo::new(client);
+                let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+                match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                    Ok((up, down)) => {
+                        tracing::debug!(route = %done.route.spec.id, up, down, "upgraded connection closed")
+                    }
+                    Err(err) => {
+                        tracing::debug!(route = %done.route.spec.id, error = %err, "upgraded connection ended")
+                    }
+                }
+            }
+            (Err(err), _) | (_, Err(err)) => {
+                tracing::debug!(route = %done.route.spec.id, error = %err, "upgrade did not complete");
+            }
+        }
+        drop(done);
     }
 }
 
