@@ -17,8 +17,8 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-/// Largest single read. Reads go into a zeroed slice (no `unsafe` here), so this bounds the
-/// zeroing per read; 16 KiB still takes a typical request in one read.
+/// Largest single read (the size of the per-thread scratch buffer); 16 KiB takes a typical
+/// request in one read.
 const MAX_READ: usize = 16 * 1024;
 
 /// What a request handler knows of its client's connection.
@@ -74,20 +74,29 @@ impl AsyncRead for ClientIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        // Reading straight into hyper's uninitialised buffer needs `unsafe`; zeroing it first
+        // would commit memory for every idle or held connection. So read into a per-thread
+        // scratch buffer and copy just the bytes that arrived.
         loop {
             ready!(self.0.poll_read_ready(cx))?;
             let want = buf.remaining().min(MAX_READ);
-            let dst = buf.initialize_unfilled_to(want);
-            match self.0.try_read(dst) {
-                Ok(n) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
+            let read = SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                let n = self.0.try_read(&mut scratch[..want])?;
+                buf.put_slice(&scratch[..n]);
+                Ok::<_, io::Error>(n)
+            });
+            match read {
+                Ok(_) => return Poll::Ready(Ok(())),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
     }
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0; MAX_READ].into_boxed_slice());
 }
 
 impl AsyncWrite for ClientIo {

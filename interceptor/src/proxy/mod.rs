@@ -247,12 +247,17 @@ impl Proxy {
             None => deadline,
         };
         let mut failed_over = false;
+        // Hyper notices a client leave by itself while the request has no body left to read;
+        // only a request with an unread body needs the socket watched (which costs a file
+        // descriptor per held request).
+        let watch_client = !http_body::Body::is_end_stream(req.body());
         let wants_html = req
             .headers()
             .get_all(header::ACCEPT)
             .iter()
             .any(|v| v.to_str().is_ok_and(|v| v.contains("text/html")));
-        let acquired = match self.acquire(&route, hold_until, client, wants_html).await {
+        let watched = watch_client.then_some(client);
+        let acquired = match self.acquire(&route, hold_until, watched, wants_html).await {
             Err(ProxyError::ReadinessTimeout { .. } | ProxyError::CapacityTimeout { .. })
                 if route.failover.is_some() =>
             {
@@ -355,7 +360,7 @@ impl Proxy {
         &self,
         route: &Arc<RouteState>,
         deadline: Instant,
-        client: &ClientConn,
+        client: Option<&ClientConn>,
         wants_html: bool,
     ) -> Result<Acquired, ProxyError> {
         let cap = route.spec.max_in_flight_per_endpoint;
@@ -405,6 +410,9 @@ impl Proxy {
         // Hyper does not read the body of a held request, so it cannot see the client leave:
         // watch the socket for that, to drop the request (and its counts) at once.
         let client_gone = async {
+            let Some(client) = client else {
+                return std::future::pending::<()>().await;
+            };
             if let Err(err) = client.closed().await {
                 tracing::debug!(error = %err, "cannot watch the client connection");
                 std::future::pending::<()>().await;
