@@ -341,32 +341,7 @@ mod tests {
     use crate::HTTPScaledObject;
 
     /// The add-on's documented example, unchanged.
-    const ADDON_EXAMPLE: &str = r#"
-kind: HTTPScaledObject
-apiVersion: http.keda.sh/v1alpha1
-metadata:
-    name: xkcd
-spec:
-    hosts:
-    - myhost.com
-    pathPrefixes:
-    - /test
-    scaleTargetRef:
-        name: xkcd
-        kind: Deployment
-        apiVersion: apps/v1
-        service: xkcd
-        port: 8080
-    replicas:
-        min: 5
-        max: 10
-    scaledownPeriod: 300
-    scalingMetric:
-        requestRate:
-            granularity: 1s
-            targetValue: 100
-            window: 1m
-"#;
+    const ADDON_EXAMPLE: &str = include_str!("../../examples/httpscaledobject.yaml");
 
     fn spec(yaml: &str) -> HTTPScaledObjectSpec {
         serde_yaml::from_str::<HTTPScaledObject>(yaml).unwrap().spec

@@ -31,6 +31,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use wakegate_testapi::{ApiServer, PodSimulator, ResourceDef, SimulatorConfig};
 
+/// The KEDA HTTP Add-on's documented example HTTPScaledObject, unchanged.
+pub const ADDON_EXAMPLE: &str = include_str!("../../examples/httpscaledobject.yaml");
+
 /// The simulated backend's boot delay.
 pub const BOOT_DELAY: Duration = Duration::from_millis(300);
 

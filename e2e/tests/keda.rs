@@ -17,32 +17,7 @@ use wakegate_controller::reconcile::scaled_object_resource;
 use wakegate_e2e::{eventually, Cluster, Controller, Http, Interceptor};
 
 /// The KEDA HTTP Add-on's documented example, unchanged.
-const XKCD: &str = r#"
-kind: HTTPScaledObject
-apiVersion: http.keda.sh/v1alpha1
-metadata:
-    name: xkcd
-spec:
-    hosts:
-    - myhost.com
-    pathPrefixes:
-    - /test
-    scaleTargetRef:
-        name: xkcd
-        kind: Deployment
-        apiVersion: apps/v1
-        service: xkcd
-        port: 8080
-    replicas:
-        min: 5
-        max: 10
-    scaledownPeriod: 300
-    scalingMetric:
-        requestRate:
-            granularity: 1s
-            targetValue: 100
-            window: 1m
-"#;
+const XKCD: &str = wakegate_e2e::ADDON_EXAMPLE;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keda_plays_through_the_external_scaler_from_zero() {

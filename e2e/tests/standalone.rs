@@ -11,31 +11,17 @@ use kube::api::Api;
 use wakegate_crds::HTTPScaledObject;
 use wakegate_e2e::{eventually, Cluster, Controller, Http, Interceptor};
 
-/// The KEDA HTTP Add-on's documented example, with a short scale-down period and min 0.
-const XKCD: &str = r#"
-kind: HTTPScaledObject
-apiVersion: http.keda.sh/v1alpha1
-metadata:
-    name: xkcd
-spec:
-    hosts:
-    - myhost.com
-    pathPrefixes:
-    - /test
-    scaleTargetRef:
-        name: xkcd
-        kind: Deployment
-        apiVersion: apps/v1
-        service: xkcd
-        port: 8080
-    replicas:
-        min: 0
-        max: 10
-    scaledownPeriod: 2
-    scalingMetric:
-        concurrency:
-            targetValue: 100
-"#;
+/// The KEDA HTTP Add-on's documented example, with min 0 (so it can scale to zero), a 2 s
+/// scale-down period and the concurrency metric.
+fn xkcd() -> String {
+    wakegate_e2e::ADDON_EXAMPLE
+        .replace("min: 5", "min: 0")
+        .replace("scaledownPeriod: 300", "scaledownPeriod: 2")
+        .replace(
+            "requestRate:\n            granularity: 1s\n            targetValue: 100\n            window: 1m",
+            "concurrency:\n            targetValue: 100",
+        )
+}
 
 async fn ready(cluster: &Cluster, name: &str) -> Option<(String, String, String)> {
     let api: Api<HTTPScaledObject> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
@@ -50,9 +36,14 @@ async fn ready(cluster: &Cluster, name: &str) -> Option<(String, String, String)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standalone_wakes_serves_scales_to_zero_and_isolates_invalid_objects() {
+    assert!(
+        xkcd().contains("concurrency:") && xkcd().contains("min: 0"),
+        "{}",
+        xkcd()
+    );
     let cluster = Cluster::start(false, env!("CARGO_BIN_EXE_wakegate-e2e-backend")).await;
     cluster.apply(&cluster.app_yaml("xkcd")).await;
-    cluster.apply(XKCD).await;
+    cluster.apply(&xkcd()).await;
     let interceptor = Interceptor::start(&cluster).await;
     let controller = Controller::start(&cluster, "standalone", interceptor.admin).await;
     eventually("xkcd Ready=True", Duration::from_secs(20), || async {
@@ -113,7 +104,7 @@ async fn standalone_wakes_serves_scales_to_zero_and_isolates_invalid_objects() {
     // An invalid object ends Ready=False with a clear reason; the valid one keeps working.
     cluster
         .apply(
-            &XKCD
+            &xkcd()
                 .replace("name: xkcd\nspec", "name: broken\nspec")
                 .replace("port: 8080", "port: 8080\n        portName: http")
                 .replace("myhost.com", "broken.com"),

@@ -116,6 +116,21 @@ struct Key {
     name: String,
 }
 
+impl Key {
+    /// The key of an object; cluster-scoped objects have no namespace whatever the path said.
+    fn new(def: &ResourceDef, namespace: &str, name: &str) -> Self {
+        Self {
+            resource: resource_key(def),
+            namespace: if def.namespaced {
+                namespace.into()
+            } else {
+                String::new()
+            },
+            name: name.into(),
+        }
+    }
+}
+
 struct State {
     rv: u64,
     objects: BTreeMap<Key, Value>,
@@ -244,11 +259,7 @@ impl Store {
 
     /// One object.
     pub fn get(&self, def: &ResourceDef, namespace: &str, name: &str) -> Result<Value, ApiError> {
-        let key = Key {
-            resource: resource_key(def),
-            namespace: namespace.into(),
-            name: name.into(),
-        };
+        let key = Key::new(def, namespace, name);
         self.lock()
             .objects
             .get(&key)
@@ -316,15 +327,7 @@ impl Store {
                 ));
             }
         }
-        let key = Key {
-            resource: resource_key(def),
-            namespace: if def.namespaced {
-                namespace.into()
-            } else {
-                String::new()
-            },
-            name: name.clone(),
-        };
+        let key = Key::new(def, namespace, &name);
         if state.objects.contains_key(&key) {
             return Err(ApiError::new(
                 409,
@@ -374,15 +377,7 @@ impl Store {
         change: impl FnOnce(&mut Value) -> Result<(), ApiError>,
     ) -> Result<Value, ApiError> {
         let mut state = self.lock();
-        let key = Key {
-            resource: resource_key(def),
-            namespace: if def.namespaced {
-                namespace.into()
-            } else {
-                String::new()
-            },
-            name: name.into(),
-        };
+        let key = Key::new(def, namespace, name);
         let old = state
             .objects
             .get(&key)
@@ -504,15 +499,7 @@ impl Store {
         name: &str,
     ) -> Result<Value, ApiError> {
         let mut state = self.lock();
-        let key = Key {
-            resource: resource_key(def),
-            namespace: if def.namespaced {
-                namespace.into()
-            } else {
-                String::new()
-            },
-            name: name.into(),
-        };
+        let key = Key::new(def, namespace, name);
         let mut obj = state
             .objects
             .get(&key)
