@@ -85,9 +85,18 @@ pub struct Args {
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
 
-    /// Log format: text or json.
-    #[arg(long, env = "WAKEGATE_LOG_FORMAT", default_value = "text")]
-    pub log_format: String,
+    /// Log format.
+    #[arg(long, env = "WAKEGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines, for a terminal.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
 }
 
 /// `--scaler`.
