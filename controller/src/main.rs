@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use wakegate_controller::cli::Args;
+use wakegate_controller::cli::{Args, LogFormat};
 
 fn main() -> ExitCode {
     let args = match Args::try_parse() {
@@ -20,10 +20,9 @@ fn main() -> ExitCode {
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt().with_env_filter(filter);
-    let _ = if args.log_format == "json" {
-        fmt.json().try_init()
-    } else {
-        fmt.try_init()
+    let _ = match args.log_format {
+        LogFormat::Json => fmt.json().try_init(),
+        LogFormat::Text => fmt.try_init(),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
