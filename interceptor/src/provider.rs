@@ -42,6 +42,18 @@ pub struct RouteSpec {
     pub failover: Option<FailoverSpec>,
     /// What a request for a cold target gets instead of being held, if anything.
     pub cold_response: Option<ColdResponse>,
+    /// The protocol spoken to the target.
+    pub protocol: UpstreamProtocol,
+}
+
+/// The protocol spoken to a target.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 (upgrades pass through).
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge, in cleartext (gRPC backends).
+    H2c,
 }
 
 /// An answer given at once while the target wakes, instead of holding the request.

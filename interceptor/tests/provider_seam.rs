@@ -59,6 +59,7 @@ fn route(id: &str, host: &str) -> RouteSpec {
         max_held: None,
         failover: None,
         cold_response: None,
+        protocol: Default::default(),
     }
 }
 

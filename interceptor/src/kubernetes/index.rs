@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use wakegate_crds::{HTTPScaledObject, PortRef, SpecError, ValidSpec};
 
-use crate::provider::{Endpoint, FailoverSpec, ReadyEndpoints, RouteSpec};
+use crate::provider::{Endpoint, FailoverSpec, ReadyEndpoints, RouteSpec, UpstreamProtocol};
 
 /// The suffix of a route's failover target id.
 const FAILOVER_SUFFIX: &str = "#failover";
@@ -38,6 +38,7 @@ struct Route {
 struct ServicePort {
     name: String,
     port: i32,
+    app_protocol: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -112,6 +113,7 @@ impl ClusterIndex {
                     .map(|p| ServicePort {
                         name: p.name.clone().unwrap_or_default(),
                         port: p.port,
+                        app_protocol: p.app_protocol.clone(),
                     })
                     .collect()
             })
@@ -229,6 +231,7 @@ impl ClusterIndex {
                     max_in_flight_per_endpoint: None,
                     max_held: None,
                     cold_response: None,
+                    protocol: self.protocol(ns, &spec.service, &spec.port),
                     failover: spec.failover.as_ref().map(|f| FailoverSpec {
                         target: format!("{ns}/{name}{FAILOVER_SUFFIX}").into(),
                         after: f.timeout,
@@ -236,6 +239,20 @@ impl ClusterIndex {
                 })
             })
             .collect()
+    }
+
+    /// The protocol of a Service port: h2c when its `appProtocol` is `kubernetes.io/h2c`.
+    fn protocol(&self, ns: &str, service: &str, port: &PortRef) -> UpstreamProtocol {
+        let h2c = self
+            .services
+            .get(&(ns.to_owned(), service.to_owned()))
+            .and_then(|ports| ports.iter().find(|p| port_matches(p, port)))
+            .is_some_and(|p| p.app_protocol.as_deref() == Some("kubernetes.io/h2c"));
+        if h2c {
+            UpstreamProtocol::H2c
+        } else {
+            UpstreamProtocol::Http1
+        }
     }
 
     /// The ready endpoints of the route `ns/name`'s target (or, for `ns/name#failover`, of its
@@ -272,10 +289,7 @@ impl ClusterIndex {
         let Some(ports) = self.services.get(&(ns.to_owned(), service.to_owned())) else {
             return ReadyEndpoints::none();
         };
-        let Some(svc_port) = ports.iter().find(|p| match port {
-            PortRef::Number(n) => p.port == i32::from(*n),
-            PortRef::Name(name) => &p.name == name,
-        }) else {
+        let Some(svc_port) = ports.iter().find(|p| port_matches(p, port)) else {
             return ReadyEndpoints::none();
         };
         let slices = self
@@ -312,6 +326,13 @@ impl ClusterIndex {
         ready.sort_by(|a, b| a.authority().as_str().cmp(b.authority().as_str()));
         ready.dedup();
         ready.into_iter().collect()
+    }
+}
+
+fn port_matches(p: &ServicePort, port: &PortRef) -> bool {
+    match port {
+        PortRef::Number(n) => p.port == i32::from(*n),
+        PortRef::Name(name) => &p.name == name,
     }
 }
 
@@ -440,6 +461,28 @@ mod tests {
             ["10.1.1.1:8080"]
         );
         assert!(index.endpoints("ns/a", EndpointMode::Pod).is_empty());
+    }
+
+    #[test]
+    fn an_h2c_app_protocol_makes_an_h2c_route() {
+        let mut index = ClusterIndex::default();
+        index.apply_route(&hso(
+            "ns",
+            "g",
+            "2026-01-01T00:00:00Z",
+            json!({"scaleTargetRef": {"name": "g", "service": "g", "port": 50051}}),
+        ));
+        assert_eq!(
+            index.route_specs()[0].protocol,
+            UpstreamProtocol::Http1,
+            "no Service yet"
+        );
+        index.apply_service(&service(
+            "ns",
+            "g",
+            json!([{"name": "grpc", "port": 50051, "appProtocol": "kubernetes.io/h2c"}]),
+        ));
+        assert_eq!(index.route_specs()[0].protocol, UpstreamProtocol::H2c);
     }
 
     #[test]

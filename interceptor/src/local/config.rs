@@ -14,7 +14,7 @@ use http::uri::{Authority, PathAndQuery};
 use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
-use crate::provider::{ColdResponse, FailoverSpec, RouteSpec};
+use crate::provider::{ColdResponse, FailoverSpec, RouteSpec, UpstreamProtocol};
 use crate::routing::{HeaderMatch, RouteMatch};
 
 /// Idle time before a command is stopped, when a route does not say (the add-on's default).
@@ -254,6 +254,15 @@ struct RawTarget {
     working_dir: Option<PathBuf>,
     readiness_probe: Option<RawProbe>,
     stop_grace_period: Option<DurationValue>,
+    protocol: Option<RawProtocol>,
+}
+
+/// `target.protocol`.
+#[derive(Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawProtocol {
+    Http1,
+    H2c,
 }
 
 #[derive(Deserialize)]
@@ -340,6 +349,10 @@ impl RawRoute {
             })
             .collect::<Result<Vec<_>, Problem>>()?;
 
+        let protocol = match self.target.protocol {
+            Some(RawProtocol::H2c) => UpstreamProtocol::H2c,
+            Some(RawProtocol::Http1) | None => UpstreamProtocol::Http1,
+        };
         let target = self.target.validate(&format!("{key}.target"))?;
         let cold_response = match &self.cold_start {
             None => None,
@@ -421,6 +434,7 @@ impl RawRoute {
                 max_in_flight_per_endpoint: self.max_in_flight_per_endpoint,
                 max_held: self.max_held_requests,
                 cold_response,
+                protocol,
                 failover: failover.as_ref().map(|(_, after)| FailoverSpec {
                     target: format!("{}#failover", self.name).into(),
                     after: *after,

@@ -30,7 +30,7 @@ use crate::connect::{FreshEndpoints, RetryingConnector};
 use crate::events::WakeEvents;
 use crate::load::{EndpointLease, InFlight, Loads, RouteLoad};
 use crate::metrics::ProxyMetrics;
-use crate::provider::{Endpoint, Provider, ReadyEndpoints, RouteSpec};
+use crate::provider::{Endpoint, Provider, ReadyEndpoints, RouteSpec, UpstreamProtocol};
 use crate::routing::RouteTable;
 
 /// The response header telling whether the request waited for a cold start.
@@ -68,6 +68,8 @@ pub struct Proxy {
     loaded: AtomicBool,
     provider: Arc<dyn Provider>,
     client: Client<RetryingConnector, Incoming>,
+    /// Pooled HTTP/2 (prior knowledge) connections, for h2c targets.
+    h2c_client: Client<RetryingConnector, Incoming>,
     fresh: FreshEndpoints,
     loads: Arc<Loads>,
     metrics: ProxyMetrics,
@@ -101,7 +103,14 @@ impl Proxy {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(RetryingConnector::new(fresh.clone()));
+        let h2c_client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .http2_only(true)
+            .build(RetryingConnector::new(fresh.clone()));
         Arc::new(Self {
+            h2c_client,
             table: ArcSwap::from_pointee(RouteTable::default()),
             loaded: AtomicBool::new(false),
             provider,
@@ -297,11 +306,20 @@ impl Proxy {
             tracing::debug!(endpoint = %acquired.endpoint, waited_ms = waited.as_millis() as u64, "released held request");
         }
 
-        let mut req = upstream_request(req, &acquired.endpoint, client.remote());
-        if let Some(protocol) = &upgrade {
+        let mut req = upstream_request(
+            req,
+            &acquired.endpoint,
+            client.remote(),
+            route.spec.protocol,
+        );
+        if let (Some(protocol), UpstreamProtocol::Http1) = (&upgrade, route.spec.protocol) {
             headers::set_upgrade(req.headers_mut(), protocol.clone());
         }
-        let sent = tokio::time::timeout(route.response_header_timeout, self.client.request(req));
+        let pool = match route.spec.protocol {
+            UpstreamProtocol::Http1 => &self.client,
+            UpstreamProtocol::H2c => &self.h2c_client,
+        };
+        let sent = tokio::time::timeout(route.response_header_timeout, pool.request(req));
         let endpoint = acquired.endpoint;
         let mut rsp = match sent.await {
             Ok(Ok(rsp)) => rsp,
@@ -580,6 +598,7 @@ fn upstream_request(
     req: Request<Incoming>,
     endpoint: &Endpoint,
     client: SocketAddr,
+    protocol: UpstreamProtocol,
 ) -> Request<Incoming> {
     let (mut parts, body) = req.into_parts();
     let host = match parts.headers.get(header::HOST) {
@@ -601,8 +620,23 @@ fn upstream_request(
     );
     // Scheme, authority and path are all set, so this cannot fail.
     parts.uri = Uri::from_parts(uri).unwrap_or_default();
-    parts.version = Version::HTTP_11;
+    // gRPC needs `te: trailers` end to end; it is the one TE value HTTP/2 allows.
+    let te_trailers = parts
+        .headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     headers::strip_hop_by_hop(&mut parts.headers);
+    parts.version = match protocol {
+        UpstreamProtocol::Http1 => Version::HTTP_11,
+        UpstreamProtocol::H2c => {
+            if te_trailers {
+                parts
+                    .headers
+                    .insert(header::TE, HeaderValue::from_static("trailers"));
+            }
+            Version::HTTP_2
+        }
+    };
     if let Some(host) = &host {
         parts.headers.insert(header::HOST, host.clone());
     }
