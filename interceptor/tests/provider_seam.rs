@@ -45,6 +45,13 @@ impl Provider for ManualProvider {
     }
 }
 
+fn h2c_route(id: &str, host: &str) -> RouteSpec {
+    RouteSpec {
+        protocol: wakegate_interceptor::provider::UpstreamProtocol::H2c,
+        ..route(id, host)
+    }
+}
+
 fn route(id: &str, host: &str) -> RouteSpec {
     RouteSpec {
         id: id.into(),
@@ -198,4 +205,92 @@ async fn route_updates_replace_the_table_whole() {
         provider.wakes.lock().unwrap().is_empty(),
         "ready targets are never woken"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_service_is_called_through_a_cold_start_unary_and_streaming() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let provider = Arc::new(ManualProvider {
+        routes: watch::channel(Some(Arc::from(vec![h2c_route("ns/grpc", "*")]))).0,
+        endpoints: watch::channel(ReadyEndpoints::none()).0,
+        wakes: Mutex::new(Vec::new()),
+    });
+    let (addr, proxy, _stop) = start(provider.clone()).await;
+    eventually("routes loaded", Duration::from_secs(5), || async {
+        proxy.is_loaded()
+    })
+    .await;
+
+    // The client calls before the backend exists: the call is held (h2c in).
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    let mut client = HealthClient::new(channel);
+    let unary = tokio::spawn({
+        let mut client = client.clone();
+        async move {
+            client
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+        }
+    });
+    eventually(
+        "the call is held and the target woken",
+        Duration::from_secs(5),
+        || async { !provider.wakes.lock().unwrap().is_empty() },
+    )
+    .await;
+
+    // The backend boots: a real tonic server (gRPC health, unary and server-streaming).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let incoming = futures_util::stream::unfold(listener, |l| async move {
+        Some((l.accept().await.map(|(s, _)| s), l))
+    });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(incoming),
+    );
+    provider.endpoints.send_replace(
+        std::iter::once(Endpoint::new(backend.to_string().parse().unwrap())).collect(),
+    );
+
+    let reply = unary.await.unwrap().unwrap();
+    assert_eq!(
+        reply.metadata().get("x-keda-http-cold-start").unwrap(),
+        "true"
+    );
+    assert_eq!(reply.into_inner().status, ServingStatus::Serving as i32);
+
+    // Server streaming through the warm route: the first status, then a change pushed later.
+    let mut watch = client
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.status, ServingStatus::NotServing as i32);
 }
