@@ -53,6 +53,21 @@ where
     }
 }
 
+/// Waits until the admin server at `admin` answers `/readyz` with 200.
+async fn wait_ready(what: &str, admin: SocketAddr) {
+    let http = Http::default();
+    eventually(
+        &format!("{what} /readyz = 200"),
+        Duration::from_secs(20),
+        || async {
+            http.get(admin, "admin", "/readyz")
+                .await
+                .is_ok_and(|(s, _, _)| s == 200)
+        },
+    )
+    .await;
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -330,17 +345,7 @@ impl Interceptor {
             stop,
             task,
         };
-        let http = Http::default();
-        eventually(
-            "interceptor /readyz = 200",
-            Duration::from_secs(20),
-            || async {
-                http.get(admin, "admin", "/readyz")
-                    .await
-                    .is_ok_and(|(s, _, _)| s == 200)
-            },
-        )
-        .await;
+        wait_ready("interceptor", admin).await;
         this
     }
 
@@ -409,17 +414,7 @@ impl Controller {
                     .unwrap();
             }
         });
-        let http = Http::default();
-        eventually(
-            "controller /readyz = 200",
-            Duration::from_secs(20),
-            || async {
-                http.get(admin, "admin", "/readyz")
-                    .await
-                    .is_ok_and(|(s, _, _)| s == 200)
-            },
-        )
-        .await;
+        wait_ready("controller", admin).await;
         Self {
             grpc,
             admin,

@@ -30,6 +30,17 @@ struct ManualProvider {
     wakes: Mutex<Vec<(TargetId, tokio::time::Instant)>>,
 }
 
+impl ManualProvider {
+    /// A provider with these routes (`None`: not loaded yet) and no ready endpoint.
+    fn new(routes: Option<Vec<RouteSpec>>) -> Arc<Self> {
+        Arc::new(Self {
+            routes: watch::channel(routes.map(Arc::from)).0,
+            endpoints: watch::channel(ReadyEndpoints::none()).0,
+            wakes: Mutex::new(Vec::new()),
+        })
+    }
+}
+
 impl Provider for ManualProvider {
     fn routes(&self) -> watch::Receiver<Option<Arc<[RouteSpec]>>> {
         self.routes.subscribe()
@@ -106,11 +117,7 @@ async fn start(provider: Arc<ManualProvider>) -> (SocketAddr, Arc<Proxy>, Cancel
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wake_on_hold_then_retry_connects_to_an_endpoint_reported_ready_early() {
-    let provider = Arc::new(ManualProvider {
-        routes: watch::channel(Some(Arc::from(vec![route("ns/app", "app.test")]))).0,
-        endpoints: watch::channel(ReadyEndpoints::none()).0,
-        wakes: Mutex::new(Vec::new()),
-    });
+    let provider = ManualProvider::new(Some(vec![route("ns/app", "app.test")]));
     let (addr, proxy, _stop) = start(provider.clone()).await;
     eventually("routes loaded", Duration::from_secs(5), || async {
         proxy.is_loaded()
@@ -162,11 +169,7 @@ async fn wake_on_hold_then_retry_connects_to_an_endpoint_reported_ready_early() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_updates_replace_the_table_whole() {
-    let provider = Arc::new(ManualProvider {
-        routes: watch::channel(None).0,
-        endpoints: watch::channel(ReadyEndpoints::none()).0,
-        wakes: Mutex::new(Vec::new()),
-    });
+    let provider = ManualProvider::new(None);
     let up = Upstream::start("up", Duration::ZERO).await;
     provider.endpoints.send_replace(
         std::iter::once(Endpoint::new(up.addr.to_string().parse().unwrap())).collect(),
@@ -213,11 +216,7 @@ async fn a_grpc_service_is_called_through_a_cold_start_unary_and_streaming() {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
 
-    let provider = Arc::new(ManualProvider {
-        routes: watch::channel(Some(Arc::from(vec![h2c_route("ns/grpc", "*")]))).0,
-        endpoints: watch::channel(ReadyEndpoints::none()).0,
-        wakes: Mutex::new(Vec::new()),
-    });
+    let provider = ManualProvider::new(Some(vec![h2c_route("ns/grpc", "*")]));
     let (addr, proxy, _stop) = start(provider.clone()).await;
     eventually("routes loaded", Duration::from_secs(5), || async {
         proxy.is_loaded()
