@@ -36,7 +36,7 @@ use crate::load::Loads;
 use crate::local::{ConfigError, LocalConfig, LocalProvider, Supervisors};
 use crate::metrics::ProxyMetrics;
 use crate::provider::Provider;
-use crate::proxy::{DefaultTimeouts, Proxy};
+use crate::proxy::{Proxy, ProxySettings};
 use crate::server::ConnectionSettings;
 
 /// Why the interceptor could not run.
@@ -135,7 +135,7 @@ pub async fn run_until(
         }
     };
     let metrics = ProxyMetrics::register(&registry, loads.clone())?;
-    let timeouts = DefaultTimeouts {
+    let proxy_settings = ProxySettings {
         readiness: args.readiness_timeout,
         response_header: args.response_header_timeout,
         max_held_total: args.max_held_requests,
@@ -145,13 +145,13 @@ pub async fn run_until(
         provider.clone(),
         loads.clone(),
         metrics,
-        timeouts,
+        proxy_settings,
         wakes.clone(),
     );
     tokio::spawn(proxy.clone().follow_routes());
     let admin = Admin::new(proxy.clone(), provider, loads, registry, wakes);
 
-    let settings = ConnectionSettings {
+    let connection = ConnectionSettings {
         header_read_timeout: args.header_read_timeout,
         max_header_bytes: args.max_header_bytes as usize,
     };
@@ -164,7 +164,7 @@ pub async fn run_until(
             let proxy = proxy.clone();
             async move { proxy.handle(req, client).await }
         },
-        settings,
+        connection,
         stop_proxy.clone(),
         args.drain_timeout,
     ));
@@ -177,7 +177,7 @@ pub async fn run_until(
                 async move { rsp }
             }
         },
-        settings,
+        connection,
         stop_admin.clone(),
         std::time::Duration::from_secs(1),
     ));

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use wakegate_interceptor::load::Loads;
 use wakegate_interceptor::metrics::ProxyMetrics;
 use wakegate_interceptor::provider::{Endpoint, Provider, ReadyEndpoints, RouteSpec, TargetId};
-use wakegate_interceptor::proxy::{DefaultTimeouts, Proxy};
+use wakegate_interceptor::proxy::{Proxy, ProxySettings};
 use wakegate_interceptor::routing::RouteMatch;
 use wakegate_interceptor::server::{self, ConnectionSettings};
 
@@ -84,12 +84,12 @@ fn route(id: &str, host: &str) -> RouteSpec {
 async fn start(provider: Arc<ManualProvider>) -> (SocketAddr, Arc<Proxy>, CancellationToken) {
     let loads = Arc::new(Loads::default());
     let metrics = ProxyMetrics::register(&Registry::new(), loads.clone()).unwrap();
-    let timeouts = DefaultTimeouts {
+    let settings = ProxySettings {
         readiness: Duration::from_secs(10),
         response_header: Duration::from_secs(10),
         max_held_total: 10_000,
     };
-    let proxy = Proxy::new(provider, loads, metrics, timeouts, Default::default());
+    let proxy = Proxy::new(provider, loads, metrics, settings, Default::default());
     tokio::spawn(proxy.clone().follow_routes());
     let listener = server::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();

@@ -469,15 +469,7 @@ impl Store {
             .as_array()
             .is_none_or(|f| f.is_empty());
         if new["metadata"].get("deletionTimestamp").is_some() && finalizers_empty {
-            state.objects.remove(&key);
-            state.record(
-                &self.events,
-                &key.resource,
-                &key.namespace,
-                EventType::Deleted,
-                new.clone(),
-            );
-            self.collect_garbage(&mut state, &new);
+            self.remove(&mut state, &key, &new);
             return Ok(new);
         }
         state.objects.insert(key.clone(), new.clone());
@@ -524,7 +516,13 @@ impl Store {
             }
             return Ok(obj);
         }
-        state.objects.remove(&key);
+        self.remove(&mut state, &key, &obj);
+        Ok(obj)
+    }
+
+    /// Removes an object for good: records the deletion and deletes what it owned.
+    fn remove(&self, state: &mut State, key: &Key, obj: &Value) {
+        state.objects.remove(key);
         state.record(
             &self.events,
             &key.resource,
@@ -532,8 +530,7 @@ impl Store {
             EventType::Deleted,
             obj.clone(),
         );
-        self.collect_garbage(&mut state, &obj);
-        Ok(obj)
+        self.collect_garbage(state, obj);
     }
 
     /// Deletes objects owned by `owner` (background cascading deletion).
@@ -554,17 +551,10 @@ impl Store {
             .map(|(k, _)| k.clone())
             .collect();
         for key in owned {
-            if let Some(mut obj) = state.objects.remove(&key) {
+            if let Some(mut obj) = state.objects.get(&key).cloned() {
                 let rv = state.next_rv();
                 obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-                state.record(
-                    &self.events,
-                    &key.resource,
-                    &key.namespace,
-                    EventType::Deleted,
-                    obj.clone(),
-                );
-                self.collect_garbage(state, &obj);
+                self.remove(state, &key, &obj);
             }
         }
     }

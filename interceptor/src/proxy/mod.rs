@@ -38,9 +38,10 @@ pub const COLD_START_HEADER: &str = "x-keda-http-cold-start";
 /// The response header set when the failover target answered.
 pub const FAILOVER_HEADER: &str = "x-wakegate-failover";
 
-/// Timeouts used when a route does not set its own.
+/// Proxy-wide settings: the timeouts used when a route does not set its own, and the cap on
+/// held requests over all routes.
 #[derive(Clone, Copy, Debug)]
-pub struct DefaultTimeouts {
+pub struct ProxySettings {
     /// How long a request is held waiting for a ready endpoint.
     pub readiness: Duration,
     /// How long to wait for the upstream's response headers.
@@ -73,9 +74,9 @@ pub struct Proxy {
     fresh: FreshEndpoints,
     loads: Arc<Loads>,
     metrics: ProxyMetrics,
-    timeouts: DefaultTimeouts,
+    settings: ProxySettings,
     wakes: WakeEvents,
-    /// Requests held now, over all routes, against `timeouts.max_held_total`.
+    /// Requests held now, over all routes, against `settings.max_held_total`.
     held_total: Arc<std::sync::atomic::AtomicUsize>,
 }
 
@@ -94,7 +95,7 @@ impl Proxy {
         provider: Arc<dyn Provider>,
         loads: Arc<Loads>,
         metrics: ProxyMetrics,
-        timeouts: DefaultTimeouts,
+        settings: ProxySettings,
         wakes: WakeEvents,
     ) -> Arc<Self> {
         let fresh = FreshEndpoints::default();
@@ -118,7 +119,7 @@ impl Proxy {
             fresh,
             loads,
             metrics,
-            timeouts,
+            settings,
             wakes,
             held_total: Arc::default(),
         })
@@ -135,10 +136,10 @@ impl Proxy {
             let state = RouteState {
                 load: self.loads.get(&spec.id),
                 endpoints: self.provider.endpoints(&spec.target),
-                readiness_timeout: spec.readiness_timeout.unwrap_or(self.timeouts.readiness),
+                readiness_timeout: spec.readiness_timeout.unwrap_or(self.settings.readiness),
                 response_header_timeout: spec
                     .response_header_timeout
-                    .unwrap_or(self.timeouts.response_header),
+                    .unwrap_or(self.settings.response_header),
                 failover: spec
                     .failover
                     .as_ref()
@@ -552,10 +553,10 @@ impl Proxy {
         }
         let total_before = self.held_total.fetch_add(1, Ordering::AcqRel);
         let total = TotalHeld(self.held_total.clone());
-        if total_before >= self.timeouts.max_held_total {
+        if total_before >= self.settings.max_held_total {
             return Err(overloaded(format!(
                 "total cap {}",
-                self.timeouts.max_held_total
+                self.settings.max_held_total
             )));
         }
         Ok((total, held, before == 0))
