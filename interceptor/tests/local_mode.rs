@@ -244,7 +244,13 @@ async fn an_http_readiness_probe_waits_for_the_path_to_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shipped_example_config_serves_through_a_cold_start() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/local.yaml");
-    let ic = Interceptor::start(&std::fs::read_to_string(example).unwrap()).await;
+    // The example as shipped, on a free port (18001 may be taken on a shared machine).
+    let port = free_port().to_string();
+    let config = std::fs::read_to_string(example)
+        .unwrap()
+        .replace("18001", &port);
+    assert!(config.contains(&format!("port: {port}")));
+    let ic = Interceptor::start(&config).await;
     let reply = ic.get("hello.localhost", "/").await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(reply.cold_start(), Some("true"));
@@ -325,4 +331,35 @@ async fn an_upgraded_connection_passes_through_and_keeps_its_route_awake() {
         metrics.contains(r#"wakegate_requests_total{code="101",method="GET",route="ws"} 1"#),
         "{metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_whose_port_is_taken_is_not_started_and_says_why() {
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = squatter.local_addr().unwrap().port();
+    let config = format!(
+        "routes:\n{}",
+        backend_route(
+            "taken",
+            "taken.test",
+            port,
+            "0s",
+            "    timeouts: { readiness: 300ms }\n"
+        )
+    );
+    let ic = Interceptor::start(&config).await;
+    let reply = ic.get("taken.test", "/").await;
+    assert_eq!(
+        reply.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "{}",
+        reply.text()
+    );
+    let target = ic.target("taken").await;
+    assert_eq!(target["starts"], 0, "never spawned: {target}");
+    assert_eq!(
+        target["lastExit"],
+        format!("could not start: port {port} is already in use by another process")
+    );
+    drop(squatter);
 }

@@ -123,6 +123,22 @@ impl Supervisor {
                 }
             }
 
+            // Something else already answering on the port would pass the readiness probe and
+            // take this route's requests: refuse, and say why.
+            let addr = SocketAddr::from(([127, 0, 0, 1], self.target.port));
+            if probe_once(addr, &Probe::Tcp).await {
+                let problem = format!(
+                    "port {} is already in use by another process",
+                    self.target.port
+                );
+                tracing::error!(route = %self.route, "cannot start command: {problem}");
+                self.update(|s| {
+                    s.state = "stopped";
+                    s.last_exit = Some(format!("could not start: {problem}"));
+                });
+                backoff = next_backoff(backoff);
+                continue;
+            }
             let spawned = Instant::now();
             let mut child = match self.spawn() {
                 Ok(child) => child,
