@@ -128,17 +128,33 @@ impl Interceptor {
     }
 
     pub async fn start_with(config: &str, args: &[&str]) -> Self {
-        let this = Self::spawn(config, args);
-        let admin = this.admin;
-        let http = this.http.clone();
-        eventually("interceptor /readyz = 200", Duration::from_secs(10), || {
-            let http = http.clone();
-            async move {
-                matches!(http.get(admin, "admin", "/readyz").await, Ok(r) if r.status == StatusCode::OK)
+        // `free_port` can race with a parallel test taking the same port: when the interceptor
+        // exits because its address is in use, start it again on new ports.
+        for _ in 0..5 {
+            let mut this = Self::spawn(config, args);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let ready = this.http.get(this.admin, "admin", "/readyz").await;
+                if matches!(ready, Ok(r) if r.status == StatusCode::OK) {
+                    return this;
+                }
+                if let Ok(Some(_)) = this.child.as_mut().unwrap().try_wait() {
+                    assert!(
+                        this.log().contains("Address already in use"),
+                        "interceptor exited at start:\n{}",
+                        this.log()
+                    );
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "timed out after 10s waiting for: interceptor /readyz = 200\n{}",
+                    this.log()
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
-        })
-        .await;
-        this
+        }
+        panic!("no free ports for the interceptor after 5 tries");
     }
 
     /// Starts the interceptor without waiting for it.
