@@ -38,6 +38,12 @@ pub struct BackendArgs {
         default_value = "wakegate example backend"
     )]
     pub name: String,
+    /// Serve HTTPS with this certificate chain (PEM), to play an upstream that speaks TLS.
+    #[arg(long, env = "WAKEGATE_BACKEND_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of `--tls-cert`.
+    #[arg(long, env = "WAKEGATE_BACKEND_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -46,6 +52,18 @@ type Body = BoxBody<Bytes, hyper::Error>;
 pub async fn run(args: BackendArgs) -> anyhow::Result<()> {
     let addr = SocketAddr::new(args.host, args.port);
     tracing::info!(%addr, boot_delay_ms = args.boot_delay.as_millis() as u64, "backend booting");
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let certs = crate::tls::Certificates::load(&crate::tls::CertSources {
+                default: Some((cert.clone(), key.clone())),
+                stores: Vec::new(),
+            })?;
+            Some(crate::tls::server_config(crate::tls::SniResolver::new(
+                certs,
+            ))?)
+        }
+        _ => None,
+    };
     tokio::time::sleep(args.boot_delay).await;
     let listener = server::bind(addr)?;
     tracing::info!(%addr, pid = std::process::id(), "backend listening");
@@ -64,6 +82,7 @@ pub async fn run(args: BackendArgs) -> anyhow::Result<()> {
     };
     server::serve(
         listener,
+        tls,
         move |req, _remote| handle(req, name.clone()),
         settings,
         stop,

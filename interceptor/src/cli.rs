@@ -53,6 +53,45 @@ pub struct ServeArgs {
     #[arg(long, env = "WAKEGATE_PROXY_ADDR", default_value = "0.0.0.0:8080")]
     pub proxy_addr: SocketAddr,
 
+    /// Address the TLS listener binds, when a certificate is given (`--tls-cert` or
+    /// `--tls-cert-store`).
+    #[arg(long, env = "WAKEGATE_TLS_ADDR", default_value = "0.0.0.0:8443")]
+    pub tls_addr: SocketAddr,
+
+    /// Default TLS certificate chain (PEM), for clients without SNI or with a name no store
+    /// certificate covers.
+    #[arg(long, env = "WAKEGATE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM: PKCS#8, PKCS#1 or SEC1) of `--tls-cert`.
+    #[arg(long, env = "WAKEGATE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Directory of certificates picked by SNI: every `<name>.crt` (or `.pem`) with
+    /// `<name>.key` beside it, walked recursively, serves the DNS names it carries. Repeat the
+    /// flag, or separate directories with commas.
+    #[arg(long, env = "WAKEGATE_TLS_CERT_STORE", value_delimiter = ',')]
+    pub tls_cert_store: Vec<PathBuf>,
+
+    /// How often certificate files are checked for changes; changed files are reloaded
+    /// without a restart.
+    #[arg(long, env = "WAKEGATE_TLS_RELOAD_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub tls_reload_interval: Duration,
+
+    /// Kubernetes mode: CA certificates (PEM) that upstream Services speaking TLS are checked
+    /// against, instead of the public roots.
+    #[arg(long, env = "WAKEGATE_UPSTREAM_CA_FILE")]
+    pub upstream_ca_file: Option<PathBuf>,
+
+    /// Kubernetes mode: accept any certificate from upstream Services speaking TLS. Encrypts
+    /// without authenticating; prefer `--upstream-ca-file`.
+    #[arg(
+        long,
+        env = "WAKEGATE_UPSTREAM_TLS_INSECURE_SKIP_VERIFY",
+        conflicts_with = "upstream_ca_file"
+    )]
+    pub upstream_tls_insecure_skip_verify: bool,
+
     /// Address the admin server (/livez, /readyz, /queue, /status, /metrics) listens on.
     #[arg(long, env = "WAKEGATE_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
     pub admin_addr: SocketAddr,

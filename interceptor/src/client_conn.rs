@@ -25,15 +25,17 @@ const MAX_READ: usize = 16 * 1024;
 #[derive(Clone, Debug)]
 pub struct ClientConn {
     remote: SocketAddr,
+    tls: bool,
     stream: Arc<TcpStream>,
 }
 
 impl ClientConn {
-    pub(crate) fn new(stream: TcpStream, remote: SocketAddr) -> (Self, ClientIo) {
+    pub(crate) fn new(stream: TcpStream, remote: SocketAddr, tls: bool) -> (Self, ClientIo) {
         let stream = Arc::new(stream);
         (
             Self {
                 remote,
+                tls,
                 stream: stream.clone(),
             },
             ClientIo(stream),
@@ -43,6 +45,11 @@ impl ClientConn {
     /// The client's address.
     pub fn remote(&self) -> SocketAddr {
         self.remote
+    }
+
+    /// Whether the connection came in over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls
     }
 
     /// Completes when the client closes or resets the connection. Fails only when the socket

@@ -77,6 +77,9 @@ impl RetryingConnector {
     pub fn new(fresh: FreshEndpoints) -> Self {
         let mut inner = HttpConnector::new();
         inner.set_nodelay(true);
+        // `https` URIs come through too: the TLS connector wrapped around this one does the
+        // handshake once the TCP connection is up.
+        inner.enforce_http(false);
         inner.set_connect_timeout(Some(Duration::from_secs(10)));
         Self { inner, fresh }
     }

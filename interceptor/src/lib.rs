@@ -21,6 +21,7 @@ pub mod routing;
 pub mod server;
 pub mod signal;
 pub mod telemetry;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -59,6 +60,9 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    /// A TLS certificate, key or CA file is unreadable, invalid or mismatched.
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
     /// The metrics could not be registered (a bug: names clash).
     #[error("registering metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -68,7 +72,7 @@ impl RunError {
     /// The process exit status: 64 (EX_USAGE) for configuration problems, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Config(_) => 64,
+            Self::Config(_) | Self::Tls(_) => 64,
             Self::Kube(_) | Self::Bind { .. } | Self::Metrics(_) => 1,
         }
     }
@@ -109,7 +113,30 @@ pub async fn run_until(
     let config = args.config.as_deref().map(LocalConfig::load).transpose()?;
     let bind =
         |addr, flag| server::bind(addr).map_err(|source| RunError::Bind { addr, flag, source });
+    let cert_sources = tls::CertSources {
+        default: args.tls_cert.clone().zip(args.tls_key.clone()),
+        stores: args.tls_cert_store.clone(),
+    };
+    let tls_resolver = if cert_sources == tls::CertSources::default() {
+        None
+    } else {
+        let certs = tls::Certificates::load(&cert_sources)?;
+        tracing::info!(names = ?certs.names(), "TLS certificates loaded");
+        Some(tls::SniResolver::new(certs))
+    };
+    let upstream_trust = match (
+        &args.upstream_ca_file,
+        args.upstream_tls_insecure_skip_verify,
+    ) {
+        (Some(path), _) => tls::upstream::Trust::from_ca_file(path)?,
+        (None, true) => tls::upstream::Trust::InsecureSkipVerify,
+        (None, false) => tls::upstream::Trust::PublicRoots,
+    };
     let proxy_listener = bind(args.proxy_addr, "--proxy-addr")?;
+    let tls_listener = tls_resolver
+        .as_ref()
+        .map(|_| bind(args.tls_addr, "--tls-addr"))
+        .transpose()?;
     let admin_listener = bind(args.admin_addr, "--admin-addr")?;
 
     let registry = Registry::new();
@@ -129,6 +156,7 @@ pub async fn run_until(
                 client,
                 args.namespace.as_deref(),
                 args.endpoint_mode,
+                upstream_trust,
                 stop_provider.clone(),
             );
             (provider, None)
@@ -158,18 +186,41 @@ pub async fn run_until(
     let stop_proxy = CancellationToken::new();
     let stop_admin = CancellationToken::new();
     tracing::info!(proxy = %args.proxy_addr, admin = %args.admin_addr, config = ?args.config, "interceptor listening");
+    let handler = move |req, client| {
+        let proxy = proxy.clone();
+        async move { proxy.handle(req, client).await }
+    };
     let proxy_server = tokio::spawn(server::serve(
         proxy_listener,
-        move |req, client| {
-            let proxy = proxy.clone();
-            async move { proxy.handle(req, client).await }
-        },
+        None,
+        handler.clone(),
         connection,
         stop_proxy.clone(),
         args.drain_timeout,
     ));
+    let tls_server = match (tls_listener, tls_resolver) {
+        (Some(listener), Some(resolver)) => {
+            tracing::info!(tls = %args.tls_addr, "TLS listener up");
+            tokio::spawn(tls::reload_on_change(
+                resolver.clone(),
+                cert_sources,
+                args.tls_reload_interval,
+                stop_provider.clone(),
+            ));
+            Some(tokio::spawn(server::serve(
+                listener,
+                Some(tls::server_config(resolver)?),
+                handler,
+                connection,
+                stop_proxy.clone(),
+                args.drain_timeout,
+            )))
+        }
+        _ => None,
+    };
     let admin_server = tokio::spawn(server::serve(
         admin_listener,
+        None,
         {
             let admin = admin.clone();
             move |req, _remote| {
@@ -190,14 +241,24 @@ pub async fn run_until(
         () = hurry => tracing::info!("told again: skipping the shutdown delay"),
     }
     stop_proxy.cancel();
-    match proxy_server.await {
-        Ok(drain) if drain.complete => {
-            tracing::info!("drain complete: every in-flight request finished")
+    // Both listeners drain at once, under the same deadline.
+    let tls_drain = async {
+        match tls_server {
+            Some(server) => Some(server.await),
+            None => None,
         }
-        Ok(drain) => {
-            tracing::warn!(abandoned_connections = drain.abandoned, timeout = ?args.drain_timeout, "drain incomplete: deadline passed with requests in flight")
+    };
+    let (plain, tls) = tokio::join!(proxy_server, tls_drain);
+    for drain in std::iter::once(plain).chain(tls) {
+        match drain {
+            Ok(drain) if drain.complete => {
+                tracing::info!("drain complete: every in-flight request finished")
+            }
+            Ok(drain) => {
+                tracing::warn!(abandoned_connections = drain.abandoned, timeout = ?args.drain_timeout, "drain incomplete: deadline passed with requests in flight")
+            }
+            Err(err) => tracing::error!(error = %err, "proxy server task failed"),
         }
-        Err(err) => tracing::error!(error = %err, "proxy server task failed"),
     }
     stop_provider.cancel();
     if let Some(supervisors) = supervisors {

@@ -13,6 +13,7 @@ use http::uri::Authority;
 use tokio::sync::watch;
 
 use crate::routing::RouteMatch;
+pub use crate::tls::upstream::{Trust, UpstreamTls};
 
 /// A route's identity, `namespace/name` in Kubernetes and the route name in local mode. It keys
 /// `/queue` and the metrics.
@@ -44,15 +45,18 @@ pub struct RouteSpec {
     pub cold_response: Option<ColdResponse>,
     /// The protocol spoken to the target.
     pub protocol: UpstreamProtocol,
+    /// Whether, and how, the target is reached over TLS.
+    pub upstream_tls: Option<UpstreamTls>,
 }
 
 /// The protocol spoken to a target.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum UpstreamProtocol {
     /// HTTP/1.1 (upgrades pass through).
     #[default]
     Http1,
-    /// HTTP/2 with prior knowledge, in cleartext (gRPC backends).
+    /// HTTP/2: with prior knowledge in cleartext (gRPC backends), or negotiated by ALPN when
+    /// the route has upstream TLS.
     H2c,
 }
 

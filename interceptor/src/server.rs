@@ -56,9 +56,12 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(4096)
 }
 
-/// Serves `handler` on `listener` until `stop`, then drains for at most `drain_timeout`.
+/// Serves `handler` on `listener` until `stop`, then drains for at most `drain_timeout`. With
+/// `tls`, each connection is a TLS handshake first (under the header-read timeout), then HTTP/2
+/// or HTTP/1.1 as ALPN (or, without ALPN, the connection preface) says.
 pub async fn serve<H, F, B>(
     listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     handler: H,
     settings: ConnectionSettings,
     stop: CancellationToken,
@@ -84,6 +87,7 @@ where
         .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
     let graceful = GracefulShutdown::new();
     let open = Arc::new(AtomicUsize::new(0));
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
 
     loop {
         let (stream, remote) = tokio::select! {
@@ -102,7 +106,7 @@ where
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let (client, io) = ClientConn::new(stream, remote);
+        let (client, io) = ClientConn::new(stream, remote, tls.is_some());
         let service = service_fn(move |req| {
             let rsp = AssertUnwindSafe(handler(req, client.clone())).catch_unwind();
             async move {
@@ -121,14 +125,40 @@ where
                 }))
             }
         });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
         let open = open.clone();
+        let tls = tls.clone();
         open.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
-            if let Err(err) = conn.await {
+            let result = match tls {
+                None => {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(acceptor) => {
+                    // The handshake is a connection's header read: the same timeout cuts a
+                    // client that opens a socket and stalls.
+                    let handshake =
+                        tokio::time::timeout(settings.header_read_timeout, acceptor.accept(io));
+                    match handshake.await {
+                        Ok(Ok(io)) => {
+                            let conn =
+                                builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                        Ok(Err(err)) => {
+                            tracing::debug!(%remote, error = %err, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!(%remote, "TLS handshake timed out");
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(err) = result {
                 tracing::debug!(%remote, error = %err, "connection ended with an error");
             }
             open.fetch_sub(1, Ordering::Relaxed);
@@ -169,6 +199,7 @@ mod tests {
         };
         tokio::spawn(serve(
             listener,
+            None,
             handler,
             settings,
             stop.clone(),

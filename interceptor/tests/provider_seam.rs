@@ -78,6 +78,7 @@ fn route(id: &str, host: &str) -> RouteSpec {
         failover: None,
         cold_response: None,
         protocol: Default::default(),
+        upstream_tls: None,
     }
 }
 
@@ -107,6 +108,7 @@ async fn start(provider: Arc<ManualProvider>) -> (SocketAddr, Arc<Proxy>, Cancel
     };
     tokio::spawn(server::serve(
         listener,
+        None,
         handler,
         settings,
         stop.clone(),

@@ -11,7 +11,9 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use wakegate_crds::{HTTPScaledObject, PortRef, SpecError, ValidSpec};
 
-use crate::provider::{Endpoint, FailoverSpec, ReadyEndpoints, RouteSpec, UpstreamProtocol};
+use crate::provider::{
+    Endpoint, FailoverSpec, ReadyEndpoints, RouteSpec, Trust, UpstreamProtocol, UpstreamTls,
+};
 
 /// The suffix of a route's failover target id.
 const FAILOVER_SUFFIX: &str = "#failover";
@@ -56,6 +58,8 @@ pub struct ClusterIndex {
     routes: BTreeMap<Key, Route>,
     services: HashMap<Key, Vec<ServicePort>>,
     slices: HashMap<Key, Slice>,
+    /// What upstream certificates are checked against, for Service ports that speak TLS.
+    upstream_trust: Trust,
 }
 
 fn key(ns: Option<&String>, name: Option<&String>) -> Option<Key> {
@@ -63,6 +67,14 @@ fn key(ns: Option<&String>, name: Option<&String>) -> Option<Key> {
 }
 
 impl ClusterIndex {
+    /// An empty index whose TLS upstreams are checked against `trust`.
+    pub fn new(upstream_trust: Trust) -> Self {
+        Self {
+            upstream_trust,
+            ..Self::default()
+        }
+    }
+
     /// Adds or replaces an HTTPScaledObject.
     pub fn apply_route(&mut self, obj: &HTTPScaledObject) {
         let Some(k) = key(obj.metadata.namespace.as_ref(), obj.metadata.name.as_ref()) else {
@@ -232,6 +244,7 @@ impl ClusterIndex {
                     max_held: None,
                     cold_response: None,
                     protocol: self.protocol(ns, &spec.service, &spec.port),
+                    upstream_tls: self.upstream_tls(ns, &spec.service, &spec.port),
                     failover: spec.failover.as_ref().map(|f| FailoverSpec {
                         target: format!("{ns}/{name}{FAILOVER_SUFFIX}").into(),
                         after: f.timeout,
@@ -253,6 +266,23 @@ impl ClusterIndex {
         } else {
             UpstreamProtocol::Http1
         }
+    }
+
+    /// TLS for a Service port whose `appProtocol` is `https` (or, without one, whose name is
+    /// `https` or starts with `https-`), verified as `<service>.<namespace>.svc`.
+    fn upstream_tls(&self, ns: &str, service: &str, port: &PortRef) -> Option<UpstreamTls> {
+        let svc_port = self
+            .services
+            .get(&(ns.to_owned(), service.to_owned()))
+            .and_then(|ports| ports.iter().find(|p| port_matches(p, port)))?;
+        let tls = match svc_port.app_protocol.as_deref() {
+            Some(app) => app.eq_ignore_ascii_case("https"),
+            None => svc_port.name == "https" || svc_port.name.starts_with("https-"),
+        };
+        tls.then(|| UpstreamTls {
+            server_name: Some(format!("{service}.{ns}.svc").into()),
+            trust: self.upstream_trust.clone(),
+        })
     }
 
     /// The ready endpoints of the route `ns/name`'s target (or, for `ns/name#failover`, of its
@@ -483,6 +513,56 @@ mod tests {
             json!([{"name": "grpc", "port": 50051, "appProtocol": "kubernetes.io/h2c"}]),
         ));
         assert_eq!(index.route_specs()[0].protocol, UpstreamProtocol::H2c);
+    }
+
+    #[test]
+    fn an_https_service_port_makes_a_verified_tls_route() {
+        let mut index = ClusterIndex::new(Trust::InsecureSkipVerify);
+        for (name, port) in [("a", "web"), ("b", "https-api"), ("c", "plain")] {
+            index.apply_route(&hso(
+                "ns",
+                name,
+                "2026-01-01T00:00:00Z",
+                json!({"scaleTargetRef": {"name": name, "service": name, "portName": port}}),
+            ));
+        }
+        index.apply_service(&service(
+            "ns",
+            "a",
+            json!([{"name": "web", "port": 443, "appProtocol": "https"}]),
+        ));
+        index.apply_service(&service(
+            "ns",
+            "b",
+            json!([{"name": "https-api", "port": 8443}]),
+        ));
+        // An explicit appProtocol wins over the port name.
+        index.apply_service(&service(
+            "ns",
+            "c",
+            json!([{"name": "plain", "port": 80, "appProtocol": "http"}]),
+        ));
+        let specs = index.route_specs();
+        let tls = |id: &str| {
+            specs
+                .iter()
+                .find(|s| &*s.id == id)
+                .unwrap()
+                .upstream_tls
+                .clone()
+        };
+        assert_eq!(
+            tls("ns/a"),
+            Some(UpstreamTls {
+                server_name: Some("a.ns.svc".into()),
+                trust: Trust::InsecureSkipVerify,
+            })
+        );
+        assert_eq!(
+            tls("ns/b").unwrap().server_name.as_deref(),
+            Some("b.ns.svc")
+        );
+        assert_eq!(tls("ns/c"), None);
     }
 
     #[test]

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use wakegate_crds::HTTPScaledObject;
 
 pub use self::index::{ClusterIndex, EndpointMode};
-use crate::provider::{Provider, ReadyEndpoints, RouteSpec, TargetId};
+use crate::provider::{Provider, ReadyEndpoints, RouteSpec, TargetId, Trust};
 
 const ROUTES_SYNCED: u8 = 1;
 const SERVICES_SYNCED: u8 = 2;
@@ -51,12 +51,13 @@ impl KubeProvider {
         client: Client,
         namespace: Option<&str>,
         mode: EndpointMode,
+        upstream_trust: Trust,
         stop: CancellationToken,
     ) -> Arc<Self> {
         let provider = Arc::new(Self {
             routes: watch::channel(None).0,
             targets: Mutex::new(HashMap::new()),
-            index: Mutex::new(ClusterIndex::default()),
+            index: Mutex::new(ClusterIndex::new(upstream_trust)),
             synced: AtomicU8::new(0),
             mode,
         });

@@ -14,7 +14,9 @@ use http::uri::{Authority, PathAndQuery};
 use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
-use crate::provider::{ColdResponse, FailoverSpec, RouteSpec, UpstreamProtocol};
+use crate::provider::{
+    ColdResponse, FailoverSpec, RouteSpec, Trust, UpstreamProtocol, UpstreamTls,
+};
 use crate::routing::{HeaderMatch, RouteMatch};
 
 /// Idle time before a command is stopped, when a route does not say (the add-on's default).
@@ -255,6 +257,7 @@ struct RawTarget {
     readiness_probe: Option<RawProbe>,
     stop_grace_period: Option<DurationValue>,
     protocol: Option<RawProtocol>,
+    tls: Option<RawUpstreamTls>,
 }
 
 /// `target.protocol`.
@@ -262,7 +265,19 @@ struct RawTarget {
 #[serde(rename_all = "lowercase")]
 enum RawProtocol {
     Http1,
+    /// HTTP/2: with prior knowledge in cleartext, or by ALPN over `tls`.
+    #[serde(alias = "h2")]
     H2c,
+}
+
+/// `target.tls`: the target speaks TLS.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawUpstreamTls {
+    server_name: Option<String>,
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    insecure_skip_verify: bool,
 }
 
 #[derive(Deserialize)]
@@ -353,6 +368,24 @@ impl RawRoute {
             Some(RawProtocol::H2c) => UpstreamProtocol::H2c,
             Some(RawProtocol::Http1) | None => UpstreamProtocol::Http1,
         };
+        let upstream_tls = self
+            .target
+            .tls
+            .as_ref()
+            .map(|tls| tls.validate(&format!("{key}.target.tls")))
+            .transpose()?;
+        if let (
+            Some(_),
+            Some(RawProbe {
+                http_get: Some(_), ..
+            }),
+        ) = (&upstream_tls, &self.target.readiness_probe)
+        {
+            return Err(invalid(
+                &format!("{key}.target.readinessProbe.httpGet"),
+                "probes in plain HTTP, so it cannot check a `tls` target; use `tcpSocket: {}`",
+            ));
+        }
         let target = self.target.validate(&format!("{key}.target"))?;
         let cold_response = match &self.cold_start {
             None => None,
@@ -435,6 +468,7 @@ impl RawRoute {
                 max_held: self.max_held_requests,
                 cold_response,
                 protocol,
+                upstream_tls,
                 failover: failover.as_ref().map(|(_, after)| FailoverSpec {
                     target: format!("{}#failover", self.name).into(),
                     after: *after,
@@ -446,6 +480,36 @@ impl RawRoute {
                 .scaledown_period
                 .map_or(DEFAULT_SCALEDOWN_PERIOD, |d| d.0),
         })
+    }
+}
+
+impl RawUpstreamTls {
+    fn validate(&self, key: &str) -> Result<UpstreamTls, Problem> {
+        let trust = match (&self.ca_file, self.insecure_skip_verify) {
+            (Some(_), true) => {
+                return Err(invalid(
+                    key,
+                    "give either `caFile` or `insecureSkipVerify: true`, not both",
+                ))
+            }
+            (Some(path), false) => Trust::from_ca_file(path)
+                .map_err(|e| invalid(&format!("{key}.caFile"), &e.to_string()))?,
+            (None, true) => Trust::InsecureSkipVerify,
+            (None, false) => Trust::PublicRoots,
+        };
+        let server_name = match &self.server_name {
+            None => None,
+            Some(name) => {
+                rustls_pki_types::ServerName::try_from(name.as_str()).map_err(|_| {
+                    invalid(
+                        &format!("{key}.serverName"),
+                        &format!("{name:?} is not a DNS name or IP address"),
+                    )
+                })?;
+                Some(name.as_str().into())
+            }
+        };
+        Ok(UpstreamTls { server_name, trust })
     }
 }
 

@@ -102,6 +102,18 @@ pub enum ProxyError {
         timeout: Duration,
     },
 
+    /// The upstream's TLS handshake failed: its certificate was not trusted or not for the
+    /// route's server name, or it does not speak TLS.
+    #[error("route {route}: TLS with upstream {endpoint} failed: {reason}")]
+    UpstreamTls {
+        /// The route that matched.
+        route: RouteId,
+        /// The endpoint the request was sent to.
+        endpoint: String,
+        /// What rustls said.
+        reason: String,
+    },
+
     /// The connection to the upstream could not be made.
     #[error("route {route}: could not connect to upstream {endpoint}")]
     UpstreamConnect {
@@ -140,6 +152,7 @@ impl ProxyError {
             Self::ClientGone { .. } => "client_gone",
             Self::ResponseHeaderTimeout { .. } => "response_header_timeout",
             Self::UpstreamConnect { .. } => "connect",
+            Self::UpstreamTls { .. } => "tls",
             Self::Upstream { .. } => "upstream",
         }
     }
@@ -150,6 +163,7 @@ impl ProxyError {
             self,
             Self::ResponseHeaderTimeout { .. }
                 | Self::UpstreamConnect { .. }
+                | Self::UpstreamTls { .. }
                 | Self::Upstream { .. }
         )
     }
@@ -168,7 +182,9 @@ impl ProxyError {
             Self::ReadinessTimeout { .. }
             | Self::CapacityTimeout { .. }
             | Self::ResponseHeaderTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Self::UpstreamConnect { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            Self::UpstreamConnect { .. } | Self::UpstreamTls { .. } | Self::Upstream { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             // Nobody reads it; nginx's "client closed request" code keeps it apart in metrics.
             Self::ClientGone { .. } => CLIENT_CLOSED_REQUEST,
         }
@@ -232,6 +248,27 @@ fn waking_response(
             .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
     }
     rsp
+}
+
+/// The TLS failure somewhere in an upstream error's causes, if any. (An `io::Error` hides what
+/// it wraps from `source()`, so each one is opened with `get_ref`.)
+pub(crate) fn tls_failure<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a rustls::Error> {
+    let mut next = Some(err);
+    while let Some(err) = next {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        next = match err.downcast_ref::<std::io::Error>() {
+            // hyper-rustls wraps tokio-rustls' io::Error (itself wrapping rustls') in another.
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    None
 }
 
 #[cfg(test)]

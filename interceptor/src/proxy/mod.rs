@@ -8,7 +8,7 @@ mod body;
 mod error;
 mod headers;
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,8 +17,10 @@ use arc_swap::ArcSwap;
 use http::uri::{PathAndQuery, Scheme};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls_pki_types::ServerName;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -30,7 +32,9 @@ use crate::connect::{FreshEndpoints, RetryingConnector};
 use crate::events::WakeEvents;
 use crate::load::{EndpointLease, InFlight, Loads, RouteLoad};
 use crate::metrics::ProxyMetrics;
-use crate::provider::{Endpoint, Provider, ReadyEndpoints, RouteSpec, UpstreamProtocol};
+use crate::provider::{
+    Endpoint, Provider, ReadyEndpoints, RouteSpec, Trust, UpstreamProtocol, UpstreamTls,
+};
 use crate::routing::RouteTable;
 
 /// The response header telling whether the request waited for a cold start.
@@ -60,7 +64,15 @@ pub struct RouteState {
     response_header_timeout: Duration,
     /// The failover target's endpoints, and how long to hold before using them.
     failover: Option<(watch::Receiver<ReadyEndpoints>, Duration)>,
+    /// The pooled client for the target (shared by every route with the same protocol and TLS).
+    client: UpstreamClient,
 }
+
+/// A pooled upstream client. Every client can speak TLS; only `https` URIs do.
+type UpstreamClient = Client<HttpsConnector<RetryingConnector>, Incoming>;
+
+/// What keys a pooled client: the protocol, and the TLS settings if any.
+type ClientKey = (UpstreamProtocol, Option<UpstreamTls>);
 
 /// The proxy: a routing table swapped whole on change, and a pooled upstream client.
 pub struct Proxy {
@@ -68,9 +80,9 @@ pub struct Proxy {
     table: ArcSwap<RouteTable<Arc<RouteState>>>,
     loaded: AtomicBool,
     provider: Arc<dyn Provider>,
-    client: Client<RetryingConnector, Incoming>,
-    /// Pooled HTTP/2 (prior knowledge) connections, for h2c targets.
-    h2c_client: Client<RetryingConnector, Incoming>,
+    /// Pooled clients by protocol and TLS settings. Read when the route table is rebuilt, so a
+    /// plain mutex; kept across rebuilds so pools survive route changes.
+    clients: std::sync::Mutex<HashMap<ClientKey, UpstreamClient>>,
     fresh: FreshEndpoints,
     loads: Arc<Loads>,
     metrics: ProxyMetrics,
@@ -98,25 +110,12 @@ impl Proxy {
         settings: ProxySettings,
         wakes: WakeEvents,
     ) -> Arc<Self> {
-        let fresh = FreshEndpoints::default();
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(RetryingConnector::new(fresh.clone()));
-        let h2c_client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .http2_only(true)
-            .build(RetryingConnector::new(fresh.clone()));
         Arc::new(Self {
-            h2c_client,
             table: ArcSwap::from_pointee(RouteTable::default()),
             loaded: AtomicBool::new(false),
             provider,
-            client,
-            fresh,
+            clients: std::sync::Mutex::default(),
+            fresh: FreshEndpoints::default(),
             loads,
             metrics,
             settings,
@@ -130,10 +129,67 @@ impl Proxy {
         self.loaded.load(Ordering::Acquire)
     }
 
+    /// The pooled client for `protocol` and `tls`, made on first use.
+    fn client_for(
+        &self,
+        clients: &mut HashMap<ClientKey, UpstreamClient>,
+        protocol: UpstreamProtocol,
+        tls: Option<&UpstreamTls>,
+    ) -> UpstreamClient {
+        let key = (protocol, tls.cloned());
+        if let Some(client) = clients.get(&key) {
+            return client.clone();
+        }
+        let default_tls = UpstreamTls {
+            server_name: None,
+            trust: Trust::PublicRoots,
+        };
+        let connector = match crate::tls::upstream::client_config(tls.unwrap_or(&default_tls))
+        {
+            Ok(config) => HttpsConnectorBuilder::new().with_tls_config(config),
+            Err(err) => {
+                // Only reachable through a rustls bug (versions and provider are fixed):
+                // fail closed, verifying against the public roots.
+                tracing::error!(error = %err, "upstream TLS settings unusable; verifying against the public roots");
+                HttpsConnectorBuilder::new().with_webpki_roots()
+            }
+        }
+        .https_or_http();
+        let connector = match tls.and_then(|t| t.server_name.as_deref()) {
+            Some(name) => match ServerName::try_from(name.to_owned()) {
+                Ok(name) => connector.with_server_name_resolver(FixedServerNameResolver::new(name)),
+                Err(_) => connector,
+            },
+            None => connector,
+        };
+        let connector = match protocol {
+            UpstreamProtocol::Http1 => connector
+                .enable_http1()
+                .wrap_connector(RetryingConnector::new(self.fresh.clone())),
+            UpstreamProtocol::H2c => connector
+                .enable_http2()
+                .wrap_connector(RetryingConnector::new(self.fresh.clone())),
+        };
+        let client = pooled(protocol).build(connector);
+        clients.insert(key, client.clone());
+        client
+    }
+
     /// Replaces the routing table with one built from `specs` (oldest first).
     pub fn apply_routes(&self, specs: &[RouteSpec]) {
+        let mut clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        clients.retain(|(protocol, tls), _| {
+            tls.is_none()
+                || specs
+                    .iter()
+                    .any(|s| s.protocol == *protocol && s.upstream_tls == *tls)
+        });
         let table = RouteTable::build(specs.iter().map(|spec| {
             let state = RouteState {
+                client: self.client_for(&mut clients, spec.protocol, spec.upstream_tls.as_ref()),
                 load: self.loads.get(&spec.id),
                 endpoints: self.provider.endpoints(&spec.target),
                 readiness_timeout: spec.readiness_timeout.unwrap_or(self.settings.readiness),
@@ -307,29 +363,39 @@ impl Proxy {
             tracing::debug!(endpoint = %acquired.endpoint, waited_ms = waited.as_millis() as u64, "released held request");
         }
 
-        let mut req = upstream_request(
-            req,
-            &acquired.endpoint,
-            client.remote(),
-            route.spec.protocol,
-        );
+        let tls = route.spec.upstream_tls.is_some() && !failed_over;
+        let mut req = upstream_request(req, &acquired.endpoint, client, route.spec.protocol, tls);
         if let (Some(protocol), UpstreamProtocol::Http1) = (&upgrade, route.spec.protocol) {
             headers::set_upgrade(req.headers_mut(), protocol.clone());
         }
-        let pool = match route.spec.protocol {
-            UpstreamProtocol::Http1 => &self.client,
-            UpstreamProtocol::H2c => &self.h2c_client,
+        let pool = if failed_over {
+            // The failover target is a different service: it is spoken to in the route's
+            // protocol, without TLS.
+            let mut clients = self
+                .clients
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.client_for(&mut clients, route.spec.protocol, None)
+        } else {
+            route.client.clone()
         };
         let sent = tokio::time::timeout(route.response_header_timeout, pool.request(req));
         let endpoint = acquired.endpoint;
         let mut rsp = match sent.await {
             Ok(Ok(rsp)) => rsp,
             Ok(Err(source)) if source.is_connect() => {
+                if let Some(tls) = error::tls_failure(&source) {
+                    return Err(ProxyError::UpstreamTls {
+                        route: route.spec.id.clone(),
+                        endpoint: endpoint.to_string(),
+                        reason: tls.to_string(),
+                    });
+                }
                 return Err(ProxyError::UpstreamConnect {
                     route: route.spec.id.clone(),
                     endpoint: endpoint.to_string(),
                     source,
-                })
+                });
             }
             Ok(Err(source)) => {
                 return Err(ProxyError::Upstream {
@@ -598,8 +664,9 @@ fn request_host<B>(req: &Request<B>) -> &str {
 fn upstream_request(
     req: Request<Incoming>,
     endpoint: &Endpoint,
-    client: SocketAddr,
+    client: &ClientConn,
     protocol: UpstreamProtocol,
+    tls: bool,
 ) -> Request<Incoming> {
     let (mut parts, body) = req.into_parts();
     let host = match parts.headers.get(header::HOST) {
@@ -610,7 +677,7 @@ fn upstream_request(
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
     };
     let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(Scheme::HTTP);
+    uri.scheme = Some(if tls { Scheme::HTTPS } else { Scheme::HTTP });
     uri.authority = Some(endpoint.authority().clone());
     uri.path_and_query = Some(
         parts
@@ -643,11 +710,22 @@ fn upstream_request(
     }
     headers::set_forwarded(
         &mut parts.headers,
-        client.ip(),
-        "http",
+        client.remote().ip(),
+        if client.is_tls() { "https" } else { "http" },
         host.as_ref().and_then(|h| h.to_str().ok()),
     );
     Request::from_parts(parts, body)
+}
+
+/// A client builder with the proxy's pool settings; HTTP/2 targets get HTTP/2 only.
+fn pooled(protocol: UpstreamProtocol) -> hyper_util::client::legacy::Builder {
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .http2_only(protocol == UpstreamProtocol::H2c);
+    builder
 }
 
 /// A request's bookkeeping, ended when the response body ends or is dropped: the in-flight

@@ -116,6 +116,8 @@ pub struct Interceptor {
     child: Option<Child>,
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
+    /// Where the TLS listener binds, if the arguments give it a certificate.
+    pub tls: SocketAddr,
     pub http: Http,
     log: PathBuf,
     dir: tempfile::TempDir,
@@ -165,6 +167,7 @@ impl Interceptor {
         let log = dir.path().join("interceptor.log");
         let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let tls: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(BIN)
             .arg("--config")
@@ -173,6 +176,8 @@ impl Interceptor {
             .arg(proxy.to_string())
             .arg("--admin-addr")
             .arg(admin.to_string())
+            .arg("--tls-addr")
+            .arg(tls.to_string())
             // Held requests would otherwise keep a stopping interceptor draining for 30 s.
             .args(["--drain-timeout", "1s"])
             .args(args)
@@ -187,6 +192,7 @@ impl Interceptor {
             child: Some(child),
             proxy,
             admin,
+            tls,
             http: Http::default(),
             log,
             dir,
