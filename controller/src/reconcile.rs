@@ -108,7 +108,7 @@ fn key(obj: &HTTPScaledObject) -> String {
 
 async fn apply(obj: &HTTPScaledObject, ctx: &Context) -> Result<Action, Error> {
     let route = key(obj);
-    let spec = match obj.spec.validate() {
+    let spec = match obj.validate() {
         Ok(spec) => spec,
         Err(err) => {
             ctx.routes.remove(&route);
@@ -122,7 +122,7 @@ async fn apply(obj: &HTTPScaledObject, ctx: &Context) -> Result<Action, Error> {
                     "Ready",
                     false,
                     "InvalidSpec",
-                    &format!("{err}; fix the spec to route and scale this workload"),
+                    &format!("{err}; fix it to route and scale this workload"),
                 )],
             )
             .await?;
@@ -365,7 +365,7 @@ mod tests {
                      "replicas": {"min": 5, "max": 10}, "scaledownPeriod": 150, "initialCooldownPeriod": 7}
         }))
         .unwrap();
-        let spec = obj.spec.validate().unwrap();
+        let spec = obj.validate().unwrap();
         let so = desired_scaled_object(&obj, &spec, "wakegate-controller.wakegate:9090");
         assert_eq!(so["metadata"]["ownerReferences"][0]["controller"], true);
         assert_eq!(so["metadata"]["ownerReferences"][0]["uid"], "u-1");

@@ -2,10 +2,12 @@
 //! field for field compatible with the KEDA HTTP Add-on, so existing manifests apply unchanged.
 //!
 //! The Rust types are the source of truth: `crdgen` writes the CRD YAML from them, and a test
-//! fails when the committed YAML drifts. [`HTTPScaledObjectSpec::validate`] turns a spec into
-//! checked values (defaults applied, durations parsed) for the interceptor and the controller.
+//! fails when the committed YAML drifts. [`HTTPScaledObject::validate`] turns an object into
+//! checked values (defaults applied, durations parsed, `wakegate.dev/*` annotations read) for
+//! the interceptor and the controller.
 
 mod duration;
+pub mod options;
 mod validate;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -14,6 +16,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use self::duration::{parse_go_duration, DurationError};
+pub use self::options::{ColdStart, RouteOptions};
 pub use self::validate::{
     FailoverTarget, PortRef, ScalingMetric, SpecError, ValidSpec, DEFAULT_MAX_REPLICAS,
     DEFAULT_SCALEDOWN_PERIOD_SECONDS, DEFAULT_TARGET_VALUE,

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use crate::{parse_go_duration, HTTPScaledObjectSpec, HeaderMatch};
+use crate::options::RouteOptions;
+use crate::{parse_go_duration, HTTPScaledObject, HTTPScaledObjectSpec, HeaderMatch};
 
 /// Replicas at most, when the spec does not say.
 pub const DEFAULT_MAX_REPLICAS: i32 = 100;
@@ -96,6 +97,9 @@ pub struct ValidSpec {
     pub condition_wait: Option<Duration>,
     /// Per-route response-header timeout.
     pub response_header: Option<Duration>,
+    /// Wakegate's own options, from `wakegate.dev/*` annotations (filled in by
+    /// [`HTTPScaledObject::validate`]).
+    pub options: RouteOptions,
 }
 
 impl ValidSpec {
@@ -115,9 +119,10 @@ impl ValidSpec {
 
 /// A spec field with a value that is not allowed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("spec.{field}: {problem}")]
+#[error("{}{field}: {problem}", if field.starts_with("metadata.") { "" } else { "spec." })]
 pub struct SpecError {
-    /// The field, e.g. `scaleTargetRef.port`.
+    /// The field, e.g. `scaleTargetRef.port` (under `spec`), or a `metadata.annotations[..]`
+    /// key.
     pub field: String,
     /// What is wrong with it.
     pub problem: String,
@@ -159,6 +164,18 @@ fn seconds(field: &str, value: Option<i32>, default: i32) -> Result<Duration, Sp
     u64::try_from(v)
         .map(Duration::from_secs)
         .map_err(|_| bad(field, format!("{v} is negative")))
+}
+
+impl HTTPScaledObject {
+    /// Checks the spec and the `wakegate.dev/*` annotations, applying defaults.
+    pub fn validate(&self) -> Result<ValidSpec, SpecError> {
+        let mut spec = self.spec.validate()?;
+        spec.options = match &self.metadata.annotations {
+            Some(annotations) => RouteOptions::from_annotations(annotations)?,
+            None => RouteOptions::default(),
+        };
+        Ok(spec)
+    }
 }
 
 impl HTTPScaledObjectSpec {
@@ -331,6 +348,7 @@ impl HTTPScaledObjectSpec {
                 "timeouts.responseHeader",
                 timeouts.response_header.as_deref(),
             )?,
+            options: RouteOptions::default(),
         })
     }
 }

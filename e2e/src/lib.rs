@@ -457,10 +457,22 @@ impl Http {
         host: &str,
         path: &str,
     ) -> Result<(u16, http::HeaderMap, String), String> {
-        let req = http::Request::get(format!("http://{addr}{path}"))
-            .header("host", host)
-            .body(Empty::new())
-            .unwrap();
+        self.get_with(addr, host, path, &[]).await
+    }
+
+    /// GET with a Host header and more headers: status, headers, body text.
+    pub async fn get_with(
+        &self,
+        addr: SocketAddr,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(u16, http::HeaderMap, String), String> {
+        let mut req = http::Request::get(format!("http://{addr}{path}")).header("host", host);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let req = req.body(Empty::new()).unwrap();
         let rsp = self.0.request(req).await.map_err(|e| e.to_string())?;
         let (parts, body) = rsp.into_parts();
         let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();

@@ -9,10 +9,11 @@ use http::uri::Authority;
 use http::{HeaderName, HeaderValue};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use wakegate_crds::{HTTPScaledObject, PortRef, SpecError, ValidSpec};
+use wakegate_crds::{ColdStart, HTTPScaledObject, PortRef, SpecError, ValidSpec};
 
 use crate::provider::{
-    Endpoint, FailoverSpec, ReadyEndpoints, RouteSpec, Trust, UpstreamProtocol, UpstreamTls,
+    ColdResponse, Endpoint, FailoverSpec, ReadyEndpoints, RouteSpec, Trust, UpstreamProtocol,
+    UpstreamTls,
 };
 
 /// The suffix of a route's failover target id.
@@ -62,6 +63,25 @@ pub struct ClusterIndex {
     upstream_trust: Trust,
 }
 
+/// The core's form of a `wakegate.dev/cold-start-response` option. The values were checked when
+/// the annotations were read, so `None` is unreachable in practice.
+fn cold_response(option: &ColdStart) -> Option<ColdResponse> {
+    Some(match option {
+        ColdStart::WaitingPage { refresh_seconds } => ColdResponse::WaitingPage {
+            refresh: *refresh_seconds,
+        },
+        ColdStart::Placeholder {
+            status,
+            content_type,
+            body,
+        } => ColdResponse::Placeholder {
+            status: http::StatusCode::from_u16(*status).ok()?,
+            content_type: HeaderValue::from_str(content_type).ok()?,
+            body: bytes::Bytes::from(body.clone()),
+        },
+    })
+}
+
 fn key(ns: Option<&String>, name: Option<&String>) -> Option<Key> {
     Some((ns?.clone(), name?.clone()))
 }
@@ -86,7 +106,7 @@ impl ClusterIndex {
             .as_ref()
             .map(|t| t.0.to_string())
             .unwrap_or_default();
-        let spec = obj.spec.validate();
+        let spec = obj.validate();
         let known_bad = self
             .routes
             .get(&k)
@@ -240,9 +260,9 @@ impl ClusterIndex {
                     },
                     readiness_timeout: spec.condition_wait,
                     response_header_timeout: spec.response_header,
-                    max_in_flight_per_endpoint: None,
-                    max_held: None,
-                    cold_response: None,
+                    max_in_flight_per_endpoint: spec.options.max_in_flight_per_endpoint,
+                    max_held: spec.options.max_held_requests,
+                    cold_response: spec.options.cold_start.as_ref().and_then(cold_response),
                     protocol: self.protocol(ns, &spec.service, &spec.port),
                     upstream_tls: self.upstream_tls(ns, &spec.service, &spec.port),
                     failover: spec.failover.as_ref().map(|f| FailoverSpec {
@@ -513,6 +533,43 @@ mod tests {
             json!([{"name": "grpc", "port": 50051, "appProtocol": "kubernetes.io/h2c"}]),
         ));
         assert_eq!(index.route_specs()[0].protocol, UpstreamProtocol::H2c);
+    }
+
+    #[test]
+    fn wakegate_annotations_set_the_cold_start_response_and_caps() {
+        let mut index = ClusterIndex::default();
+        let mut obj = hso(
+            "ns",
+            "w",
+            "2026-01-01T00:00:00Z",
+            json!({"scaleTargetRef": {"name": "w", "service": "w", "port": 80}}),
+        );
+        obj.metadata.annotations = Some(
+            [
+                ("wakegate.dev/cold-start-response", "waiting-page"),
+                ("wakegate.dev/waiting-page-refresh-seconds", "5"),
+                ("wakegate.dev/max-held-requests", "10"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        );
+        index.apply_route(&obj);
+        let spec = &index.route_specs()[0];
+        assert_eq!(
+            spec.cold_response,
+            Some(ColdResponse::WaitingPage { refresh: 5 })
+        );
+        assert_eq!(spec.max_held, std::num::NonZeroUsize::new(10));
+
+        // A bad annotation makes the route invalid, like a bad spec field: not routed.
+        obj.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert("wakegate.dev/max-held-requests".into(), "lots".into());
+        index.apply_route(&obj);
+        assert!(index.route_specs().is_empty());
     }
 
     #[test]

@@ -1,0 +1,302 @@
+//! Wakegate's own per-route options, carried as `wakegate.dev/*` annotations on an
+//! HTTPScaledObject. Annotations keep the spec identical to the add-on's, so its manifests (and
+//! its CRD, if installed) still fit, while Wakegate's extra behaviour stays opt-in.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
+
+use crate::validate::SpecError;
+
+/// The annotation prefix.
+pub const PREFIX: &str = "wakegate.dev/";
+/// `waiting-page` or `placeholder`: what a request for a cold target gets instead of waiting.
+pub const COLD_START_RESPONSE: &str = "wakegate.dev/cold-start-response";
+/// Seconds between the waiting page's refreshes (default 2).
+pub const WAITING_PAGE_REFRESH: &str = "wakegate.dev/waiting-page-refresh-seconds";
+/// The placeholder's status (default 503).
+pub const PLACEHOLDER_STATUS: &str = "wakegate.dev/placeholder-status";
+/// The placeholder's content type (default `text/plain; charset=utf-8`).
+pub const PLACEHOLDER_CONTENT_TYPE: &str = "wakegate.dev/placeholder-content-type";
+/// The placeholder's body.
+pub const PLACEHOLDER_BODY: &str = "wakegate.dev/placeholder-body";
+/// Most requests held at once for the route; past it, 503 with Retry-After.
+pub const MAX_HELD_REQUESTS: &str = "wakegate.dev/max-held-requests";
+/// Most requests in flight per endpoint, spreading a release over endpoints.
+pub const MAX_IN_FLIGHT_PER_ENDPOINT: &str = "wakegate.dev/max-in-flight-per-endpoint";
+
+const KNOWN: [&str; 7] = [
+    COLD_START_RESPONSE,
+    WAITING_PAGE_REFRESH,
+    PLACEHOLDER_STATUS,
+    PLACEHOLDER_CONTENT_TYPE,
+    PLACEHOLDER_BODY,
+    MAX_HELD_REQUESTS,
+    MAX_IN_FLIGHT_PER_ENDPOINT,
+];
+
+/// Per-route options from annotations.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteOptions {
+    /// What a request for a cold target gets instead of being held.
+    pub cold_start: Option<ColdStart>,
+    /// Cap on requests held at once.
+    pub max_held_requests: Option<NonZeroUsize>,
+    /// Cap on requests in flight per endpoint.
+    pub max_in_flight_per_endpoint: Option<NonZeroUsize>,
+}
+
+/// An answer given while the target wakes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ColdStart {
+    /// A self-refreshing page for browsers; API clients are still held.
+    WaitingPage {
+        /// Seconds between refreshes.
+        refresh_seconds: u32,
+    },
+    /// A fixed response for every request.
+    Placeholder {
+        /// Status, 200-999.
+        status: u16,
+        /// Content type (a valid header value).
+        content_type: String,
+        /// Body.
+        body: String,
+    },
+}
+
+fn bad(key: &str, problem: impl Into<String>) -> SpecError {
+    SpecError {
+        field: format!("metadata.annotations[{key:?}]"),
+        problem: problem.into(),
+    }
+}
+
+fn count(
+    annotations: &BTreeMap<String, String>,
+    key: &str,
+) -> Result<Option<NonZeroUsize>, SpecError> {
+    annotations
+        .get(key)
+        .map(|v| {
+            v.trim()
+                .parse::<NonZeroUsize>()
+                .map_err(|_| bad(key, format!("{v:?} is not a whole number above 0")))
+        })
+        .transpose()
+}
+
+/// Whether `value` can be sent as a header value (visible ASCII, spaces and tabs).
+fn header_safe(value: &str) -> bool {
+    value
+        .bytes()
+        .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+}
+
+impl RouteOptions {
+    /// Reads the `wakegate.dev/*` annotations. An unknown `wakegate.dev/` key is an error, so a
+    /// typo does not silently do nothing.
+    pub fn from_annotations(annotations: &BTreeMap<String, String>) -> Result<Self, SpecError> {
+        if let Some(unknown) = annotations
+            .keys()
+            .find(|k| k.starts_with(PREFIX) && !KNOWN.contains(&k.as_str()))
+        {
+            return Err(bad(
+                unknown,
+                format!("is not a Wakegate annotation (known: {})", KNOWN.join(", ")),
+            ));
+        }
+        let placeholder_keys = [
+            PLACEHOLDER_STATUS,
+            PLACEHOLDER_CONTENT_TYPE,
+            PLACEHOLDER_BODY,
+        ];
+        let cold_start = match annotations.get(COLD_START_RESPONSE).map(|v| v.trim()) {
+            None => {
+                if let Some(k) = placeholder_keys
+                    .iter()
+                    .chain([&WAITING_PAGE_REFRESH])
+                    .find(|k| annotations.contains_key(**k))
+                {
+                    return Err(bad(
+                        k,
+                        format!("has no effect without {COLD_START_RESPONSE}"),
+                    ));
+                }
+                None
+            }
+            Some("waiting-page") => {
+                if let Some(k) = placeholder_keys
+                    .iter()
+                    .find(|k| annotations.contains_key(**k))
+                {
+                    return Err(bad(k, "applies to the placeholder, not the waiting page"));
+                }
+                let refresh_seconds = match annotations.get(WAITING_PAGE_REFRESH) {
+                    None => 2,
+                    Some(v) => v
+                        .trim()
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|s| (1..=3600).contains(s))
+                        .ok_or_else(|| {
+                            bad(
+                                WAITING_PAGE_REFRESH,
+                                format!("{v:?} is not a number of seconds from 1 to 3600"),
+                            )
+                        })?,
+                };
+                Some(ColdStart::WaitingPage { refresh_seconds })
+            }
+            Some("placeholder") => {
+                if annotations.contains_key(WAITING_PAGE_REFRESH) {
+                    return Err(bad(
+                        WAITING_PAGE_REFRESH,
+                        "applies to the waiting page, not the placeholder",
+                    ));
+                }
+                let status = match annotations.get(PLACEHOLDER_STATUS) {
+                    None => 503,
+                    Some(v) => v
+                        .trim()
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|s| (200..=999).contains(s))
+                        .ok_or_else(|| {
+                            bad(
+                                PLACEHOLDER_STATUS,
+                                format!("{v:?} is not an HTTP status from 200 to 999"),
+                            )
+                        })?,
+                };
+                let content_type = annotations
+                    .get(PLACEHOLDER_CONTENT_TYPE)
+                    .cloned()
+                    .unwrap_or_else(|| "text/plain; charset=utf-8".to_owned());
+                if !header_safe(&content_type) {
+                    return Err(bad(PLACEHOLDER_CONTENT_TYPE, "is not a valid header value"));
+                }
+                Some(ColdStart::Placeholder {
+                    status,
+                    content_type,
+                    body: annotations
+                        .get(PLACEHOLDER_BODY)
+                        .cloned()
+                        .unwrap_or_default(),
+                })
+            }
+            Some(other) => {
+                return Err(bad(
+                    COLD_START_RESPONSE,
+                    format!("{other:?} is not `waiting-page` or `placeholder`"),
+                ))
+            }
+        };
+        Ok(Self {
+            cold_start,
+            max_held_requests: count(annotations, MAX_HELD_REQUESTS)?,
+            max_in_flight_per_endpoint: count(annotations, MAX_IN_FLIGHT_PER_ENDPOINT)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(pairs: &[(&str, &str)]) -> Result<RouteOptions, String> {
+        let map = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        RouteOptions::from_annotations(&map).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn no_annotations_no_options_and_foreign_ones_are_ignored() {
+        assert_eq!(parse(&[]).unwrap(), RouteOptions::default());
+        assert_eq!(
+            parse(&[("example.com/anything", "x")]).unwrap(),
+            RouteOptions::default()
+        );
+    }
+
+    #[test]
+    fn waiting_page_placeholder_and_caps() {
+        assert_eq!(
+            parse(&[(COLD_START_RESPONSE, "waiting-page")])
+                .unwrap()
+                .cold_start,
+            Some(ColdStart::WaitingPage { refresh_seconds: 2 })
+        );
+        let o = parse(&[
+            (COLD_START_RESPONSE, "placeholder"),
+            (PLACEHOLDER_STATUS, "200"),
+            (PLACEHOLDER_BODY, "back soon"),
+            (MAX_HELD_REQUESTS, "100"),
+            (MAX_IN_FLIGHT_PER_ENDPOINT, "8"),
+        ])
+        .unwrap();
+        assert_eq!(
+            o.cold_start,
+            Some(ColdStart::Placeholder {
+                status: 200,
+                content_type: "text/plain; charset=utf-8".into(),
+                body: "back soon".into()
+            })
+        );
+        assert_eq!(o.max_held_requests, NonZeroUsize::new(100));
+        assert_eq!(o.max_in_flight_per_endpoint, NonZeroUsize::new(8));
+    }
+
+    #[test]
+    fn mistakes_name_the_annotation() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[("wakegate.dev/waiting-page", "true")],
+                "is not a Wakegate annotation",
+            ),
+            (
+                &[(COLD_START_RESPONSE, "page")],
+                "is not `waiting-page` or `placeholder`",
+            ),
+            (&[(PLACEHOLDER_BODY, "x")], "has no effect without"),
+            (
+                &[
+                    (COLD_START_RESPONSE, "waiting-page"),
+                    (PLACEHOLDER_STATUS, "200"),
+                ],
+                "applies to the placeholder",
+            ),
+            (
+                &[
+                    (COLD_START_RESPONSE, "placeholder"),
+                    (PLACEHOLDER_STATUS, "99"),
+                ],
+                "is not an HTTP status",
+            ),
+            (
+                &[
+                    (COLD_START_RESPONSE, "waiting-page"),
+                    (WAITING_PAGE_REFRESH, "0"),
+                ],
+                "from 1 to 3600",
+            ),
+            (&[(MAX_HELD_REQUESTS, "0")], "above 0"),
+            (
+                &[
+                    (COLD_START_RESPONSE, "placeholder"),
+                    (PLACEHOLDER_CONTENT_TYPE, "a\nb"),
+                ],
+                "not a valid header value",
+            ),
+        ];
+        for (pairs, expected) in cases {
+            let err = parse(pairs).unwrap_err();
+            assert!(
+                err.starts_with("metadata.annotations[\"wakegate.dev/"),
+                "{err}"
+            );
+            assert!(err.contains(expected), "{err} should contain {expected}");
+        }
+    }
+}
