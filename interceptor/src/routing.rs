@@ -400,3 +400,217 @@ mod tests {
         assert_eq!(get(&t, "a", "/z"), None);
     }
 }
+
+/// Property tests: the table against a plain reference implementation of the documented
+/// precedence, over random tables and requests drawn from small alphabets (so routes collide),
+/// and lookups of arbitrary strings. `PROPTEST_CASES` sets how many cases each property runs.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    const HOSTS: &[&str] = &[
+        "a.example",
+        "A.Example.",
+        "b.example",
+        "*.example",
+        "*.a.example",
+        "*",
+        "[::1]",
+    ];
+    const PREFIXES: &[&str] = &["/", "/api", "api/", "/api/v2", "/apix", "/api/v2/"];
+    const REQUEST_HOSTS: &[&str] = &[
+        "a.example",
+        "A.EXAMPLE.:8080",
+        "x.a.example",
+        "y.x.a.example",
+        "b.example",
+        "c.example",
+        "example",
+        "other",
+        "[::1]:80",
+        "",
+    ];
+    const PATHS: &[&str] = &[
+        "/",
+        "/api",
+        "/api/",
+        "/api/v2",
+        "/api/v2/x",
+        "/apix",
+        "/x",
+        "",
+    ];
+
+    fn header_match() -> impl Strategy<Value = HeaderMatch> {
+        (
+            prop::sample::select(vec!["x-a", "x-b"]),
+            prop::option::of(prop::sample::select(vec!["1", "2"])),
+        )
+            .prop_map(|(name, value)| HeaderMatch {
+                name: HeaderName::from_static(name),
+                value: value.map(HeaderValue::from_static),
+            })
+    }
+
+    fn route_match() -> impl Strategy<Value = RouteMatch> {
+        (
+            prop::collection::vec(prop::sample::select(HOSTS), 0..3),
+            prop::collection::vec(prop::sample::select(PREFIXES), 0..3),
+            prop::collection::vec(header_match(), 0..3),
+        )
+            .prop_map(|(hosts, prefixes, headers)| RouteMatch {
+                hosts: hosts.into_iter().map(str::to_owned).collect(),
+                path_prefixes: prefixes.into_iter().map(str::to_owned).collect(),
+                headers,
+            })
+    }
+
+    fn request_headers() -> impl Strategy<Value = HeaderMap> {
+        prop::collection::vec(
+            (
+                prop::sample::select(vec!["x-a", "x-b", "x-c"]),
+                prop::sample::select(vec!["1", "2", "3"]),
+            ),
+            0..3,
+        )
+        .prop_map(|pairs| {
+            let mut map = HeaderMap::new();
+            for (k, v) in pairs {
+                map.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+            }
+            map
+        })
+    }
+
+    /// Which host bucket a route host falls in, for a normalised request host: 0 exact, then
+    /// 1.. for wildcards by how specific the suffix is (fewer labels stripped first), then the
+    /// catch-all last. `None` when it does not apply to this host.
+    fn host_rank(route_host: Option<&str>, host: &str) -> Option<usize> {
+        let Some(route_host) = route_host else {
+            return Some(usize::MAX);
+        };
+        let route_host = route_host.trim().to_ascii_lowercase();
+        if route_host == "*" {
+            return Some(usize::MAX);
+        }
+        if let Some(suffix) = route_host.strip_prefix("*.") {
+            return host
+                .match_indices('.')
+                .position(|(dot, _)| &host[dot + 1..] == suffix)
+                .map(|i| i + 1);
+        }
+        (route_host.trim_end_matches('.') == host).then_some(0)
+    }
+
+    /// Host bucket, then (reversed) prefix length, header matchers and valued ones, then index.
+    type Rank = (
+        usize,
+        std::cmp::Reverse<usize>,
+        std::cmp::Reverse<usize>,
+        std::cmp::Reverse<usize>,
+        usize,
+    );
+
+    /// The documented precedence, computed by brute force over every (host, prefix) a route
+    /// has: the best host bucket that has any match, then longest prefix, most header
+    /// matchers, most valued ones, earliest route.
+    fn reference(
+        routes: &[RouteMatch],
+        host: &str,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Option<usize> {
+        let host = normalize_host(host);
+        let mut best: Option<(Rank, usize)> = None;
+        for (index, m) in routes.iter().enumerate() {
+            let hosts: Vec<Option<&str>> = if m.hosts.is_empty() {
+                vec![None]
+            } else {
+                m.hosts.iter().map(|h| Some(h.as_str())).collect()
+            };
+            let prefixes: Vec<Box<str>> = if m.path_prefixes.is_empty() {
+                vec!["/".into()]
+            } else {
+                m.path_prefixes
+                    .iter()
+                    .map(|p| normalize_prefix(p))
+                    .collect()
+            };
+            let headers_ok = m.headers.iter().all(|h| match headers.get(&h.name) {
+                None => false,
+                Some(v) => h.value.as_ref().is_none_or(|want| want == v),
+            });
+            if !headers_ok {
+                continue;
+            }
+            let valued = m.headers.iter().filter(|h| h.value.is_some()).count();
+            for h in &hosts {
+                let Some(rank) = host_rank(*h, &host) else {
+                    continue;
+                };
+                for p in &prefixes {
+                    if !path_has_prefix(path, p) {
+                        continue;
+                    }
+                    use std::cmp::Reverse;
+                    let key = (
+                        rank,
+                        Reverse(p.len()),
+                        Reverse(m.headers.len()),
+                        Reverse(valued),
+                        index,
+                    );
+                    if best.as_ref().is_none_or(|(b, _)| key < *b) {
+                        best = Some((key, index));
+                    }
+                }
+            }
+        }
+        best.map(|(_, index)| index)
+    }
+
+    proptest! {
+        #[test]
+        fn lookup_agrees_with_the_reference(
+            routes in prop::collection::vec(route_match(), 0..8),
+            host in prop::sample::select(REQUEST_HOSTS),
+            path in prop::sample::select(PATHS),
+            headers in request_headers(),
+        ) {
+            let table = RouteTable::build(routes.iter().cloned().enumerate().map(|(i, m)| (m, i)));
+            prop_assert_eq!(table.lookup(host, path, &headers).copied(), reference(&routes, host, path, &headers));
+        }
+
+        #[test]
+        fn lookup_of_arbitrary_input_never_panics(
+            routes in prop::collection::vec(route_match(), 0..4),
+            host in any::<String>(),
+            path in any::<String>(),
+        ) {
+            let table = RouteTable::build(routes.into_iter().enumerate().map(|(i, m)| (m, i)));
+            let _ = table.lookup(&host, &path, &HeaderMap::new());
+            let normalized = normalize_host(&host);
+            // Normalising is idempotent only up to the port a second pass would strip; it
+            // never grows the host.
+            prop_assert!(normalized.len() <= host.len());
+        }
+
+        #[test]
+        fn host_case_port_and_trailing_dot_do_not_change_the_route(
+            routes in prop::collection::vec(route_match(), 0..8),
+            host in prop::sample::select(vec!["a.example", "x.a.example", "b.example", "other"]),
+            port in prop::option::of(1u16..),
+            upper in any::<bool>(),
+            dot in any::<bool>(),
+            path in prop::sample::select(PATHS),
+        ) {
+            let table = RouteTable::build(routes.into_iter().enumerate().map(|(i, m)| (m, i)));
+            let mut variant = if upper { host.to_ascii_uppercase() } else { host.to_owned() };
+            if dot { variant.push('.'); }
+            if let Some(port) = port { variant = format!("{variant}:{port}"); }
+            let headers = HeaderMap::new();
+            prop_assert_eq!(table.lookup(&variant, path, &headers), table.lookup(host, path, &headers));
+        }
+    }
+}

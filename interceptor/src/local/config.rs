@@ -745,3 +745,156 @@ routes:
         );
     }
 }
+
+/// Property tests: no config text, however wrong, panics the parser, and every rejection names
+/// where the problem is.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_yaml::{Mapping, Value};
+
+    /// Scalars that are sometimes right and often wrong for any key.
+    fn scalar() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            prop::sample::select(vec![
+                "a",
+                "",
+                "a b",
+                "\"",
+                "30s",
+                "2m",
+                "-1s",
+                "soon",
+                "0",
+                "127.0.0.1:8000",
+                "host",
+                "*.x",
+                "*",
+                "/",
+                "/api",
+                "h2c",
+                "http1",
+                "h3",
+                "waiting",
+                "\u{0}",
+                "300",
+                "x:99999",
+            ])
+            .prop_map(|s| Value::String(s.to_owned())),
+            any::<i64>().prop_map(|n| Value::Number(n.into())),
+            (0u16..4).prop_map(|n| Value::Number(n.into())),
+            any::<bool>().prop_map(Value::Bool),
+            Just(Value::Null),
+            any::<String>().prop_map(Value::String),
+        ]
+    }
+
+    const KEYS: &[&str] = &[
+        "name",
+        "hosts",
+        "pathPrefixes",
+        "headers",
+        "target",
+        "upstream",
+        "command",
+        "port",
+        "env",
+        "workingDir",
+        "readinessProbe",
+        "httpGet",
+        "tcpSocket",
+        "path",
+        "protocol",
+        "tls",
+        "serverName",
+        "insecureSkipVerify",
+        "scaledownPeriod",
+        "timeouts",
+        "readiness",
+        "conditionWait",
+        "responseHeader",
+        "maxInFlightPerEndpoint",
+        "maxHeldRequests",
+        "failover",
+        "timeout",
+        "coldStart",
+        "waitingPage",
+        "refreshSeconds",
+        "placeholder",
+        "status",
+        "contentType",
+        "body",
+        "value",
+        "stopGracePeriod",
+        "unknownKey",
+    ];
+
+    /// YAML trees built from the config's own keys, nested a few levels.
+    fn tree() -> impl Strategy<Value = Value> {
+        scalar().prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Sequence),
+                prop::collection::vec((prop::sample::select(KEYS), inner), 0..6).prop_map(
+                    |pairs| {
+                        let mut map = Mapping::new();
+                        for (k, v) in pairs {
+                            map.insert(Value::String(k.to_owned()), v);
+                        }
+                        Value::Mapping(map)
+                    }
+                ),
+            ]
+        })
+    }
+
+    fn check(text: &str) -> Result<(), TestCaseError> {
+        match LocalConfig::parse(text) {
+            Ok(config) => {
+                prop_assert!(!config.routes.is_empty());
+                let mut names = HashSet::new();
+                for r in &config.routes {
+                    prop_assert!(!r.spec.id.is_empty());
+                    prop_assert!(names.insert(r.spec.id.clone()), "duplicate name accepted");
+                }
+            }
+            Err(Problem::Invalid { key, problem }) => {
+                prop_assert!(key.starts_with("routes"), "key {key:?} names no place");
+                prop_assert!(!problem.is_empty());
+            }
+            Err(Problem::Parse(e)) => prop_assert!(!e.to_string().is_empty()),
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn structured_configs_never_panic_and_errors_name_a_key(
+            routes in prop::collection::vec(tree(), 0..4),
+        ) {
+            let mut root = Mapping::new();
+            root.insert(Value::String("routes".into()), Value::Sequence(routes));
+            let text = serde_yaml::to_string(&Value::Mapping(root)).unwrap();
+            check(&text)?;
+        }
+
+        #[test]
+        fn arbitrary_text_never_panics(text in any::<String>()) {
+            check(&text)?;
+        }
+
+        #[test]
+        fn nearly_valid_routes_are_accepted_or_named(
+            name in prop::sample::select(vec!["a", "b", "", "two words"]),
+            upstream in prop::sample::select(vec!["127.0.0.1:8000", "127.0.0.1", "[::1]:80", "no port", ":1"]),
+            host in prop::sample::select(vec!["a.test", "*.test", "*", "bad host", ""]),
+            readiness in prop::sample::select(vec!["30s", "1m 30s", "5", "-1", "never"]),
+            held in prop::sample::select(vec!["1", "0", "100", "-5"]),
+        ) {
+            let text = format!(
+                "routes:\n  - name: \"{name}\"\n    hosts: [\"{host}\"]\n    timeouts: {{ readiness: \"{readiness}\" }}\n    maxHeldRequests: {held}\n    target: {{ upstream: \"{upstream}\" }}\n"
+            );
+            check(&text)?;
+        }
+    }
+}

@@ -71,12 +71,18 @@ pub fn set_forwarded(
     proto: &'static str,
     host: Option<&str>,
 ) {
-    let client = client.to_string();
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.is_empty() => format!("{prior}, {client}"),
-        _ => client,
-    };
-    if let Ok(value) = HeaderValue::try_from(xff) {
+    // Every earlier hop is kept, however many lines the list came in and whatever bytes they
+    // hold (a header value is valid bytes by construction, so the joined list is too).
+    let mut xff: Vec<u8> = Vec::new();
+    for prior in headers.get_all(&X_FORWARDED_FOR) {
+        let prior = prior.as_bytes().trim_ascii();
+        if !prior.is_empty() {
+            xff.extend_from_slice(prior);
+            xff.extend_from_slice(b", ");
+        }
+    }
+    xff.extend_from_slice(client.to_string().as_bytes());
+    if let Ok(value) = HeaderValue::from_bytes(&xff) {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
     if !headers.contains_key(&X_FORWARDED_PROTO) {
@@ -127,5 +133,140 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "::1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert!(!h.contains_key("x-forwarded-host"));
+    }
+
+    #[test]
+    fn forwarded_for_keeps_every_earlier_line() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", "10.0.0.1".parse().unwrap());
+        h.append("x-forwarded-for", "10.0.0.2, 10.0.0.3".parse().unwrap());
+        set_forwarded(&mut h, "127.0.0.1".parse().unwrap(), "http", None);
+        assert_eq!(
+            h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
+            ["10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.1"]
+        );
+    }
+}
+
+/// Property tests over arbitrary header sets: what must hold whatever a client sends.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Header names: the ones with meaning here, plus arbitrary valid tokens.
+    fn name() -> impl Strategy<Value = HeaderName> {
+        prop_oneof![
+            prop::sample::select(vec![
+                "connection",
+                "keep-alive",
+                "te",
+                "trailer",
+                "transfer-encoding",
+                "upgrade",
+                "proxy-authorization",
+                "x-forwarded-for",
+                "x-forwarded-proto",
+                "x-forwarded-host",
+                "x-keep",
+                "x-secret",
+            ])
+            .prop_map(HeaderName::from_static),
+            "[a-z0-9!#$%&'*+.^_`|~-]{1,12}"
+                .prop_map(|n| HeaderName::from_bytes(n.as_bytes()).unwrap()),
+        ]
+    }
+
+    /// Header values: comma lists of names, and arbitrary valid bytes (obs-text included).
+    fn value() -> impl Strategy<Value = HeaderValue> {
+        prop_oneof![
+            prop::collection::vec(
+                prop::sample::select(vec![
+                    "close",
+                    "upgrade",
+                    "keep-alive",
+                    "x-secret",
+                    " X-Keep ",
+                    "",
+                    "te"
+                ]),
+                0..4
+            )
+            .prop_map(|parts| HeaderValue::from_str(&parts.join(",")).unwrap()),
+            prop::collection::vec(prop_oneof![0x20u8..0x7f, 0x80u8..=0xff, Just(b'\t')], 0..40)
+                .prop_filter_map("valid value", |b| HeaderValue::from_bytes(&b).ok()),
+        ]
+    }
+
+    fn header_map() -> impl Strategy<Value = HeaderMap> {
+        prop::collection::vec((name(), value()), 0..12).prop_map(|pairs| {
+            let mut map = HeaderMap::new();
+            for (k, v) in pairs {
+                map.append(k, v);
+            }
+            map
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn no_hop_by_hop_header_survives_stripping(mut headers in header_map()) {
+            let named: Vec<HeaderName> = headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+                .collect();
+            let before = headers.clone();
+            strip_hop_by_hop(&mut headers);
+            for h in HOP_BY_HOP.iter().chain(named.iter()).chain([&header::UPGRADE]) {
+                prop_assert!(!headers.contains_key(h), "{h} survived");
+            }
+            // Nothing else is touched.
+            for (k, v) in &headers {
+                prop_assert!(before.get_all(k).iter().any(|b| b == v));
+            }
+        }
+
+        #[test]
+        fn forwarding_headers_are_always_valid_and_end_with_the_client(
+            mut headers in header_map(),
+            client in any::<std::net::IpAddr>(),
+            host in prop::option::of(any::<String>()),
+        ) {
+            let earlier: Vec<Vec<u8>> = headers
+                .get_all(&X_FORWARDED_FOR)
+                .iter()
+                .map(|v| v.as_bytes().trim_ascii().to_vec())
+                .filter(|v| !v.is_empty())
+                .collect();
+            set_forwarded(&mut headers, client, "https", host.as_deref());
+            let xff: Vec<&HeaderValue> = headers.get_all(&X_FORWARDED_FOR).iter().collect();
+            prop_assert_eq!(xff.len(), 1);
+            let xff = xff[0].as_bytes();
+            let client_text = client.to_string();
+            prop_assert!(xff.ends_with(client_text.as_bytes()));
+            let mut at = 0;
+            for e in &earlier {
+                let found = xff[at..].windows(e.len()).position(|w| w == e.as_slice());
+                prop_assert!(found.is_some(), "an earlier hop was lost");
+                at += found.unwrap_or(0) + e.len();
+            }
+            prop_assert!(headers.contains_key(&X_FORWARDED_PROTO));
+        }
+
+        #[test]
+        fn an_upgrade_needs_both_headers(headers in header_map()) {
+            if let Some(protocol) = upgrade_protocol(&headers) {
+                prop_assert_eq!(headers.get(header::UPGRADE), Some(&protocol));
+                let asked = headers
+                    .get_all(header::CONNECTION)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")));
+                prop_assert!(asked);
+            }
+        }
     }
 }
