@@ -127,8 +127,7 @@ impl Admin {
             let next = tokio::select! {
                 wake = rx.recv() => match wake {
                     Ok(wake) => {
-                        let mut value = serde_json::to_value(&wake).unwrap_or_default();
-                        value["type"] = "wake".into();
+                        let value = serde_json::to_value(&wake).unwrap_or_default();
                         line(&value)
                     }
                     // Too slow a reader: tell it to resynchronise from /queue.

@@ -8,8 +8,13 @@
 //! ```text
 //! {"type":"hello","queue":{"ns/app":{"Concurrency":3,"RequestCount":17}}}
 //! {"type":"wake","route":"ns/app","target":"ns/app","at":1795653932178,"atUs":1795653932178042}
+//! {"type":"ready","route":"ns/app","target":"ns/app","at":1795653932480,"atUs":1795653932480311}
 //! {"type":"ping"}
 //! ```
+//!
+//! `ready` marks the moment the held requests of a wake were released (the target's first
+//! endpoint became ready, as the proxy saw it), once per wake; load testers use the pair to split
+//! a cold start into boot time and proxy overhead.
 //!
 //! `hello` comes first, with the counts at subscription time, so a controller that connects
 //! while requests are already held sees them at once. `ping` comes every 15 s so either side
@@ -22,9 +27,12 @@ use tokio::sync::broadcast;
 
 use crate::provider::{RouteId, TargetId};
 
-/// One wake event.
+/// One wake or ready event.
 #[derive(Clone, Debug, Serialize)]
 pub struct Wake {
+    /// `wake` or `ready`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
     /// The route whose first request is held.
     pub route: RouteId,
     /// Its target.
@@ -49,10 +57,20 @@ impl Default for WakeEvents {
 impl WakeEvents {
     /// Publishes a wake; nobody listening is fine.
     pub fn publish(&self, route: &RouteId, target: &TargetId) {
+        self.send("wake", route, target);
+    }
+
+    /// Publishes that a wake's held requests were released.
+    pub fn publish_ready(&self, route: &RouteId, target: &TargetId) {
+        self.send("ready", route, target);
+    }
+
+    fn send(&self, kind: &'static str, route: &RouteId, target: &TargetId) {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         let _ = self.0.send(Wake {
+            kind,
             route: route.clone(),
             target: target.clone(),
             at: now.as_millis() as u64,

@@ -261,11 +261,17 @@ async fn the_first_held_request_is_pushed_on_the_events_stream() {
     assert_eq!(wake["type"], "wake");
     assert_eq!(wake["route"], "wake");
     assert!(wake["at"].as_u64().unwrap() > 0);
+    // Then one `ready` when the held requests are released, at least the boot delay later.
+    let ready = next_line().await;
+    assert_eq!(ready["type"], "ready");
+    assert_eq!(ready["route"], "wake");
+    let boot = ready["atUs"].as_u64().unwrap() - wake["atUs"].as_u64().unwrap();
+    assert!(boot >= 300_000, "ready {boot} us after the wake");
     assert_eq!(first.await.unwrap().unwrap().status, StatusCode::OK);
     assert_eq!(second.await.unwrap().unwrap().status, StatusCode::OK);
-    // One wake per cold start, not one per held request.
+    // One wake and one ready per cold start, not one per held request.
     let more = tokio::time::timeout(Duration::from_millis(200), body.frame()).await;
-    assert!(more.is_err(), "no second wake for the same cold start");
+    assert!(more.is_err(), "no second event for the same cold start");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

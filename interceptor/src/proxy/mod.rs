@@ -66,6 +66,9 @@ pub struct RouteState {
     failover: Option<(watch::Receiver<ReadyEndpoints>, Duration)>,
     /// The pooled client for the target (shared by every route with the same protocol and TLS).
     client: UpstreamClient,
+    /// Set when a wake is published, cleared (and a ready event published) when the first held
+    /// request is released.
+    awaiting_ready: AtomicBool,
 }
 
 /// A pooled upstream client. Every client can speak TLS; only `https` URIs do.
@@ -190,6 +193,7 @@ impl Proxy {
         let table = RouteTable::build(specs.iter().map(|spec| {
             let state = RouteState {
                 client: self.client_for(&mut clients, spec.protocol, spec.upstream_tls.as_ref()),
+                awaiting_ready: AtomicBool::new(false),
                 load: self.loads.get(&spec.id),
                 endpoints: self.provider.endpoints(&spec.target),
                 readiness_timeout: spec.readiness_timeout.unwrap_or(self.settings.readiness),
@@ -471,6 +475,7 @@ impl Proxy {
         let (_total, _held, first) = self.admit_hold(route)?;
         self.provider.wake(&route.spec.target);
         if first {
+            route.awaiting_ready.store(true, Ordering::Relaxed);
             self.wakes.publish(&route.spec.id, &route.spec.target);
         }
         let mut ready = route.endpoints.clone();
@@ -513,11 +518,16 @@ impl Proxy {
             }
         };
         match outcome {
-            Ok((endpoint, lease)) => Ok(Acquired {
-                endpoint,
-                lease,
-                waited: Some(held_at.elapsed()),
-            }),
+            Ok((endpoint, lease)) => {
+                if route.awaiting_ready.swap(false, Ordering::Relaxed) {
+                    self.wakes.publish_ready(&route.spec.id, &route.spec.target);
+                }
+                Ok(Acquired {
+                    endpoint,
+                    lease,
+                    waited: Some(held_at.elapsed()),
+                })
+            }
             Err(_elapsed) => {
                 let ready = route.endpoints.borrow().as_slice().len();
                 let waited = round_to_ms(held_at.elapsed());
