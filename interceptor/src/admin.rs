@@ -90,6 +90,7 @@ impl Admin {
             "/status" => json(&serde_json::json!({
                 "ready": self.proxy.is_loaded() && !self.draining.load(Ordering::Acquire),
                 "queue": self.loads.queue(),
+                "held": self.loads.held(),
                 "targets": self.provider.status(),
             })),
             "/metrics" => {

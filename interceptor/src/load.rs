@@ -69,6 +69,14 @@ impl Loads {
             .collect()
     }
 
+    /// Requests held now, per route (for `/status`).
+    pub fn held(&self) -> BTreeMap<String, u64> {
+        self.routes
+            .iter()
+            .map(|e| (e.key().to_string(), e.value().held()))
+            .collect()
+    }
+
     /// Visits every route's load (for metrics).
     pub fn for_each(&self, mut f: impl FnMut(&RouteId, &RouteLoad)) {
         for e in self.routes.iter() {
