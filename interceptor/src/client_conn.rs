@@ -87,16 +87,42 @@ impl AsyncRead for ClientIo {
         loop {
             ready!(self.0.poll_read_ready(cx))?;
             let want = buf.remaining().min(MAX_READ);
-            let read = SCRATCH.with(|scratch| {
-                let mut scratch = scratch.borrow_mut();
-                let n = self.0.try_read(&mut scratch[..want])?;
-                buf.put_slice(&scratch[..n]);
-                Ok::<_, io::Error>(n)
+            let mut got = None;
+            // The read runs inside `try_io` so that a short read can clear the readiness it
+            // was woken for (the closure reports `WouldBlock` after reading), as tokio's own
+            // reads do: the socket is drained, and the next read waits for an event instead of
+            // costing a `recv` that fails with EAGAIN. Readiness that arrived during the read
+            // carries a newer tick and is not cleared.
+            let result = self.0.try_io(Interest::READABLE, || {
+                SCRATCH.with(|scratch| {
+                    let mut scratch = scratch.borrow_mut();
+                    let n = nix::sys::socket::recv(
+                        self.0.as_raw_fd(),
+                        &mut scratch[..want],
+                        nix::sys::socket::MsgFlags::empty(),
+                    )
+                    .map_err(io::Error::from)?;
+                    buf.put_slice(&scratch[..n]);
+                    got = Some(n);
+                    if n > 0 && n < want {
+                        Err(io::Error::from(io::ErrorKind::WouldBlock))
+                    } else {
+                        Ok(())
+                    }
+                })
             });
-            match read {
-                Ok(_) => return Poll::Ready(Ok(())),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
+            match (result, got) {
+                (_, Some(_)) => return Poll::Ready(Ok(())),
+                (Err(e), None)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue
+                }
+                (Err(e), None) => return Poll::Ready(Err(e)),
+                (Ok(()), None) => return Poll::Ready(Ok(())),
             }
         }
     }
