@@ -23,8 +23,8 @@ export RUSTC="${DEBIAN_RUSTC:-/usr/bin/rustc}"
 export RUSTDOC="${DEBIAN_RUSTDOC:-/usr/bin/rustdoc}"
 BINARIES=(wakegate-interceptor wakegate-controller wakegate-loadtest)
 # Where the other architectures' standard libraries are unpacked (see std_for).
-SYSROOT="${DEBIAN_SYSROOT:-$ROOT/target/debian-sysroot}"
-WORK_DEBS="$ROOT/target/debian-debs"
+SYSROOT="${DEBIAN_SYSROOT:-$CARGO_TARGET_DIR/sysroot}"
+WORK_DEBS="$CARGO_TARGET_DIR/debs"
 # Sizes are checked against this (bytes): 15 MiB.
 MAX_SIZE=$((15 * 1024 * 1024))
 

@@ -456,3 +456,83 @@ fn the_example_renders_and_routes_to_the_interceptor() {
     assert_eq!(backend.name, "wakegate-interceptor-proxy");
     assert_eq!(backend.port.unwrap().name.as_deref(), Some("http"));
 }
+
+/// There is no Docker engine here, so the images are checked against what CI does build: the
+/// Dockerfile runs the cross-build script, has a non-root stage per binary the script builds,
+/// names the platforms the script knows, and every image the manifests use is one of its stages.
+#[test]
+fn the_dockerfile_matches_the_cross_build_and_the_manifests() {
+    let dockerfile = std::fs::read_to_string(repo().join("deploy/images/Dockerfile")).unwrap();
+    let script = std::fs::read_to_string(repo().join("deploy/cross-build.sh")).unwrap();
+    assert!(dockerfile.contains("deploy/cross-build.sh install"));
+    assert!(dockerfile.contains("deploy/cross-build.sh build"));
+    let binaries: Vec<&str> = script
+        .lines()
+        .find_map(|l| l.strip_prefix("BINARIES=("))
+        .unwrap()
+        .trim_end_matches(')')
+        .split_whitespace()
+        .collect();
+    assert_eq!(binaries.len(), 3, "{binaries:?}");
+    let stages: Vec<String> = dockerfile
+        .split("\nFROM ")
+        .skip(1)
+        .filter_map(|stage| {
+            let first = stage.lines().next()?;
+            first.split(" AS ").nth(1).map(|s| s.trim().to_owned())
+        })
+        .collect();
+    for bin in &binaries {
+        let stage = bin.trim_start_matches("wakegate-");
+        assert!(
+            stages.iter().any(|s| s == stage),
+            "no image stage for {bin}"
+        );
+        let body = dockerfile
+            .split(&format!(" AS {stage}\n"))
+            .nth(1)
+            .unwrap()
+            .split("\nFROM ")
+            .next()
+            .unwrap();
+        assert!(
+            body.contains(&format!("/out/bin/{bin}")),
+            "{stage} copies {bin}"
+        );
+        assert!(
+            body.contains("USER 65532:65532"),
+            "{stage} runs as non-root"
+        );
+        assert!(body.contains(&format!("ENTRYPOINT [\"/usr/local/bin/{bin}\"]")));
+    }
+    for (platform, arch) in [
+        ("linux/amd64", "amd64"),
+        ("linux/arm64", "arm64"),
+        ("linux/arm/v7", "armv7"),
+    ] {
+        assert!(dockerfile.contains(platform), "buildx builds {platform}");
+        assert!(
+            script.contains(&format!("{arch}) echo")),
+            "the script builds {arch}"
+        );
+    }
+    for dir in [
+        "deploy/overlays/keda",
+        "deploy/overlays/standalone",
+        "deploy/example",
+    ] {
+        for obj in of_kind(&render(dir), "Deployment") {
+            let d: Deployment = typed(obj);
+            for c in d.spec.unwrap().template.spec.unwrap().containers {
+                let image = c.image.unwrap();
+                let repo_name = image.rsplit('/').next().unwrap().split(':').next().unwrap();
+                let stage = repo_name.trim_start_matches("wakegate-");
+                assert!(
+                    image.starts_with("ghcr.io/wakegate/wakegate-")
+                        && stages.iter().any(|s| s == stage),
+                    "{dir}: image {image} is not built by deploy/images/Dockerfile"
+                );
+            }
+        }
+    }
+}
