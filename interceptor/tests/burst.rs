@@ -25,15 +25,22 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_held_requests_are_all_answered_in_bounded_memory() {
     let port = free_port();
+    // The backend boots only once the test has seen every request held (it creates the gate
+    // file then), so the release cannot start early however slow the machine is (qemu runs
+    // this suite for aarch64).
+    let gate = tempfile::tempdir().unwrap();
+    let gate_file = gate.path().join("open");
     let config = format!(
-        "routes:\n{}",
-        backend_route(
-            "burst",
-            "burst.test",
-            port,
-            "4s",
-            "    timeouts: { readiness: 120s }\n"
-        )
+        r#"routes:
+  - name: burst
+    hosts: ["burst.test"]
+    target:
+      command: ["/bin/sh", "-c", "while [ ! -e '{gate}' ]; do sleep 0.01; done; exec '{BIN}' backend --port {port}"]
+      port: {port}
+      stopGracePeriod: 2s
+    timeouts: {{ readiness: 300s }}
+"#,
+        gate = gate_file.display()
     );
     let ic = Interceptor::start(&config).await;
     let idle = rss_kib(ic.pid(), "VmRSS:");
@@ -52,11 +59,12 @@ async fn ten_thousand_held_requests_are_all_answered_in_bounded_memory() {
             reply.starts_with(b"HTTP/1.1 200")
         });
     }
-    eventually("all held", Duration::from_secs(60), || async {
+    eventually("all held", Duration::from_secs(240), || async {
         ic.queue().await["burst"]["Concurrency"].as_u64() == Some(HELD as u64)
     })
     .await;
     let held_rss = rss_kib(ic.pid(), "VmRSS:");
+    std::fs::write(&gate_file, b"").unwrap();
     let mut ok = 0;
     while let Some(result) = clients.join_next().await {
         ok += usize::from(result.unwrap());
