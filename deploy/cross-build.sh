@@ -165,7 +165,7 @@ test_arm64() {
     # The dynamic loader and libc the emulated binaries load.
     export QEMU_LD_PREFIX=/usr/aarch64-linux-gnu
     echo "==> aarch64 tests under qemu" >&2
-    (cd "$ROOT" && "$CARGO" test --locked --target "$t" -p wakegate-interceptor -p wakegate-loadtest)
+    (cd "$ROOT" && "$CARGO" test --locked --no-fail-fast --target "$t" -p wakegate-interceptor -p wakegate-loadtest)
 }
 
 case "${1:-}" in
