@@ -31,20 +31,18 @@ async fn ten_thousand_held_requests_are_all_answered_in_bounded_memory() {
     let gate = tempfile::tempdir().unwrap();
     let gate_file = gate.path().join("open");
     let config = format!(
-        r#"routes:
-  - name: burst
-    hosts: ["burst.test"]
-    target:
-      command: ["/bin/sh", "-c", "while [ ! -e '{gate}' ]; do sleep 0.01; done; exec '{BIN}' backend --port {port}"]
-      port: {port}
-      stopGracePeriod: 2s
-    timeouts: {{ readiness: 300s }}
-    # The release goes to the backend over at most 512 requests at a time. Uncapped, each of
-    # the 10,000 opens its own connection at once, which a slow backend (this one, emulated by
-    # qemu for the aarch64 run) cannot accept in time; the cap is what protects a real one.
-    maxInFlightPerEndpoint: 512
-"#,
-        gate = gate_file.display()
+        "routes:\n{}",
+        gated_backend_route(
+            "burst",
+            "burst.test",
+            port,
+            &gate_file,
+            // The release goes to the backend over at most 512 requests at a time. Uncapped,
+            // each of the 10,000 opens its own connection at once, which a slow backend (this
+            // one, emulated by qemu for the aarch64 run) cannot accept in time; the cap is what
+            // protects a real one.
+            "    timeouts: { readiness: 300s }\n    maxInFlightPerEndpoint: 512\n",
+        )
     );
     let ic = Interceptor::start(&config).await;
     let idle = rss_kib(ic.pid(), "VmRSS:");

@@ -15,14 +15,16 @@ use support::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_held_requests_all_get_200_once_the_backend_binds() {
     let port = free_port();
+    let gate = tempfile::tempdir().unwrap();
+    let gate_file = gate.path().join("open");
     let config = format!(
         "routes:\n{}",
-        backend_route(
+        gated_backend_route(
             "hello",
             "hello.test",
             port,
-            "1500ms",
-            "    timeouts: { readiness: 60s }\n"
+            &gate_file,
+            "    timeouts: { readiness: 120s }\n"
         )
     );
     let ic = Interceptor::start(&config).await;
@@ -42,6 +44,8 @@ async fn a_thousand_held_requests_all_get_200_once_the_backend_binds() {
         metrics.contains("wakegate_held_requests{route=\"hello\"} 1000"),
         "{metrics}"
     );
+    // Now the backend may boot.
+    std::fs::write(&gate_file, b"").unwrap();
 
     let mut cold = 0;
     for (i, task) in tasks.into_iter().enumerate() {

@@ -313,6 +313,28 @@ pub fn backend_route(name: &str, host: &str, port: u16, boot_delay: &str, extra:
     )
 }
 
+/// A config route whose target is the example backend, started only once `gate` exists: a
+/// test that must see requests held before the backend is up opens the gate when it has,
+/// however slow the machine (qemu runs these tests for aarch64).
+pub fn gated_backend_route(
+    name: &str,
+    host: &str,
+    port: u16,
+    gate: &std::path::Path,
+    extra: &str,
+) -> String {
+    format!(
+        r#"  - name: {name}
+    hosts: ["{host}"]
+    target:
+      command: ["/bin/sh", "-c", "while [ ! -e '{gate}' ]; do sleep 0.01; done; exec '{BIN}' backend --port {port} --name {name}"]
+      port: {port}
+      stopGracePeriod: 2s
+{extra}"#,
+        gate = gate.display()
+    )
+}
+
 /// An in-process upstream that answers with its name and counts requests and peak concurrency.
 #[derive(Clone)]
 pub struct Upstream {
