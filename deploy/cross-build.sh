@@ -164,6 +164,8 @@ test_arm64() {
     binfmt
     # The dynamic loader and libc the emulated binaries load.
     export QEMU_LD_PREFIX=/usr/aarch64-linux-gnu
+    # Doctests are compiled by rustdoc, which takes its flags from here, not from RUSTFLAGS.
+    export RUSTDOCFLAGS="--sysroot=$SYSROOT"
     echo "==> aarch64 tests under qemu" >&2
     (cd "$ROOT" && "$CARGO" test --locked --no-fail-fast --target "$t" -p wakegate-interceptor -p wakegate-loadtest)
 }
