@@ -134,7 +134,7 @@ pub struct RateSummary {
     pub connections: Option<u64>,
     /// Requests sent per second, achieved.
     pub send_rate: f64,
-    /// Open loop: sends more than 1 ms behind schedule (the in-flight cap, or a slow client).
+    /// Open loop: sends more than 5 ms behind schedule (the in-flight cap, or a slow client).
     pub late_sends: u64,
 }
 
@@ -304,7 +304,7 @@ impl Report {
                 (Some(rate), _) => {
                     let _ = writeln!(
                         out,
-                        "  rate: target {rate:.1}/s{}, sent {:.1}/s, {} sends late by over 1 ms",
+                        "  rate: target {rate:.1}/s{}, sent {:.1}/s, {} sends late by over 5 ms",
                         r.ramp_from
                             .map(|f| format!(" (ramped from {f:.1}/s)"))
                             .unwrap_or_default(),
