@@ -192,7 +192,7 @@ pub fn render(report: &Report) -> String {
         .unwrap_or(0)
         .max(1) as f64;
     let y_state = |v: f64| state.bottom() - v / max_state * state.height;
-    value_ticks(&mut svg, &state, max_state, &y_state, plot_w);
+    value_ticks(&mut svg, max_state, &y_state, plot_w);
     axis_title(&mut svg, &state, "requests");
     // In flight is drawn wide underneath, so held (often equal at a cold start) shows on top.
     let in_flight: fn(&crate::record::StateSample) -> u64 = |s| s.in_flight;
@@ -229,7 +229,7 @@ pub fn render(report: &Report) -> String {
         .unwrap_or(0)
         .max(1) as f64;
     let y_ready = |v: f64| ready.bottom() - v / max_ready * ready.height;
-    value_ticks(&mut svg, &ready, max_ready, &y_ready, plot_w);
+    value_ticks(&mut svg, max_ready, &y_ready, plot_w);
     axis_title(&mut svg, &ready, "ready backends");
     let mut steps = Vec::new();
     let mut last: Option<u64> = None;
@@ -285,7 +285,7 @@ fn axis_title(svg: &mut String, panel: &Panel, title: &str) {
     );
 }
 
-fn value_ticks(svg: &mut String, panel: &Panel, max: f64, y: &dyn Fn(f64) -> f64, plot_w: f64) {
+fn value_ticks(svg: &mut String, max: f64, y: &dyn Fn(f64) -> f64, plot_w: f64) {
     let step = nice_step(max, 4.0).max(1.0);
     let mut v = 0.0;
     while v <= max + 1e-9 {
@@ -300,7 +300,6 @@ fn value_ticks(svg: &mut String, panel: &Panel, max: f64, y: &dyn Fn(f64) -> f64
         );
         v += step;
     }
-    let _ = panel;
 }
 
 /// `2`, `0.5`, `0.25`: no trailing zeros.

@@ -413,19 +413,15 @@ pub async fn reload_on_change(
             () = stop.cancelled() => return,
             () = tokio::time::sleep(interval) => {}
         }
-        let sources = sources.clone();
-        let Ok(now) = tokio::task::spawn_blocking({
-            let sources = sources.clone();
-            move || fingerprint(&sources)
-        })
-        .await
-        else {
+        let probe = sources.clone();
+        let Ok(now) = tokio::task::spawn_blocking(move || fingerprint(&probe)).await else {
             continue;
         };
         if now == seen || failed.as_ref() == Some(&now) {
             continue;
         }
-        match tokio::task::spawn_blocking(move || Certificates::load(&sources)).await {
+        let load = sources.clone();
+        match tokio::task::spawn_blocking(move || Certificates::load(&load)).await {
             Ok(Ok(certs)) => {
                 tracing::info!(names = ?certs.names(), default = certs.default.is_some(), "TLS certificates reloaded");
                 seen = certs.files.clone();
