@@ -24,7 +24,7 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_held_requests_are_all_answered_in_bounded_memory() {
-    let port = free_port();
+    let port = free_port_below_ephemeral();
     // The backend boots only once the test has seen every request held (it creates the gate
     // file then), so the release cannot start early however slow the machine is (qemu runs
     // this suite for aarch64).

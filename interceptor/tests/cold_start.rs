@@ -14,7 +14,7 @@ use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_held_requests_all_get_200_once_the_backend_binds() {
-    let port = free_port();
+    let port = free_port_below_ephemeral();
     let gate = tempfile::tempdir().unwrap();
     let gate_file = gate.path().join("open");
     let config = format!(

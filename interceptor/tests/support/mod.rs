@@ -30,6 +30,27 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A free port below the kernel's ephemeral range, for a backend that binds only after many
+/// client connections are open: a port from [`free_port`] is in that range, and one of those
+/// connections can take it as its local port before the backend binds.
+pub fn free_port_below_ephemeral() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    // Spread over the range by pid and time, so parallel tests rarely try the same ports.
+    let seed = std::process::id() as u64
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos() as u64;
+    let span = u64::from(low.saturating_sub(20_000).max(1));
+    (0..span)
+        .map(|i| 20_000 + ((seed + i * 7919) % span) as u16)
+        .find(|p| TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port below the ephemeral range")
+}
+
 /// Waits until `check` is true, polling every 10 ms; panics naming `what` after `deadline`.
 pub async fn eventually<F, Fut>(what: &str, deadline: Duration, mut check: F)
 where
@@ -315,7 +336,8 @@ pub fn backend_route(name: &str, host: &str, port: u16, boot_delay: &str, extra:
 
 /// A config route whose target is the example backend, started only once `gate` exists: a
 /// test that must see requests held before the backend is up opens the gate when it has,
-/// however slow the machine (qemu runs these tests for aarch64).
+/// however slow the machine (qemu runs these tests for aarch64). Give it a port from
+/// [`free_port_below_ephemeral`].
 pub fn gated_backend_route(
     name: &str,
     host: &str,
