@@ -76,10 +76,7 @@ pub async fn run(args: BackendArgs) -> anyhow::Result<()> {
         }
     });
     let name: std::sync::Arc<str> = args.name.into();
-    let settings = ConnectionSettings {
-        header_read_timeout: Duration::from_secs(10),
-        max_header_bytes: 64 * 1024,
-    };
+    let settings = ConnectionSettings::internal(Duration::from_secs(10));
     server::serve(
         listener,
         tls,

@@ -124,9 +124,44 @@ pub struct ServeArgs {
     #[arg(long, env = "WAKEGATE_RESPONSE_HEADER_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub response_header_timeout: Duration,
 
-    /// How long a client may take to send a request's headers.
+    /// The whole-request deadline, from arrival (the cold-start wait included) to the end of
+    /// the response: 504 before the response headers, the response cut after. `0s` means none;
+    /// a route's `timeouts.request` overrides it.
+    #[arg(long, env = "WAKEGATE_REQUEST_TIMEOUT", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
+    /// How long a new connection may take from accept to its first complete request head (TLS
+    /// handshake and HTTP/2 preface included), and a later request its headers.
     #[arg(long, env = "WAKEGATE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
+
+    /// A client connection with no request in flight for this long is closed (HTTP/2: GOAWAY,
+    /// then close). Keep it above the idle timeout of the proxy in front (nginx 60s, Traefik
+    /// 90s), so that proxy closes first and never sends on a connection being closed.
+    #[arg(long, env = "WAKEGATE_CLIENT_IDLE_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
+    pub client_idle_timeout: Duration,
+
+    /// Most client connections open at once, over the plaintext and TLS listeners; past it, new
+    /// connections are closed at once (and counted) while open ones keep being served.
+    #[arg(long, env = "WAKEGATE_MAX_CLIENT_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_client_connections: u32,
+
+    /// After the header-read timeout's worth of grace, a request body must arrive at least this
+    /// fast on average (bytes per second, counting only time spent waiting for the client);
+    /// slower bodies get 408. gRPC requests are exempt. `0` turns it off.
+    #[arg(long, env = "WAKEGATE_MIN_REQUEST_BODY_RATE", default_value_t = 240)]
+    pub min_request_body_rate: u64,
+
+    /// Peers whose `X-Forwarded-For`, `-Proto` and `-Host` are believed (CIDRs or addresses,
+    /// comma-separated; `none` trusts nobody). The default is loopback and the private ranges,
+    /// where an in-cluster Ingress lives. Any other peer's forwarding headers are replaced.
+    #[arg(
+        long,
+        env = "WAKEGATE_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        default_value = "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,100.64.0.0/10,fc00::/7"
+    )]
+    pub trusted_proxies: Vec<TrustedProxy>,
 
     /// Most requests held at once over all routes (waiting for a cold target); past it, 503
     /// with Retry-After. Each held request costs a socket and a few KiB.
@@ -145,4 +180,58 @@ pub struct ServeArgs {
     /// sending new requests first. Set it to a few seconds in Kubernetes.
     #[arg(long, env = "WAKEGATE_SHUTDOWN_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
     pub shutdown_delay: Duration,
+}
+
+/// One `--trusted-proxies` entry: a CIDR, a single address, or `none`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrustedProxy(pub Option<ipnet::IpNet>);
+
+impl std::str::FromStr for TrustedProxy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("none") {
+            return Ok(Self(None));
+        }
+        if let Ok(net) = s.parse::<ipnet::IpNet>() {
+            return Ok(Self(Some(net.trunc())));
+        }
+        s.parse::<std::net::IpAddr>()
+            .map(|ip| Self(Some(ipnet::IpNet::from(ip))))
+            .map_err(|_| format!("{s:?} is not a CIDR (10.0.0.0/8), an address, or `none`"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trusted_proxies_parse_cidrs_addresses_and_none() {
+        let cli = Cli::try_parse_from([
+            "wakegate-interceptor",
+            "--trusted-proxies",
+            "10.1.0.0/16, 192.0.2.7,none",
+        ])
+        .unwrap();
+        let nets: Vec<_> = cli.serve.trusted_proxies.iter().map(|t| t.0).collect();
+        assert_eq!(
+            nets,
+            [
+                Some("10.1.0.0/16".parse().unwrap()),
+                Some("192.0.2.7/32".parse().unwrap()),
+                None
+            ]
+        );
+        let err = Cli::try_parse_from(["wakegate-interceptor", "--trusted-proxies", "10.0.0.0/33"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--trusted-proxies") && err.contains("10.0.0.0/33"),
+            "{err}"
+        );
+        let default = Cli::try_parse_from(["wakegate-interceptor"]).unwrap();
+        assert!(default.serve.trusted_proxies.len() >= 5);
+    }
 }

@@ -17,6 +17,7 @@ pub mod local;
 pub mod metrics;
 pub mod provider;
 pub mod proxy;
+pub mod request_head;
 pub mod routing;
 pub mod server;
 pub mod signal;
@@ -166,8 +167,19 @@ pub async fn run_until(
     let proxy_settings = ProxySettings {
         readiness: args.readiness_timeout,
         response_header: args.response_header_timeout,
+        request: Some(args.request_timeout).filter(|t| !t.is_zero()),
         max_held_total: args.max_held_requests,
+        trusted_proxies: args.trusted_proxies.iter().filter_map(|t| t.0).collect(),
+        min_body_rate: (args.min_request_body_rate > 0).then_some(proxy::MinRate {
+            bytes_per_second: args.min_request_body_rate,
+            grace: args.header_read_timeout,
+        }),
     };
+    let client_connections = Arc::new(server::Connections::new(
+        args.max_client_connections as usize,
+    ));
+    client_connections.register(&registry)?;
+    warn_if_fd_limit_is_low(args.max_client_connections);
     let wakes = WakeEvents::default();
     let proxy = Proxy::new(
         provider.clone(),
@@ -181,7 +193,9 @@ pub async fn run_until(
 
     let connection = ConnectionSettings {
         header_read_timeout: args.header_read_timeout,
+        idle_timeout: args.client_idle_timeout,
         max_header_bytes: args.max_header_bytes as usize,
+        connections: client_connections,
     };
     let stop_proxy = CancellationToken::new();
     let stop_admin = CancellationToken::new();
@@ -194,7 +208,7 @@ pub async fn run_until(
         proxy_listener,
         None,
         handler.clone(),
-        connection,
+        connection.clone(),
         stop_proxy.clone(),
         args.drain_timeout,
     ));
@@ -211,7 +225,7 @@ pub async fn run_until(
                 listener,
                 Some(tls::server_config(resolver)?),
                 handler,
-                connection,
+                connection.clone(),
                 stop_proxy.clone(),
                 args.drain_timeout,
             )))
@@ -228,7 +242,7 @@ pub async fn run_until(
                 async move { rsp }
             }
         },
-        connection,
+        ConnectionSettings::internal(args.header_read_timeout),
         stop_admin.clone(),
         std::time::Duration::from_secs(1),
     ));
@@ -268,6 +282,22 @@ pub async fn run_until(
     let _ = admin_server.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Says so at start when the open-file limit cannot hold the connection cap: each client
+/// connection can need an upstream connection too.
+fn warn_if_fd_limit_is_low(max_client_connections: u32) {
+    use nix::sys::resource::{getrlimit, Resource};
+    if let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let needed = 2 * u64::from(max_client_connections) + 256;
+        if soft < needed {
+            tracing::warn!(
+                open_file_limit = soft,
+                needed,
+                "--max-client-connections {max_client_connections} needs about {needed} file descriptors (a client and an upstream socket each); lower it or raise the limit"
+            );
+        }
+    }
 }
 
 /// Raises the open-file limit to its hard maximum: every held request is a socket, and a burst

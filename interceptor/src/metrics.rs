@@ -27,6 +27,7 @@ pub struct ProxyMetrics {
     cold_starts: IntCounterVec,
     cold_start_wait: HistogramVec,
     upstream_errors: IntCounterVec,
+    client_errors: IntCounterVec,
     failovers: IntCounterVec,
 }
 
@@ -78,8 +79,16 @@ impl ProxyMetrics {
                 ),
                 &["route", "kind"],
             )?,
+            client_errors: IntCounterVec::new(
+                Opts::new(
+                    "wakegate_client_errors_total",
+                    "Requests that failed because of the client (malformed, gone, too slow), by route and kind",
+                ),
+                &["route", "kind"],
+            )?,
         };
         registry.register(Box::new(metrics.requests.clone()))?;
+        registry.register(Box::new(metrics.client_errors.clone()))?;
         registry.register(Box::new(metrics.duration.clone()))?;
         registry.register(Box::new(metrics.cold_starts.clone()))?;
         registry.register(Box::new(metrics.cold_start_wait.clone()))?;
@@ -112,6 +121,11 @@ impl ProxyMetrics {
     /// Records a request sent to the failover target.
     pub fn failover(&self, route: &str) {
         self.failovers.with_label_values(&[route]).inc();
+    }
+
+    /// Records a client's failure of a bounded `kind`; `route` is empty before routing.
+    pub fn client_error(&self, route: &str, kind: &'static str) {
+        self.client_errors.with_label_values(&[route, kind]).inc();
     }
 
     /// Records an upstream failure of a bounded `kind`.

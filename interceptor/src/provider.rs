@@ -35,6 +35,8 @@ pub struct RouteSpec {
     pub readiness_timeout: Option<Duration>,
     /// How long to wait for the upstream's response headers; `None` uses the global default.
     pub response_header_timeout: Option<Duration>,
+    /// The whole-request deadline; `None` uses the global one, zero turns it off.
+    pub request_timeout: Option<Duration>,
     /// Optional cap on requests in flight per endpoint, spreading a release over endpoints.
     pub max_in_flight_per_endpoint: Option<NonZeroUsize>,
     /// Optional cap on requests held at once for this route; past it, 503.

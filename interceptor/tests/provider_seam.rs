@@ -73,6 +73,7 @@ fn route(id: &str, host: &str) -> RouteSpec {
         target: "target".into(),
         readiness_timeout: Some(Duration::from_secs(10)),
         response_header_timeout: None,
+        request_timeout: None,
         max_in_flight_per_endpoint: None,
         max_held: None,
         failover: None,
@@ -88,7 +89,10 @@ async fn start(provider: Arc<ManualProvider>) -> (SocketAddr, Arc<Proxy>, Cancel
     let settings = ProxySettings {
         readiness: Duration::from_secs(10),
         response_header: Duration::from_secs(10),
+        request: None,
         max_held_total: 10_000,
+        trusted_proxies: Vec::new().into(),
+        min_body_rate: None,
     };
     let proxy = Proxy::new(provider, loads, metrics, settings, Default::default());
     tokio::spawn(proxy.clone().follow_routes());
@@ -102,10 +106,7 @@ async fn start(provider: Arc<ManualProvider>) -> (SocketAddr, Arc<Proxy>, Cancel
             async move { proxy.handle(req, client).await }
         }
     };
-    let settings = ConnectionSettings {
-        header_read_timeout: Duration::from_secs(5),
-        max_header_bytes: 65_536,
-    };
+    let settings = ConnectionSettings::internal(Duration::from_secs(5));
     tokio::spawn(server::serve(
         listener,
         None,

@@ -184,13 +184,12 @@ async fn an_upstream_that_is_down_gives_502_at_once() {
     let started = std::time::Instant::now();
     let reply = ic.get("any.test", "/").await;
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
-    assert!(
-        reply
-            .text()
-            .contains("route down: could not connect to upstream 127.0.0.1:"),
-        "{}",
-        reply.text()
+    // The address is the operator's business (the log has it), not the client's.
+    assert_eq!(
+        reply.text(),
+        "route down: could not connect to the upstream\n"
     );
+    assert!(ic.log().contains(&format!("127.0.0.1:{port}")));
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "no retries for an endpoint that was never cold"
@@ -214,10 +213,7 @@ async fn a_slow_upstream_gets_504_after_the_response_header_timeout() {
     assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(
         reply.text(),
-        format!(
-            "route slow: upstream {} sent no response headers within 200ms\n",
-            up.addr
-        )
+        "route slow: the upstream sent no response headers within 200ms\n"
     );
     let metrics = ic.metrics().await;
     assert!(

@@ -260,6 +260,8 @@ impl ClusterIndex {
                     },
                     readiness_timeout: spec.condition_wait,
                     response_header_timeout: spec.response_header,
+                    // HTTPScaledObject has no per-route request timeout: the global one applies.
+                    request_timeout: None,
                     max_in_flight_per_endpoint: spec.options.max_in_flight_per_endpoint,
                     max_held: spec.options.max_held_requests,
                     cold_response: spec.options.cold_start.as_ref().and_then(cold_response),

@@ -243,6 +243,9 @@ struct RawTimeouts {
     #[serde(alias = "conditionWait")]
     readiness: Option<DurationValue>,
     response_header: Option<DurationValue>,
+    /// The whole request, from arrival to the end of the response; `0s` turns the global
+    /// `--request-timeout` off for this route.
+    request: Option<DurationValue>,
 }
 
 #[derive(Deserialize)]
@@ -464,6 +467,7 @@ impl RawRoute {
                 },
                 readiness_timeout: self.timeouts.readiness.map(|d| d.0),
                 response_header_timeout: self.timeouts.response_header.map(|d| d.0),
+                request_timeout: self.timeouts.request.map(|d| d.0),
                 max_in_flight_per_endpoint: self.max_in_flight_per_endpoint,
                 max_held: self.max_held_requests,
                 cold_response,
@@ -814,6 +818,7 @@ mod properties {
         "readiness",
         "conditionWait",
         "responseHeader",
+        "request",
         "maxInFlightPerEndpoint",
         "maxHeldRequests",
         "failover",

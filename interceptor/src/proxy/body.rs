@@ -1,16 +1,268 @@
-//! The response body the proxy returns: the upstream's body streamed through, or a small body
-//! the proxy wrote itself. The upstream variant carries the request's bookkeeping, so a request
-//! stays in flight until its body has been sent (or the client went away).
+//! Bodies on their way through: the request body streamed up, which records how the client
+//! behaved, and the response body the proxy returns (the upstream's streamed through, or a small
+//! one the proxy wrote itself).
+//!
+//! The request side tells the proxy two things the upstream client cannot: when the body has
+//! been sent in full (the response-header timeout starts there), and whether a failure while
+//! sending it was the client's (a malformed body, a hangup, a body that trickles) rather than
+//! the upstream's. The response side carries the request's bookkeeping, so a request stays in
+//! flight until its body has been sent (or the client went away), and cuts the body when the
+//! request timeout passes.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use tokio::sync::Notify;
+use tokio::time::{Instant, Sleep};
 
 use super::Completion;
+
+/// How a client failed while its request body was being sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientFault {
+    /// The body was not valid framing: a bad chunk size, bare-LF chunk lines, an HTTP/2
+    /// protocol error on the stream.
+    Malformed,
+    /// The client hung up or reset the stream before the body ended.
+    Gone,
+    /// The body arrived slower than `--min-request-body-rate`.
+    TooSlow,
+}
+
+impl ClientFault {
+    /// A bounded label for metrics.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed_body",
+            Self::Gone => "client_gone",
+            Self::TooSlow => "slow_body",
+        }
+    }
+
+    /// Classifies an error hyper reported while reading a request body.
+    fn of(err: &hyper::Error) -> Self {
+        if err.is_incomplete_message() || err.is_canceled() || err.is_closed() {
+            return Self::Gone;
+        }
+        let mut next: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+        while let Some(cause) = next {
+            if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+                return if h2.is_io() || h2.reason() == Some(h2::Reason::CANCEL) {
+                    Self::Gone
+                } else {
+                    Self::Malformed
+                };
+            }
+            if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+                use std::io::ErrorKind::*;
+                return match io.kind() {
+                    UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe | TimedOut => {
+                        Self::Gone
+                    }
+                    _ => Self::Malformed,
+                };
+            }
+            next = cause.source();
+        }
+        Self::Malformed
+    }
+}
+
+/// The request body failed on the client's side; the proxy answers from [`BodyWatch`].
+#[derive(Debug, thiserror::Error)]
+#[error("request body from the client: {}", .fault.kind())]
+pub struct ClientBodyError {
+    fault: ClientFault,
+    #[source]
+    source: Option<hyper::Error>,
+}
+
+/// What the proxy learns about a request body while it streams upstream.
+#[derive(Debug, Default)]
+pub struct BodyWatch {
+    fault: OnceLock<ClientFault>,
+    sent: AtomicBool,
+    sent_changed: Notify,
+}
+
+impl BodyWatch {
+    /// How the client failed, if it did.
+    pub fn fault(&self) -> Option<ClientFault> {
+        self.fault.get().copied()
+    }
+
+    fn mark_sent(&self) {
+        if !self.sent.swap(true, Ordering::AcqRel) {
+            self.sent_changed.notify_waiters();
+        }
+    }
+
+    /// Completes once the whole body has been handed to the upstream connection.
+    pub async fn sent(&self) {
+        loop {
+            let changed = self.sent_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.sent.load(Ordering::Acquire) {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+/// The least average rate a request body must keep, after a grace period, counting only the
+/// time spent waiting for the client (not for a slow upstream to read).
+#[derive(Clone, Copy, Debug)]
+pub struct MinRate {
+    /// Bytes per second.
+    pub bytes_per_second: u64,
+    /// Time before the rate applies.
+    pub grace: Duration,
+}
+
+#[derive(Debug)]
+struct RateState {
+    min: MinRate,
+    received: u64,
+    /// Time spent waiting for the client before the current wait.
+    waited: Duration,
+    /// When the current wait began.
+    waiting_since: Option<Instant>,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl RateState {
+    /// When the client's time runs out, given the bytes it has sent.
+    fn allowed(&self) -> Duration {
+        let per_byte = self.received as f64 / self.min.bytes_per_second.max(1) as f64;
+        self.min.grace + Duration::from_secs_f64(per_byte.min(1e9))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A client's request body on its way upstream.
+    pub struct RequestBody {
+        #[pin]
+        body: Incoming,
+        watch: Arc<BodyWatch>,
+        rate: Option<RateState>,
+    }
+}
+
+impl RequestBody {
+    /// Wraps `body`; `rate`, if any, is enforced on it.
+    pub fn new(body: Incoming, rate: Option<MinRate>) -> (Self, Arc<BodyWatch>) {
+        let watch = Arc::new(BodyWatch::default());
+        if body.is_end_stream() {
+            watch.mark_sent();
+        }
+        let rate = rate.map(|min| RateState {
+            min,
+            received: 0,
+            waited: Duration::ZERO,
+            waiting_since: None,
+            timer: None,
+        });
+        (
+            Self {
+                body,
+                watch: watch.clone(),
+                rate,
+            },
+            watch,
+        )
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = ClientBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
+        let mut this = self.project();
+        match this.body.as_mut().poll_frame(cx) {
+            Poll::Pending => {
+                let Some(rate) = this.rate else {
+                    return Poll::Pending;
+                };
+                let now = Instant::now();
+                let since = *rate.waiting_since.get_or_insert(now);
+                let allowed = rate.allowed();
+                let waited = rate.waited + (now - since);
+                if waited < allowed {
+                    let at = since + (allowed - rate.waited);
+                    let timer = rate
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+                    timer.as_mut().reset(at);
+                    if timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                }
+                let _ = this.watch.fault.set(ClientFault::TooSlow);
+                Poll::Ready(Some(Err(ClientBodyError {
+                    fault: ClientFault::TooSlow,
+                    source: None,
+                })))
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(rate) = this.rate {
+                    if let Some(since) = rate.waiting_since.take() {
+                        rate.waited += since.elapsed();
+                    }
+                    if let Some(data) = frame.data_ref() {
+                        rate.received += data.remaining() as u64;
+                    }
+                }
+                if this.body.is_end_stream() {
+                    this.watch.mark_sent();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(err))) => {
+                let fault = ClientFault::of(&err);
+                let _ = this.watch.fault.set(fault);
+                Poll::Ready(Some(Err(ClientBodyError {
+                    fault,
+                    source: Some(err),
+                })))
+            }
+            Poll::Ready(None) => {
+                this.watch.mark_sent();
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The error a response body ends with when the upstream's body fails or the request timeout
+/// passes mid-response.
+pub type ResponseBodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The request timeout passed while the response body was streaming.
+#[derive(Debug, thiserror::Error)]
+#[error("the request timeout passed while the response was streaming")]
+pub struct CutByRequestTimeout;
 
 pin_project_lite::pin_project! {
     /// A proxied or locally-made response body.
@@ -21,6 +273,7 @@ pin_project_lite::pin_project! {
             #[pin]
             body: Incoming,
             done: Option<Completion>,
+            deadline: Option<Pin<Box<Sleep>>>,
         },
         /// Written by the proxy.
         Full {
@@ -44,24 +297,37 @@ impl ProxyBody {
         }
     }
 
-    pub(super) fn upstream(body: Incoming, done: Completion) -> Self {
+    pub(super) fn upstream(body: Incoming, done: Completion, deadline: Option<Instant>) -> Self {
         Self::Upstream {
             body,
             done: Some(done),
+            deadline: deadline.map(|at| Box::pin(tokio::time::sleep_until(at))),
         }
     }
 }
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ResponseBodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
         match self.project() {
-            Proj::Upstream { body, done } => {
+            Proj::Upstream {
+                body,
+                done,
+                deadline,
+            } => {
+                if let Some(timer) = deadline {
+                    if timer.as_mut().poll(cx).is_ready() {
+                        if let Some(done) = done.take() {
+                            done.cut_by_request_timeout();
+                        }
+                        return Poll::Ready(Some(Err(Box::new(CutByRequestTimeout))));
+                    }
+                }
                 let frame = ready!(body.poll_frame(cx));
                 match &frame {
                     None => drop(done.take()),
@@ -73,7 +339,7 @@ impl Body for ProxyBody {
                     }
                     Some(Ok(_)) => {}
                 }
-                Poll::Ready(frame)
+                Poll::Ready(frame.map(|f| f.map_err(|e| Box::new(e) as ResponseBodyError)))
             }
             Proj::Full { body } => body.poll_frame(cx).map_err(|never| match never {}),
         }

@@ -15,8 +15,40 @@ pub const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
 };
 
 /// Why a request was answered by the proxy instead of the upstream.
+///
+/// `Display` is for the log: it names endpoints and causes. What a client reads is
+/// [`ProxyError::public_text`], which says what happened without saying where.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
+    /// The request itself is malformed: two Host headers, none, one that is not an authority,
+    /// a Host that disagrees with HTTP/2's `:authority`, userinfo in the target, or a
+    /// Transfer-Encoding other than `chunked`.
+    #[error("bad request: {reason}")]
+    BadRequest {
+        /// What is wrong, in words.
+        reason: &'static str,
+    },
+
+    /// The client failed while its body was being sent upstream: malformed framing, a hangup
+    /// or a trickle.
+    #[error("route {route}: {}", client_fault_text(*.fault))]
+    ClientBody {
+        /// The route that matched.
+        route: RouteId,
+        /// How the client failed.
+        fault: super::body::ClientFault,
+    },
+
+    /// The whole-request deadline (`timeouts.request`, `--request-timeout`) passed before the
+    /// response headers.
+    #[error("route {route}: no response within the request timeout of {}", humantime::format_duration(*.timeout))]
+    RequestTimeout {
+        /// The route that matched.
+        route: RouteId,
+        /// The timeout that passed.
+        timeout: Duration,
+    },
+
     /// No route matches the request's host, path and headers.
     #[error("no route for host {host:?}")]
     NoRoute {
@@ -139,10 +171,22 @@ pub enum ProxyError {
     },
 }
 
+fn client_fault_text(fault: super::body::ClientFault) -> &'static str {
+    use super::body::ClientFault;
+    match fault {
+        ClientFault::Malformed => "the request body is malformed",
+        ClientFault::Gone => "the client went away before its request body ended",
+        ClientFault::TooSlow => "the request body arrived too slowly",
+    }
+}
+
 impl ProxyError {
     /// A bounded label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
+            Self::BadRequest { .. } => "bad_request",
+            Self::ClientBody { fault, .. } => fault.kind(),
+            Self::RequestTimeout { .. } => "request_timeout",
             Self::NoRoute { .. } => "no_route",
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::Overloaded { .. } => "overloaded",
@@ -168,9 +212,32 @@ impl ProxyError {
         )
     }
 
+    /// Whether the client caused this (counted as a client error, never as an upstream one).
+    pub fn is_client(&self) -> bool {
+        matches!(
+            self,
+            Self::BadRequest { .. } | Self::ClientBody { .. } | Self::ClientGone { .. }
+        )
+    }
+
     /// The status a client sees.
     pub fn status(&self) -> StatusCode {
+        use super::body::ClientFault;
         match self {
+            Self::BadRequest { .. }
+            | Self::ClientBody {
+                fault: ClientFault::Malformed,
+                ..
+            } => StatusCode::BAD_REQUEST,
+            Self::ClientBody {
+                fault: ClientFault::TooSlow,
+                ..
+            } => StatusCode::REQUEST_TIMEOUT,
+            Self::ClientBody {
+                fault: ClientFault::Gone,
+                ..
+            } => CLIENT_CLOSED_REQUEST,
+            Self::RequestTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::NoRoute { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -190,13 +257,35 @@ impl ProxyError {
         }
     }
 
+    /// What a client reads: the route and what happened, in words that stay the same from one
+    /// failure to the next. No endpoint address, no library's reason: those go to the log and
+    /// to the metric's `kind` label.
+    pub fn public_text(&self) -> String {
+        match self {
+            Self::ResponseHeaderTimeout { route, timeout, .. } => format!(
+                "route {route}: the upstream sent no response headers within {}",
+                humantime::format_duration(*timeout)
+            ),
+            Self::UpstreamTls { route, .. } => {
+                format!("route {route}: TLS with the upstream failed")
+            }
+            Self::UpstreamConnect { route, .. } => {
+                format!("route {route}: could not connect to the upstream")
+            }
+            Self::Upstream { route, .. } => {
+                format!("route {route}: the upstream failed before sending a response")
+            }
+            other => other.to_string(),
+        }
+    }
+
     /// The response a client sees: the status and a one-line plain-text body saying what
-    /// happened. Upstream causes are logged, not sent.
+    /// happened. Upstream addresses and causes are logged, not sent.
     pub fn to_response(&self) -> Response<ProxyBody> {
         if let Self::Waking { response, .. } = self {
             return waking_response(response, self.status());
         }
-        let text = format!("{self}\n");
+        let text = format!("{}\n", self.public_text());
         let mut rsp = Response::new(ProxyBody::full(Bytes::from(text)));
         *rsp.status_mut() = self.status();
         rsp.headers_mut().insert(
@@ -209,10 +298,18 @@ impl ProxyError {
                     header::ALLOW,
                     HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE"),
                 );
+                // A CONNECT client may already be sending tunnel bytes: they are no request.
+                rsp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             Self::Overloaded { .. } => {
                 rsp.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            Self::BadRequest { .. } | Self::ClientBody { .. } => {
+                // The connection's framing may be lost: do not read another request from it.
+                rsp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
         }
@@ -294,5 +391,15 @@ mod tests {
             "route default/app: target app had no ready endpoint after waiting 2s"
         );
         assert!(!timeout.is_upstream());
+        assert_eq!(timeout.public_text(), timeout.to_string());
+        let connect = ProxyError::ResponseHeaderTimeout {
+            route: "default/app".into(),
+            endpoint: "10.1.2.3:8080".into(),
+            timeout: Duration::from_secs(30),
+        };
+        assert_eq!(
+            connect.public_text(),
+            "route default/app: the upstream sent no response headers within 30s"
+        );
     }
 }

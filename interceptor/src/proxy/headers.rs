@@ -1,5 +1,6 @@
 //! Header rewriting between client and upstream: hop-by-hop headers are removed both ways, and
-//! `X-Forwarded-For`, `-Proto` and `-Host` are set on the way up.
+//! `X-Forwarded-For`, `-Proto` and `-Host` are set on the way up, trusting what a client sent in
+//! them only when it is a trusted proxy.
 
 use std::net::IpAddr;
 
@@ -9,8 +10,9 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Headers that describe one connection, never forwarded (RFC 9110 section 7.6.1).
-static HOP_BY_HOP: [HeaderName; 8] = [
+/// Headers that describe one connection, never forwarded (RFC 9110 section 7.6.1; HTTP2-Settings
+/// belongs to an `Upgrade: h2c`, RFC 9113 section 3.1 of its predecessor).
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -19,6 +21,7 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
+    HeaderName::from_static("http2-settings"),
 ];
 
 /// Removes hop-by-hop headers, including any the `Connection` header names, and `Upgrade`.
@@ -43,6 +46,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// The protocol an HTTP/1.1 message asks to upgrade to (`Connection: upgrade` plus `Upgrade`).
+/// `h2c` is not one: it would upgrade this hop, not the upstream's (RFC 9113 deprecates it), so
+/// such a request is forwarded as plain HTTP/1.1 with the upgrade headers removed.
 pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
     let asks = headers
         .get_all(header::CONNECTION)
@@ -52,6 +57,12 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
         .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
     asks.then(|| headers.get(header::UPGRADE).cloned())
         .flatten()
+        .filter(|protocol| {
+            !protocol
+                .as_bytes()
+                .split(|&b| b == b',')
+                .any(|p| p.trim_ascii().eq_ignore_ascii_case(b"h2c"))
+        })
 }
 
 /// Puts an upgrade's hop-by-hop headers back, for passing it through.
@@ -60,39 +71,70 @@ pub fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(header::UPGRADE, protocol);
 }
 
-/// Sets the forwarding headers for a request from `client` that arrived over `proto`.
+/// Sets the forwarding headers for a request from `client` that arrived over `proto` for
+/// `host` (the authority it was routed by).
 ///
-/// `X-Forwarded-For` gets the client appended. `X-Forwarded-Proto` and `X-Forwarded-Host` are
-/// kept when an earlier proxy (the Ingress) set them, since it saw the original scheme and host;
-/// otherwise they are set from this hop.
+/// From a `trusted` peer (an Ingress), `X-Forwarded-For` gets the client appended, and
+/// `X-Forwarded-Proto` / `X-Forwarded-Host` are kept when present, since that proxy saw the
+/// original scheme and host; missing ones are set from this hop. From any other peer, whatever it
+/// sent is replaced: `X-Forwarded-For` is its own address, and `-Proto` / `-Host` are what this
+/// hop saw, so no client can claim `https` or another host.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
     client: IpAddr,
+    trusted: bool,
     proto: &'static str,
-    host: Option<&str>,
+    host: Option<&HeaderValue>,
 ) {
-    // Every earlier hop is kept, however many lines the list came in and whatever bytes they
-    // hold (a header value is valid bytes by construction, so the joined list is too).
-    let mut xff: Vec<u8> = Vec::new();
-    for prior in headers.get_all(&X_FORWARDED_FOR) {
-        let prior = prior.as_bytes().trim_ascii();
-        if !prior.is_empty() {
-            xff.extend_from_slice(prior);
-            xff.extend_from_slice(b", ");
+    let client_text = canonical(client).to_string();
+    if trusted {
+        // Every earlier hop is kept, however many lines the list came in and whatever bytes
+        // they hold (a header value is valid bytes by construction, so the joined list is too).
+        let mut earlier = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+        if earlier.peek().is_some() {
+            let mut xff: Vec<u8> = Vec::new();
+            for prior in earlier {
+                let prior = prior.as_bytes().trim_ascii();
+                if !prior.is_empty() {
+                    xff.extend_from_slice(prior);
+                    xff.extend_from_slice(b", ");
+                }
+            }
+            xff.extend_from_slice(client_text.as_bytes());
+            if let Ok(value) = HeaderValue::from_bytes(&xff) {
+                headers.insert(X_FORWARDED_FOR.clone(), value);
+            }
+        } else if let Ok(value) = HeaderValue::from_str(&client_text) {
+            headers.insert(X_FORWARDED_FOR.clone(), value);
         }
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+        }
+        if !headers.contains_key(&X_FORWARDED_HOST) {
+            if let Some(host) = host {
+                headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+            }
+        }
+        return;
     }
-    xff.extend_from_slice(client.to_string().as_bytes());
-    if let Ok(value) = HeaderValue::from_bytes(&xff) {
+    if let Ok(value) = HeaderValue::from_str(&client_text) {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-    }
-    if !headers.contains_key(&X_FORWARDED_HOST) {
-        if let Some(value) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
-            headers.insert(X_FORWARDED_HOST.clone(), value);
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    match host {
+        Some(host) => {
+            headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+        }
+        None => {
+            headers.remove(&X_FORWARDED_HOST);
         }
     }
+}
+
+/// IPv4-mapped IPv6 addresses (a dual-stack listener's IPv4 clients) as the IPv4 address they
+/// are.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    ip.to_canonical()
 }
 
 #[cfg(test)]
@@ -114,25 +156,73 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_for_appends_and_proto_host_are_kept_when_present() {
+    fn from_a_trusted_peer_forwarded_for_appends_and_proto_host_are_kept_when_present() {
+        let host = HeaderValue::from_static("a.example");
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
         h.insert("x-forwarded-proto", "https".parse().unwrap());
         set_forwarded(
             &mut h,
             "127.0.0.1".parse().unwrap(),
+            true,
             "http",
-            Some("a.example"),
+            Some(&host),
         );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "a.example");
 
         let mut h = HeaderMap::new();
-        set_forwarded(&mut h, "::1".parse().unwrap(), "http", None);
+        set_forwarded(&mut h, "::1".parse().unwrap(), true, "http", None);
         assert_eq!(h["x-forwarded-for"], "::1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert!(!h.contains_key("x-forwarded-host"));
+    }
+
+    #[test]
+    fn from_an_untrusted_peer_every_forwarding_header_is_replaced() {
+        let host = HeaderValue::from_static("a.example");
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", "10.9.9.9".parse().unwrap());
+        h.append("x-forwarded-for", "10.8.8.8".parse().unwrap());
+        h.insert("x-forwarded-proto", "https".parse().unwrap());
+        h.insert("x-forwarded-host", "admin.internal".parse().unwrap());
+        set_forwarded(
+            &mut h,
+            "::ffff:203.0.113.7".parse().unwrap(),
+            false,
+            "http",
+            Some(&host),
+        );
+        assert_eq!(
+            h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
+            ["203.0.113.7"]
+        );
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "a.example");
+    }
+
+    #[test]
+    fn an_h2c_upgrade_is_not_passed_through() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            "Upgrade, HTTP2-Settings".parse().unwrap(),
+        );
+        h.insert(header::UPGRADE, "h2c".parse().unwrap());
+        h.insert(
+            "http2-settings",
+            "AAMAAABkAAQAoAAAAAIAAAAA".parse().unwrap(),
+        );
+        assert_eq!(upgrade_protocol(&h), None);
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "{h:?}");
+        h.insert(header::CONNECTION, "upgrade".parse().unwrap());
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        assert_eq!(
+            upgrade_protocol(&h),
+            Some(HeaderValue::from_static("websocket"))
+        );
     }
 
     #[test]
@@ -140,7 +230,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append("x-forwarded-for", "10.0.0.1".parse().unwrap());
         h.append("x-forwarded-for", "10.0.0.2, 10.0.0.3".parse().unwrap());
-        set_forwarded(&mut h, "127.0.0.1".parse().unwrap(), "http", None);
+        set_forwarded(&mut h, "127.0.0.1".parse().unwrap(), true, "http", None);
         assert_eq!(
             h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
             ["10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.1"]
@@ -234,6 +324,7 @@ mod properties {
             mut headers in header_map(),
             client in any::<std::net::IpAddr>(),
             host in prop::option::of(any::<String>()),
+            trusted in any::<bool>(),
         ) {
             let earlier: Vec<Vec<u8>> = headers
                 .get_all(&X_FORWARDED_FOR)
@@ -241,14 +332,20 @@ mod properties {
                 .map(|v| v.as_bytes().trim_ascii().to_vec())
                 .filter(|v| !v.is_empty())
                 .collect();
-            set_forwarded(&mut headers, client, "https", host.as_deref());
+            let host = host.and_then(|h| HeaderValue::from_str(&h).ok());
+            set_forwarded(&mut headers, client, trusted, "https", host.as_ref());
             let xff: Vec<&HeaderValue> = headers.get_all(&X_FORWARDED_FOR).iter().collect();
             prop_assert_eq!(xff.len(), 1);
             let xff = xff[0].as_bytes();
-            let client_text = client.to_string();
+            let client_text = canonical(client).to_string();
             prop_assert!(xff.ends_with(client_text.as_bytes()));
+            if !trusted {
+                prop_assert_eq!(xff, client_text.as_bytes());
+                prop_assert_eq!(&headers[&X_FORWARDED_PROTO], "https");
+                prop_assert_eq!(headers.get(&X_FORWARDED_HOST), host.as_ref());
+            }
             let mut at = 0;
-            for e in &earlier {
+            for e in earlier.iter().filter(|_| trusted) {
                 let found = xff[at..].windows(e.len()).position(|w| w == e.as_slice());
                 prop_assert!(found.is_some(), "an earlier hop was lost");
                 at += found.unwrap_or(0) + e.len();

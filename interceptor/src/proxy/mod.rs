@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-pub use self::body::ProxyBody;
+pub use self::body::{ClientFault, MinRate, ProxyBody, RequestBody};
 pub use self::error::ProxyError;
 use crate::client_conn::ClientConn;
 use crate::connect::{FreshEndpoints, RetryingConnector};
@@ -42,16 +42,22 @@ pub const COLD_START_HEADER: &str = "x-keda-http-cold-start";
 /// The response header set when the failover target answered.
 pub const FAILOVER_HEADER: &str = "x-wakegate-failover";
 
-/// Proxy-wide settings: the timeouts used when a route does not set its own, and the cap on
-/// held requests over all routes.
-#[derive(Clone, Copy, Debug)]
+/// Proxy-wide settings: the timeouts used when a route does not set its own, the cap on held
+/// requests over all routes, and what is trusted of a client.
+#[derive(Clone, Debug)]
 pub struct ProxySettings {
     /// How long a request is held waiting for a ready endpoint.
     pub readiness: Duration,
-    /// How long to wait for the upstream's response headers.
+    /// How long to wait for the upstream's response headers, from the request sent in full.
     pub response_header: Duration,
+    /// The whole-request deadline, from arrival; `None` for none.
+    pub request: Option<Duration>,
     /// Most requests held at once, over all routes.
     pub max_held_total: usize,
+    /// Peers whose `X-Forwarded-*` headers are believed.
+    pub trusted_proxies: Arc<[ipnet::IpNet]>,
+    /// The rate a request body must keep; `None` for no minimum.
+    pub min_body_rate: Option<MinRate>,
 }
 
 /// A route as the proxy uses it: its spec, its load, and its target's ready endpoints.
@@ -62,6 +68,8 @@ pub struct RouteState {
     endpoints: watch::Receiver<ReadyEndpoints>,
     readiness_timeout: Duration,
     response_header_timeout: Duration,
+    /// The whole-request deadline, if any.
+    request_timeout: Option<Duration>,
     /// The failover target's endpoints, and how long to hold before using them.
     failover: Option<(watch::Receiver<ReadyEndpoints>, Duration)>,
     /// The pooled client for the target (shared by every route with the same protocol and TLS).
@@ -72,7 +80,7 @@ pub struct RouteState {
 }
 
 /// A pooled upstream client. Every client can speak TLS; only `https` URIs do.
-type UpstreamClient = Client<HttpsConnector<RetryingConnector>, Incoming>;
+type UpstreamClient = Client<HttpsConnector<RetryingConnector>, RequestBody>;
 
 /// What keys a pooled client: the protocol, and the TLS settings if any.
 type ClientKey = (UpstreamProtocol, Option<UpstreamTls>);
@@ -125,6 +133,15 @@ impl Proxy {
             wakes,
             held_total: Arc::default(),
         })
+    }
+
+    /// Whether `client` is a trusted proxy, whose `X-Forwarded-*` headers are kept.
+    fn is_trusted(&self, client: &ClientConn) -> bool {
+        let ip = headers::canonical(client.remote().ip());
+        self.settings
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(&ip))
     }
 
     /// Whether the first route set has been loaded.
@@ -200,6 +217,11 @@ impl Proxy {
                 response_header_timeout: spec
                     .response_header_timeout
                     .unwrap_or(self.settings.response_header),
+                // A route's `0s` turns the global deadline off for it, as in the add-on.
+                request_timeout: spec
+                    .request_timeout
+                    .or(self.settings.request)
+                    .filter(|t| !t.is_zero()),
                 failover: spec
                     .failover
                     .as_ref()
@@ -235,21 +257,27 @@ impl Proxy {
         client: ClientConn,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
-        if let Some(err) = refuse(&req) {
-            tracing::info!(method = %req.method(), error = %err, "request refused");
-            self.metrics
-                .request("", req.method(), err.status(), start.elapsed());
-            return err.to_response();
-        }
+        let authority = match refuse(&req).map_or_else(|| routed_authority(&req), Err) {
+            Ok(authority) => authority,
+            Err(err) => {
+                tracing::info!(method = %req.method(), error = %err, "request refused");
+                if err.is_client() {
+                    self.metrics.client_error("", err.kind());
+                }
+                self.metrics
+                    .request("", req.method(), err.status(), start.elapsed());
+                return err.to_response();
+            }
+        };
         let route = {
             let table = self.table.load();
             table
-                .lookup(request_host(&req), req.uri().path(), req.headers())
+                .lookup(authority.as_str(), req.uri().path(), req.headers())
                 .cloned()
         };
         let Some(route) = route else {
             let err = ProxyError::NoRoute {
-                host: request_host(&req).to_owned(),
+                host: authority.as_str().to_owned(),
             };
             tracing::debug!(method = %req.method(), path = req.uri().path(), error = %err, "no route");
             self.metrics
@@ -268,7 +296,22 @@ impl Proxy {
             _lease: None,
             route,
         };
-        match self.forward(req, &client, &mut done).instrument(span).await {
+        let deadline = done.route.request_timeout.map(|t| (start + t, t));
+        let route_id = done.route.spec.id.clone();
+        let forwarded = self
+            .forward(req, authority, &client, &mut done)
+            .instrument(span);
+        let outcome = match deadline {
+            None => forwarded.await,
+            Some((at, timeout)) => match tokio::time::timeout_at(at, forwarded).await {
+                Ok(outcome) => outcome,
+                Err(_elapsed) => Err(ProxyError::RequestTimeout {
+                    route: route_id,
+                    timeout,
+                }),
+            },
+        };
+        match outcome {
             Ok((rsp, Some(tunnel))) => {
                 let (parts, _) = rsp.into_parts();
                 done.code = parts.status;
@@ -279,13 +322,17 @@ impl Proxy {
             Ok((rsp, None)) => {
                 let (parts, body) = rsp.into_parts();
                 done.code = parts.status;
-                Response::from_parts(parts, ProxyBody::upstream(body, done))
+                let cut_at = deadline.map(|(at, _)| at);
+                Response::from_parts(parts, ProxyBody::upstream(body, done, cut_at))
             }
             Err(err) => {
                 done.code = err.status();
                 if err.is_upstream() {
                     self.metrics.upstream_error(&done.route.spec.id, err.kind());
                     tracing::warn!(error = %err, cause = ?std::error::Error::source(&err), "upstream error");
+                } else if err.is_client() {
+                    self.metrics.client_error(&done.route.spec.id, err.kind());
+                    tracing::debug!(error = %err, "client error");
                 } else if matches!(
                     err,
                     ProxyError::ClientGone { .. } | ProxyError::Waking { .. }
@@ -302,6 +349,7 @@ impl Proxy {
     async fn forward(
         &self,
         mut req: Request<Incoming>,
+        authority: RoutedAuthority,
         client: &ClientConn,
         done: &mut Completion,
     ) -> Result<(Response<Incoming>, Option<Tunnel>), ProxyError> {
@@ -368,7 +416,17 @@ impl Proxy {
         }
 
         let tls = route.spec.upstream_tls.is_some() && !failed_over;
-        let mut req = upstream_request(req, &acquired.endpoint, client, route.spec.protocol, tls);
+        let trusted = self.is_trusted(client);
+        let (mut req, body_watch) = upstream_request(
+            req,
+            &authority,
+            &acquired.endpoint,
+            client,
+            trusted,
+            route.spec.protocol,
+            tls,
+            self.settings.min_body_rate,
+        );
         if let (Some(protocol), UpstreamProtocol::Http1) = (&upgrade, route.spec.protocol) {
             headers::set_upgrade(req.headers_mut(), protocol.clone());
         }
@@ -383,9 +441,32 @@ impl Proxy {
         } else {
             route.client.clone()
         };
-        let sent = tokio::time::timeout(route.response_header_timeout, pool.request(req));
+        // The response-header timeout starts once the request body is sent in full, so a slow
+        // upload to a healthy upstream is not cut (as in the add-on and Go's
+        // ResponseHeaderTimeout). A client too slow to send is bounded by the body's minimum
+        // rate instead.
+        let header_timeout = async {
+            body_watch.sent().await;
+            tokio::time::sleep(route.response_header_timeout).await;
+        };
+        let sent = async {
+            tokio::select! {
+                rsp = pool.request(req) => Ok(rsp),
+                () = header_timeout => Err(()),
+            }
+        };
         let endpoint = acquired.endpoint;
-        let mut rsp = match sent.await {
+        let sent = sent.await;
+        if let Some(fault) = body_watch.fault() {
+            // Whatever the upstream client made of it, the client broke the exchange.
+            if sent.as_ref().map_or(true, |rsp| rsp.is_err()) {
+                return Err(ProxyError::ClientBody {
+                    route: route.spec.id.clone(),
+                    fault,
+                });
+            }
+        }
+        let mut rsp = match sent {
             Ok(Ok(rsp)) => rsp,
             Ok(Err(source)) if source.is_connect() => {
                 if let Some(tls) = error::tls_failure(&source) {
@@ -646,46 +727,110 @@ struct Acquired {
     waited: Option<Duration>,
 }
 
-/// Requests refused before routing, so nothing of them is forwarded: tunnels. (Ambiguous
-/// framing never gets here: hyper rejects conflicting lengths, and for Content-Length with
-/// Transfer-Encoding it drops the length, frames by chunked and closes the connection after
-/// the response, as RFC 9112 requires, so nothing can be smuggled behind the body.)
+/// Requests refused before routing, so nothing of them is forwarded: tunnels, and transfer
+/// codings other than plain `chunked` (`identity, chunked` included: a proxy that reads the
+/// list differently would frame the body differently). (Conflicting lengths never get here:
+/// hyper rejects them, and for Content-Length with Transfer-Encoding it drops the length,
+/// frames by chunked and closes the connection after the response, as RFC 9112 requires, so
+/// nothing can be smuggled behind the body.)
 fn refuse<B>(req: &Request<B>) -> Option<ProxyError> {
-    (req.method() == Method::CONNECT).then_some(ProxyError::MethodNotAllowed {
-        method: Method::CONNECT,
-    })
+    if req.method() == Method::CONNECT {
+        return Some(ProxyError::MethodNotAllowed {
+            method: Method::CONNECT,
+        });
+    }
+    let mut codings = req.headers().get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(first) = codings.next() {
+        let plain_chunked = first
+            .as_bytes()
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"chunked");
+        if !plain_chunked || codings.next().is_some() {
+            return Some(ProxyError::BadRequest {
+                reason: "Transfer-Encoding must be exactly \"chunked\"",
+            });
+        }
+    }
+    None
 }
 
-/// The host a request names: the URI's authority (absolute-form, HTTP/2) or the Host header.
-fn request_host<B>(req: &Request<B>) -> &str {
-    req.uri()
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-        })
-        .unwrap_or("")
+/// The authority a request was routed by, which is also the one forwarded (Host, HTTP/2's
+/// `:authority`, `X-Forwarded-Host`): a front proxy that authorised the request by it sees the
+/// upstream get the same one.
+#[derive(Clone, Debug)]
+struct RoutedAuthority(Option<HeaderValue>);
+
+impl RoutedAuthority {
+    fn as_str(&self) -> &str {
+        self.0.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+}
+
+/// The authority a request names, by RFC 9112 section 3.2: the target's in absolute form (the
+/// Host header is then ignored), HTTP/2's `:authority`, or else the one Host header.
+/// HTTP/1.1 needs exactly one Host header; HTTP/2 needs one of the two, and they must agree.
+fn routed_authority<B>(req: &Request<B>) -> Result<RoutedAuthority, ProxyError> {
+    let bad = |reason| Err(ProxyError::BadRequest { reason });
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return bad("more than one Host header");
+    }
+    let host = match host {
+        Some(value) => match value.to_str().ok().map(str::parse::<http::uri::Authority>) {
+            Some(Ok(authority)) if !authority.as_str().contains('@') => Some(value),
+            _ => return bad("the Host header is not a valid host[:port]"),
+        },
+        None => None,
+    };
+    if let Some(authority) = req.uri().authority() {
+        if authority.as_str().contains('@') {
+            return bad("the request target carries userinfo");
+        }
+        if req.version() == Version::HTTP_2 {
+            if let Some(host) = host {
+                if !host
+                    .as_bytes()
+                    .eq_ignore_ascii_case(authority.as_str().as_bytes())
+                {
+                    return bad("the Host header disagrees with :authority");
+                }
+            }
+        }
+        return Ok(RoutedAuthority(
+            HeaderValue::from_str(authority.as_str()).ok(),
+        ));
+    }
+    match (host, req.version()) {
+        (Some(host), _) => Ok(RoutedAuthority(Some(host.clone()))),
+        (None, Version::HTTP_09 | Version::HTTP_10) => Ok(RoutedAuthority(None)),
+        (None, Version::HTTP_2 | Version::HTTP_3) => bad("no :authority and no Host header"),
+        (None, _) => bad("no Host header"),
+    }
 }
 
 /// Rewrites a client request for `endpoint`: absolute URI for the pooled client, HTTP/1.1, the
-/// client's Host kept, hop-by-hop headers removed, forwarding headers set.
+/// routed authority as Host, hop-by-hop headers removed, forwarding headers set, and the body
+/// watched on its way up.
+#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
 fn upstream_request(
     req: Request<Incoming>,
+    authority: &RoutedAuthority,
     endpoint: &Endpoint,
     client: &ClientConn,
+    trusted: bool,
     protocol: UpstreamProtocol,
     tls: bool,
-) -> Request<Incoming> {
+    min_body_rate: Option<MinRate>,
+) -> (Request<RequestBody>, Arc<body::BodyWatch>) {
     let (mut parts, body) = req.into_parts();
-    let host = match parts.headers.get(header::HOST) {
-        Some(host) => Some(host.clone()),
-        None => parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
-    };
+    let host = authority.0.clone();
+    // gRPC streams may be quiet for minutes by design: no minimum rate for them.
+    let grpc = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let (body, watch) = RequestBody::new(body, min_body_rate.filter(|_| !grpc));
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(if tls { Scheme::HTTPS } else { Scheme::HTTP });
     uri.authority = Some(endpoint.authority().clone());
@@ -715,16 +860,22 @@ fn upstream_request(
             Version::HTTP_2
         }
     };
-    if let Some(host) = &host {
-        parts.headers.insert(header::HOST, host.clone());
+    match &host {
+        Some(host) => {
+            parts.headers.insert(header::HOST, host.clone());
+        }
+        None => {
+            parts.headers.remove(header::HOST);
+        }
     }
     headers::set_forwarded(
         &mut parts.headers,
         client.remote().ip(),
+        trusted,
         if client.is_tls() { "https" } else { "http" },
-        host.as_ref().and_then(|h| h.to_str().ok()),
+        host.as_ref(),
     );
-    Request::from_parts(parts, body)
+    (Request::from_parts(parts, body), watch)
 }
 
 /// A client builder with the proxy's pool settings; HTTP/2 targets get HTTP/2 only.
@@ -755,6 +906,14 @@ impl Completion {
         self.proxy
             .metrics
             .upstream_error(&self.route.spec.id, "response_body");
+    }
+
+    fn cut_by_request_timeout(self) {
+        tracing::warn!(
+            route = %self.route.spec.id,
+            timeout = ?self.route.request_timeout,
+            "request timeout passed mid-response: the response was cut"
+        );
     }
 }
 
