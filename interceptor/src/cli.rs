@@ -143,7 +143,7 @@ pub struct ServeArgs {
 
     /// Most client connections open at once, over the plaintext and TLS listeners; past it, new
     /// connections are closed at once (and counted) while open ones keep being served.
-    #[arg(long, env = "WAKEGATE_MAX_CLIENT_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "WAKEGATE_MAX_CLIENT_CONNECTIONS", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_client_connections: u32,
 
     /// After the header-read timeout's worth of grace, a request body must arrive at least this
