@@ -2,10 +2,14 @@
 //!
 //! - A wake at zero goes to `max(1, min)` at once.
 //! - Out: `ceil(metric / target)`, within `[min, max]`, at once.
+//! - To `min` (zero by default): once `scaledownPeriod` has passed with no request at all (by
+//!   the interceptors' own account of their last request), and never while requests are in
+//!   flight or held. Nothing else delays it: the stabilization window and a rate metric's
+//!   window describe traffic that has ended, so they shape scale-in between non-zero counts
+//!   only. The rule a user can predict: `scaledownPeriod` after the last request, plus at most
+//!   one sample interval.
 //! - In, above zero: to the largest replica count wanted during the stabilization window, so a
 //!   dip between two samples does not flap the workload.
-//! - To `min` (zero by default): only after `scaledownPeriod` with no request at all, and never
-//!   while requests are in flight or held (they need at least one replica).
 
 use std::time::Duration;
 
@@ -24,8 +28,9 @@ pub struct ScaleInput {
     pub target: f64,
     /// Requests in flight now, held ones included.
     pub in_flight: f64,
-    /// Time since the last request was seen; `None` when none ever was.
-    pub idle_for: Option<Duration>,
+    /// Time since the last request started or ended on any interceptor. The caller counts
+    /// from its own start when no interceptor has said, so an unknown is never idle.
+    pub idle_for: Duration,
     /// Idle time before scaling in to `min`.
     pub scaledown_period: Duration,
     /// Whether the initial cooldown after creation is still running (no scale-in yet).
@@ -93,6 +98,16 @@ pub fn decide(input: &ScaleInput) -> ScaleDecision {
     if input.current < floor || input.current > input.max {
         return ScaleDecision::ScaleTo(input.current.clamp(floor, input.max), Reason::Bounds);
     }
+    let idle = input.in_flight <= 0.0 && input.idle_for >= input.scaledown_period;
+    if idle {
+        // Idle outranks the metric: whatever a window still shows is from before the last
+        // request.
+        return if input.current > floor && !input.in_initial_cooldown {
+            ScaleDecision::ScaleTo(floor, Reason::Idle)
+        } else {
+            ScaleDecision::Keep
+        };
+    }
     if wanted > input.current {
         let reason = if input.current == 0 {
             Reason::Wake
@@ -104,22 +119,13 @@ pub fn decide(input: &ScaleInput) -> ScaleDecision {
     if wanted >= input.current || input.in_initial_cooldown {
         return ScaleDecision::Keep;
     }
-    let idle = input.in_flight <= 0.0 && input.idle_for.is_none_or(|d| d >= input.scaledown_period);
     // Above the floor: follow the load down, but not below what was wanted recently, and not
     // below one replica while traffic is recent.
-    let mut target = wanted.max(input.recent_max.min(input.current));
-    if !idle {
-        target = target.max(1);
-    }
+    let target = wanted.max(input.recent_max.min(input.current)).max(1);
     if target >= input.current {
         return ScaleDecision::Keep;
     }
-    let reason = if target <= floor && idle {
-        Reason::Idle
-    } else {
-        Reason::LessLoad
-    };
-    ScaleDecision::ScaleTo(target, reason)
+    ScaleDecision::ScaleTo(target, Reason::LessLoad)
 }
 
 #[cfg(test)]
@@ -134,7 +140,7 @@ mod tests {
             value: 0.0,
             target: 100.0,
             in_flight: 0.0,
-            idle_for: None,
+            idle_for: Duration::ZERO,
             scaledown_period: Duration::from_secs(300),
             in_initial_cooldown: false,
             recent_max: 0,
@@ -146,7 +152,7 @@ mod tests {
         let i = ScaleInput {
             in_flight: 1.0,
             value: 1.0,
-            idle_for: Some(Duration::ZERO),
+            idle_for: Duration::ZERO,
             ..input()
         };
         assert_eq!(decide(&i), ScaleDecision::ScaleTo(1, Reason::Wake));
@@ -166,7 +172,7 @@ mod tests {
             current: 1,
             value: 401.0,
             in_flight: 401.0,
-            idle_for: Some(Duration::ZERO),
+            idle_for: Duration::ZERO,
             ..input()
         };
         assert_eq!(decide(&i), ScaleDecision::ScaleTo(5, Reason::Load));
@@ -178,13 +184,13 @@ mod tests {
     fn stays_up_until_the_scaledown_period_has_passed_with_no_requests() {
         let recent = ScaleInput {
             current: 1,
-            idle_for: Some(Duration::from_secs(299)),
+            idle_for: Duration::from_secs(299),
             recent_max: 1,
             ..input()
         };
         assert_eq!(decide(&recent), ScaleDecision::Keep);
         let idle = ScaleInput {
-            idle_for: Some(Duration::from_secs(300)),
+            idle_for: Duration::from_secs(300),
             recent_max: 0,
             ..recent.clone()
         };
@@ -213,7 +219,7 @@ mod tests {
             current: 5,
             value: 100.0,
             in_flight: 100.0,
-            idle_for: Some(Duration::ZERO),
+            idle_for: Duration::ZERO,
             recent_max: 5,
             ..input()
         };
@@ -237,9 +243,42 @@ mod tests {
         assert_eq!(decide(&i), ScaleDecision::ScaleTo(2, Reason::Bounds));
         let i = ScaleInput {
             current: 20,
-            idle_for: Some(Duration::ZERO),
+            idle_for: Duration::ZERO,
             ..input()
         };
         assert_eq!(decide(&i), ScaleDecision::ScaleTo(10, Reason::Bounds));
+    }
+
+    #[test]
+    fn going_to_zero_waits_for_nothing_but_the_scaledown_period() {
+        // A concurrency route whose stabilization window still remembers one replica.
+        let idle = ScaleInput {
+            current: 1,
+            idle_for: Duration::from_secs(15),
+            scaledown_period: Duration::from_secs(15),
+            recent_max: 1,
+            ..input()
+        };
+        assert_eq!(decide(&idle), ScaleDecision::ScaleTo(0, Reason::Idle));
+        // A request-rate route whose 1 m window still shows the last burst (3 rps over a
+        // target of 1 would want 3 replicas), but no request for the period: idle wins.
+        let rate = ScaleInput {
+            value: 3.0,
+            target: 1.0,
+            recent_max: 3,
+            ..idle.clone()
+        };
+        assert_eq!(decide(&rate), ScaleDecision::ScaleTo(0, Reason::Idle));
+        // One millisecond short of the period: kept up, whatever else says.
+        let early = ScaleInput {
+            idle_for: Duration::from_millis(14_999),
+            ..rate
+        };
+        assert_ne!(decide(&early), ScaleDecision::ScaleTo(0, Reason::Idle));
+        let cooling = ScaleInput {
+            in_initial_cooldown: true,
+            ..idle
+        };
+        assert_eq!(decide(&cooling), ScaleDecision::Keep);
     }
 }

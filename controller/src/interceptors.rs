@@ -10,6 +10,11 @@
 //!
 //! A replica that cannot be reached keeps its last concurrency until it answers again or
 //! leaves the Service, so one bad replica never fails the metric.
+//!
+//! When a route last had a request comes from the interceptors themselves (`IdleMs` in
+//! `/queue`: how long ago, by their own clock), not from what this controller happened to see,
+//! so a restarted or newly elected controller knows at its first sample how long each route
+//! has been idle.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -52,6 +57,10 @@ struct QueueCounts {
     concurrency: u64,
     #[serde(rename = "RequestCount")]
     request_count: u64,
+    /// How long ago the replica last saw a request start or end (absent from interceptors
+    /// that do not report it).
+    #[serde(rename = "IdleMs", default)]
+    idle_ms: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -255,6 +264,8 @@ impl Interceptors {
         let live: HashSet<&String> = addrs.iter().collect();
         state.replicas.retain(|addr, _| live.contains(addr));
         let mut deltas: HashMap<RouteKey, u64> = HashMap::new();
+        // The latest activity any replica that answered reports, per route.
+        let mut reported: HashMap<RouteKey, Instant> = HashMap::new();
         for (addr, result) in addrs.iter().zip(results) {
             let replica = state.replicas.entry(addr.clone()).or_default();
             match result {
@@ -271,6 +282,11 @@ impl Interceptors {
                             (false, false) => c.request_count,
                         };
                         *deltas.entry(route.clone()).or_default() += delta;
+                        if let Some(idle) = c.idle_ms {
+                            let at = now.checked_sub(Duration::from_millis(idle)).unwrap_or(now);
+                            let latest = reported.entry(route.clone()).or_insert(at);
+                            *latest = (*latest).max(at);
+                        }
                     }
                     replica.last = counts;
                     replica.reachable = true;
@@ -285,7 +301,12 @@ impl Interceptors {
                 *concurrency.entry(route.clone()).or_default() += c.concurrency;
             }
         }
-        let routes: HashSet<RouteKey> = concurrency.keys().chain(deltas.keys()).cloned().collect();
+        let routes: HashSet<RouteKey> = concurrency
+            .keys()
+            .chain(deltas.keys())
+            .chain(reported.keys())
+            .cloned()
+            .collect();
         for route in routes {
             let h = state.routes.entry(route.clone()).or_default();
             let delta = deltas.get(&route).copied().unwrap_or(0);
@@ -293,6 +314,9 @@ impl Interceptors {
             h.seen += delta;
             if delta > 0 || h.concurrency > 0 {
                 h.last_active = Some(now);
+            }
+            if let Some(&at) = reported.get(&route) {
+                h.last_active = Some(h.last_active.map_or(at, |t| t.max(at)));
             }
             h.samples.push_back((now, h.seen));
             while h
@@ -526,6 +550,7 @@ mod tests {
                         QueueCounts {
                             concurrency: *c,
                             request_count: *n,
+                            idle_ms: None,
                         },
                     )
                 })
@@ -593,5 +618,31 @@ mod tests {
         agg.record(&addrs, vec![counts(&[("r", 0, 4)])]);
         let rate = agg.rate("r", Duration::from_secs(1), Duration::from_secs(1));
         assert!((rate - 4.0).abs() < 1e-9, "{rate}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_controller_learns_how_long_a_route_has_been_idle_from_the_interceptors() {
+        let agg = aggregate();
+        tokio::time::advance(Duration::from_secs(600)).await;
+        let addrs = vec!["a".to_owned(), "b".to_owned()];
+        let with_idle = |idle: u64| {
+            Some(HashMap::from([(
+                "ns/r".to_owned(),
+                QueueCounts {
+                    concurrency: 0,
+                    request_count: 7,
+                    idle_ms: Some(idle),
+                },
+            )]))
+        };
+        // Its first sample is a baseline for counts, but the idle time is known at once: the
+        // latest activity over the replicas (b saw a request 3 s ago, a 120 s ago).
+        agg.record(&addrs, vec![with_idle(120_000), with_idle(3_000)]);
+        let last = agg.metrics("ns/r").last_active.unwrap();
+        assert_eq!(Instant::now().duration_since(last), Duration::from_secs(3));
+        // A replica that says nothing of idleness (an older interceptor) changes nothing.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        agg.record(&addrs, vec![counts(&[("ns/r", 0, 7)]), with_idle(4_000)]);
+        assert_eq!(agg.metrics("ns/r").last_active, Some(last));
     }
 }

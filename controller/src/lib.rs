@@ -106,6 +106,7 @@ pub async fn run_until(args: Args, shutdown: impl Future<Output = ()>) -> Result
     };
     tracing::info!(?mode, keda_served, "scaler chosen");
 
+    let started = tokio::time::Instant::now();
     let registry = Registry::new();
     let metrics = ControllerMetrics::register(&registry)?;
     let stop = CancellationToken::new();
@@ -220,6 +221,7 @@ pub async fn run_until(args: Args, shutdown: impl Future<Output = ()>) -> Result
                 interceptors: interceptors.clone(),
                 metrics: metrics.clone(),
                 stabilization: args.scale_in_stabilization,
+                started,
             };
             tokio::spawn(scaler.run(term.clone()));
         }

@@ -32,6 +32,8 @@ pub struct StandaloneScaler {
     pub metrics: ControllerMetrics,
     /// How long a higher replica count wanted recently holds off a scale-in above zero.
     pub stabilization: Duration,
+    /// When this controller started.
+    pub started: Instant,
 }
 
 impl StandaloneScaler {
@@ -145,7 +147,9 @@ impl StandaloneScaler {
             value,
             target,
             in_flight: m.concurrency,
-            idle_for: m.last_active.map(|t| now.duration_since(t)),
+            // Never seen active by any interceptor since this controller started: count from
+            // the start, so a restart cannot make a warm workload look idle.
+            idle_for: now.duration_since(m.last_active.unwrap_or(self.started)),
             scaledown_period: route.spec.scaledown_period,
             in_initial_cooldown: route.created.is_some_and(|c| {
                 SystemTime::now().duration_since(c).unwrap_or_default()

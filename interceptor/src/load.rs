@@ -63,6 +63,8 @@ impl Loads {
                     QueueCounts {
                         concurrency: e.value().in_flight(),
                         request_count: e.value().requests(),
+                        idle_ms: u64::try_from(e.value().idle_for().as_millis())
+                            .unwrap_or(u64::MAX),
                     },
                 )
             })
@@ -94,6 +96,12 @@ pub struct QueueCounts {
     /// Requests seen since start; only ever grows.
     #[serde(rename = "RequestCount")]
     pub request_count: u64,
+    /// Milliseconds since a request last started or ended here (0 while one is in flight;
+    /// since this interceptor started when none has). Wakegate's addition: relative, so no two
+    /// machines' clocks are compared, and it lets a restarted controller know how long a
+    /// route has really been idle.
+    #[serde(rename = "IdleMs", default)]
+    pub idle_ms: u64,
 }
 
 /// The load of one route.
@@ -292,9 +300,13 @@ mod tests {
             q["r"],
             QueueCounts {
                 concurrency: 1,
-                request_count: 2
-            }
+                request_count: 2,
+                idle_ms: 0,
+            },
+            "busy: idle for nothing"
         );
+        drop(_b);
+        assert_eq!(loads.queue()["r"].concurrency, 0);
     }
 
     #[test]
