@@ -447,6 +447,46 @@ impl Interceptors {
     }
 }
 
+/// `wakegate_controller_interceptor_replicas{state="known|answering"}`, read from the
+/// aggregate at scrape time.
+struct ReplicaCollector {
+    interceptors: Arc<Interceptors>,
+    gauge: prometheus::IntGaugeVec,
+}
+
+impl prometheus::core::Collector for ReplicaCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.gauge.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let (known, answering) = self.interceptors.replicas();
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.gauge.with_label_values(&["known"]).set(gauge(known));
+        self.gauge
+            .with_label_values(&["answering"])
+            .set(gauge(answering));
+        self.gauge.collect()
+    }
+}
+
+impl Interceptors {
+    /// Registers the replica gauge into `registry`.
+    pub fn register(self: &Arc<Self>, registry: &prometheus::Registry) -> prometheus::Result<()> {
+        let gauge = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new(
+                "wakegate_controller_interceptor_replicas",
+                "Interceptor replicas known, and how many answered the last sample",
+            ),
+            &["state"],
+        )?;
+        registry.register(Box::new(ReplicaCollector {
+            interceptors: self.clone(),
+            gauge,
+        }))
+    }
+}
+
 /// Follows the admin Service's EndpointSlices into a list of `ip:port`.
 async fn discover(
     client: kube::Client,

@@ -122,6 +122,13 @@ pub async fn run_until(args: Args, shutdown: impl Future<Output = ()>) -> Result
     };
     let interceptors =
         Interceptors::start(client.clone(), found, args.sample_interval, stop.clone());
+    interceptors.register(&registry)?;
+    let watched: Api<HTTPScaledObject> = match &args.watch_namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    // Every replica keeps its own route table: any of them may answer KEDA.
+    tokio::spawn(routes::follow(watched, routes.clone(), stop.clone()));
 
     // The external scaler and gRPC health serve on every replica: any of them can answer KEDA.
     let grpc_listener = tokio::net::TcpListener::bind(args.grpc_addr)

@@ -63,8 +63,10 @@ impl Loads {
                     QueueCounts {
                         concurrency: e.value().in_flight(),
                         request_count: e.value().requests(),
-                        idle_ms: u64::try_from(e.value().idle_for().as_millis())
-                            .unwrap_or(u64::MAX),
+                        idle_ms: e
+                            .value()
+                            .last_request_ago()
+                            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
                     },
                 )
             })
@@ -97,11 +99,11 @@ pub struct QueueCounts {
     #[serde(rename = "RequestCount")]
     pub request_count: u64,
     /// Milliseconds since a request last started or ended here (0 while one is in flight;
-    /// since this interceptor started when none has). Wakegate's addition: relative, so no two
-    /// machines' clocks are compared, and it lets a restarted controller know how long a
-    /// route has really been idle.
-    #[serde(rename = "IdleMs", default)]
-    pub idle_ms: u64,
+    /// absent when none has since this interceptor started). Wakegate's addition: relative, so
+    /// no two machines' clocks are compared, and it lets a restarted controller know how long
+    /// a route has really been idle.
+    #[serde(rename = "IdleMs", default, skip_serializing_if = "Option::is_none")]
+    pub idle_ms: Option<u64>,
 }
 
 /// The load of one route.
@@ -111,7 +113,8 @@ pub struct RouteLoad {
     in_flight: AtomicU64,
     held: AtomicU64,
     requests: AtomicU64,
-    /// Milliseconds since `epoch` at the last request start or end.
+    /// One more than the milliseconds since `epoch` at the last request start or end; 0 when
+    /// no request has been seen.
     last_active_ms: AtomicU64,
     /// Round-robin cursor over ready endpoints.
     cursor: AtomicUsize,
@@ -158,12 +161,25 @@ impl RouteLoad {
         if self.in_flight() > 0 {
             return Duration::ZERO;
         }
-        let last = Duration::from_millis(self.last_active_ms.load(Ordering::Acquire));
-        self.epoch.elapsed().saturating_sub(last)
+        let last = self
+            .last_active_ms
+            .load(Ordering::Acquire)
+            .saturating_sub(1);
+        self.epoch
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last))
+    }
+
+    /// How long since a request last started or ended (zero while one is in flight); `None`
+    /// when no request has been seen since start.
+    pub fn last_request_ago(&self) -> Option<Duration> {
+        (self.last_active_ms.load(Ordering::Acquire) > 0).then(|| self.idle_for())
     }
 
     fn touch(&self) {
-        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let now = u64::try_from(self.epoch.elapsed().as_millis())
+            .unwrap_or(u64::MAX - 1)
+            .saturating_add(1);
         self.last_active_ms.fetch_max(now, Ordering::AcqRel);
     }
 
@@ -301,7 +317,7 @@ mod tests {
             QueueCounts {
                 concurrency: 1,
                 request_count: 2,
-                idle_ms: 0,
+                idle_ms: Some(0),
             },
             "busy: idle for nothing"
         );
