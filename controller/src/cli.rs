@@ -30,7 +30,7 @@ pub struct Args {
     pub namespace: String,
 
     /// Address of the gRPC external scaler (and gRPC health).
-    #[arg(long, env = "WAKEGATE_GRPC_ADDR", default_value = "0.0.0.0:9090")]
+    #[arg(long, env = "WAKEGATE_GRPC_ADDR", default_value = "0.0.0.0:9091")]
     pub grpc_addr: SocketAddr,
 
     /// Address of /livez, /readyz and /metrics.

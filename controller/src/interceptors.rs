@@ -50,6 +50,14 @@ pub struct Wake {
 /// How long request-count history is kept (longer than any sane rate window).
 const HISTORY: Duration = Duration::from_secs(15 * 60);
 
+/// An event stream that says nothing for this long is dead: the interceptor sends a `ping`
+/// every 15 s, so three missed pings.
+const EVENTS_IDLE_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// Longest event line accepted. The largest is `hello`, which lists every route's counts
+/// (about 100 bytes each: 4 MiB is some 40,000 routes).
+const MAX_EVENT_LINE: usize = 4 << 20;
+
 /// One route's counts in `/queue`.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 struct QueueCounts {
@@ -391,13 +399,18 @@ impl Interceptors {
             return false;
         }
         tracing::debug!(%addr, "following interceptor events");
-        let mut body = rsp.into_body().into_data_stream();
-        let mut buf = Vec::new();
-        while let Some(Ok(chunk)) = body.next().await {
-            buf.extend_from_slice(&chunk);
-            while let Some(end) = buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=end).collect();
-                self.on_event(addr, &line);
+        let body = rsp.into_body().into_data_stream();
+        match read_lines(body, EVENTS_IDLE_TIMEOUT, MAX_EVENT_LINE, |line| {
+            self.on_event(addr, line)
+        })
+        .await
+        {
+            StreamEnd::Closed => {}
+            StreamEnd::Silent => {
+                tracing::warn!(%addr, timeout = ?EVENTS_IDLE_TIMEOUT, "interceptor event stream silent; reconnecting");
+            }
+            StreamEnd::LineTooLong => {
+                tracing::warn!(%addr, limit = MAX_EVENT_LINE, "interceptor event line too long; reconnecting");
             }
         }
         true
@@ -447,16 +460,61 @@ impl Interceptors {
     }
 }
 
-/// `wakegate_controller_interceptor_replicas{state="known|answering"}`, read from the
-/// aggregate at scrape time.
+/// Why an event stream stopped being read.
+#[derive(Debug, PartialEq, Eq)]
+enum StreamEnd {
+    /// It ended or failed.
+    Closed,
+    /// Nothing arrived, not even a ping, for the idle timeout: a vanished peer leaves no FIN.
+    Silent,
+    /// A line grew past the limit.
+    LineTooLong,
+}
+
+/// Feeds each newline-terminated line of `body` to `on_line`, until the stream ends, stays
+/// silent for `idle`, or a line passes `max` bytes.
+async fn read_lines<S, E>(
+    body: S,
+    idle: Duration,
+    max: usize,
+    mut on_line: impl FnMut(&[u8]),
+) -> StreamEnd
+where
+    S: futures_util::Stream<Item = Result<Bytes, E>>,
+{
+    futures_util::pin_mut!(body);
+    let mut buf = Vec::new();
+    loop {
+        let chunk = match tokio::time::timeout(idle, body.next()).await {
+            Ok(Some(Ok(chunk))) => chunk,
+            Ok(Some(Err(_)) | None) => return StreamEnd::Closed,
+            Err(_) => return StreamEnd::Silent,
+        };
+        buf.extend_from_slice(&chunk);
+        while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=end).collect();
+            on_line(&line);
+        }
+        if buf.len() > max {
+            return StreamEnd::LineTooLong;
+        }
+    }
+}
+
+/// `wakegate_controller_interceptor_replicas{state="known|answering"}` and
+/// `wakegate_controller_sample_rounds_total`, read from the aggregate at scrape time.
 struct ReplicaCollector {
     interceptors: Arc<Interceptors>,
     gauge: prometheus::IntGaugeVec,
+    /// Sample rounds since start (each is followed by the standalone scaler's decisions).
+    rounds: prometheus::IntCounter,
 }
 
 impl prometheus::core::Collector for ReplicaCollector {
     fn desc(&self) -> Vec<&prometheus::core::Desc> {
-        self.gauge.desc()
+        let mut descs = self.gauge.desc();
+        descs.extend(self.rounds.desc());
+        descs
     }
 
     fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
@@ -466,7 +524,11 @@ impl prometheus::core::Collector for ReplicaCollector {
         self.gauge
             .with_label_values(&["answering"])
             .set(gauge(answering));
-        self.gauge.collect()
+        let rounds = *self.interceptors.sampled.borrow();
+        self.rounds.inc_by(rounds.saturating_sub(self.rounds.get()));
+        let mut families = self.gauge.collect();
+        families.extend(self.rounds.collect());
+        families
     }
 }
 
@@ -480,9 +542,14 @@ impl Interceptors {
             ),
             &["state"],
         )?;
+        let rounds = prometheus::IntCounter::new(
+            "wakegate_controller_sample_rounds_total",
+            "Rounds of /queue samples over the interceptor replicas since start",
+        )?;
         registry.register(Box::new(ReplicaCollector {
             interceptors: self.clone(),
             gauge,
+            rounds,
         }))
     }
 }
@@ -684,5 +751,50 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         agg.record(&addrs, vec![counts(&[("ns/r", 0, 7)]), with_idle(4_000)]);
         assert_eq!(agg.metrics("ns/r").last_active, Some(last));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_event_stream_is_dropped_when_silent_or_when_a_line_is_too_long() {
+        use futures_util::stream;
+        let idle = Duration::from_secs(45);
+        // Pings every 15 s keep it alive; then silence ends it.
+        let pings = stream::unfold(0, |n| async move {
+            if n < 4 {
+                tokio::time::sleep(Duration::from_secs(15)).await;
+                Some((
+                    Ok::<_, std::io::Error>(Bytes::from_static(b"{\"type\":\"ping\"}\n")),
+                    n + 1,
+                ))
+            } else {
+                std::future::pending().await
+            }
+        });
+        let started = Instant::now();
+        let mut lines = 0;
+        let end = read_lines(pings, idle, 1024, |_| lines += 1).await;
+        assert_eq!(end, StreamEnd::Silent);
+        assert_eq!(lines, 4);
+        assert_eq!(started.elapsed(), Duration::from_secs(60 + 45));
+        // A line that never ends.
+        let flood = stream::repeat_with(|| Ok::<_, std::io::Error>(Bytes::from(vec![b'x'; 512])));
+        assert_eq!(
+            read_lines(flood, idle, 4096, |_| {}).await,
+            StreamEnd::LineTooLong
+        );
+        // Split lines are put together.
+        let parts = stream::iter(
+            ["{\"type\":", "\"wake\"}\n{\"ty", "pe\":\"ping\"}\n"]
+                .map(|p| Ok::<_, std::io::Error>(Bytes::from_static(p.as_bytes()))),
+        );
+        let mut seen = Vec::new();
+        let end = read_lines(parts, idle, 4096, |l| seen.push(l.to_vec())).await;
+        assert_eq!(end, StreamEnd::Closed);
+        assert_eq!(
+            seen,
+            [
+                b"{\"type\":\"wake\"}\n".to_vec(),
+                b"{\"type\":\"ping\"}\n".to_vec()
+            ]
+        );
     }
 }

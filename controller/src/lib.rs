@@ -258,23 +258,41 @@ pub async fn run_until(args: Args, shutdown: impl Future<Output = ()>) -> Result
     Ok(())
 }
 
+/// Most admin connections served at once; more wait in the accept backlog.
+const ADMIN_MAX_CONNECTIONS: usize = 256;
+/// Time a client of the admin server has to send its request head.
+const ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `/livez`, `/readyz` and `/metrics`. Bounded as the interceptor's listeners are: a
+/// header-read timeout, one request per connection (so no idle keep-alive connection is left
+/// to close under a scraper), a cap on connections, and a failed accept (out of file
+/// descriptors) backs off instead of spinning.
 async fn serve_admin(
     listener: tokio::net::TcpListener,
     registry: Registry,
     ready: Arc<AtomicBool>,
     stop: CancellationToken,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let stream = tokio::select! {
             () = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok((s, _)) => s,
-                Err(_) => continue,
+                Err(err) => {
+                    tracing::warn!(error = %err, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
             },
         };
         let registry = registry.clone();
         let ready = ready.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service =
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let (code, body) = match req.uri().path() {
@@ -294,6 +312,9 @@ async fn serve_admin(
                     async move { Ok::<_, Infallible>(rsp) }
                 });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(ADMIN_HEADER_READ_TIMEOUT)
+                .keep_alive(false)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .await;
         });

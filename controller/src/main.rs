@@ -19,9 +19,12 @@ fn main() -> ExitCode {
         }
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colour only for a terminal, as the interceptor does: redirected logs stay plain text.
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     let _ = match args.log_format {
-        LogFormat::Json => fmt.json().try_init(),
+        LogFormat::Json => fmt.json().flatten_event(true).try_init(),
         LogFormat::Text => fmt.try_init(),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()

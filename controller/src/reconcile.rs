@@ -179,6 +179,9 @@ async fn apply(obj: &HTTPScaledObject, ctx: &Context) -> Result<Action, Error> {
     })
 }
 
+/// What `kubectl apply` records of the last configuration it applied, on every object.
+const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
 /// The ScaledObject an HTTPScaledObject asks for, exactly as the KEDA HTTP Add-on makes it.
 pub fn desired_scaled_object(
     obj: &HTTPScaledObject,
@@ -197,6 +200,13 @@ pub fn desired_scaled_object(
         "controller": true,
         "blockOwnerDeletion": true,
     }]);
+    // The user's labels and annotations carry over, kubectl's bookkeeping does not: a later
+    // `kubectl apply` of the ScaledObject would merge against the HTTPScaledObject's config.
+    let annotations: std::collections::BTreeMap<&String, &String> = obj
+        .annotations()
+        .iter()
+        .filter(|(k, _)| k.as_str() != LAST_APPLIED_ANNOTATION)
+        .collect();
     json!({
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
@@ -204,7 +214,7 @@ pub fn desired_scaled_object(
             "name": obj.name_any(),
             "namespace": obj.namespace(),
             "labels": obj.labels(),
-            "annotations": obj.annotations(),
+            "annotations": annotations,
             "ownerReferences": if orphan { json!([]) } else { owner },
         },
         "spec": {
@@ -360,7 +370,7 @@ mod tests {
     fn the_scaled_object_matches_the_addon_shape() {
         let obj: HTTPScaledObject = serde_json::from_value(json!({
             "apiVersion": "http.keda.sh/v1alpha1", "kind": "HTTPScaledObject",
-            "metadata": {"name": "xkcd", "namespace": "apps", "uid": "u-1", "labels": {"team": "a"}, "annotations": {"note": "x"}},
+            "metadata": {"name": "xkcd", "namespace": "apps", "uid": "u-1", "labels": {"team": "a"}, "annotations": {"note": "x", "kubectl.kubernetes.io/last-applied-configuration": "{\"kind\":\"HTTPScaledObject\"}"}},
             "spec": {"hosts": ["myhost.com"], "scaleTargetRef": {"name": "xkcd", "kind": "Deployment", "apiVersion": "apps/v1", "service": "xkcd", "port": 8080},
                      "replicas": {"min": 5, "max": 10}, "scaledownPeriod": 150, "initialCooldownPeriod": 7}
         }))
@@ -370,7 +380,11 @@ mod tests {
         assert_eq!(so["metadata"]["ownerReferences"][0]["controller"], true);
         assert_eq!(so["metadata"]["ownerReferences"][0]["uid"], "u-1");
         assert_eq!(so["metadata"]["labels"]["team"], "a");
-        assert_eq!(so["metadata"]["annotations"]["note"], "x");
+        assert_eq!(
+            so["metadata"]["annotations"],
+            json!({"note": "x"}),
+            "kubectl's last-applied-configuration is not copied"
+        );
         assert_eq!(
             so["spec"]["scaleTargetRef"],
             json!({"apiVersion": "apps/v1", "kind": "Deployment", "name": "xkcd"})

@@ -536,3 +536,32 @@ fn the_dockerfile_matches_the_cross_build_and_the_manifests() {
         }
     }
 }
+
+#[test]
+fn kubectl_apply_f_crds_finds_only_custom_resource_definitions() {
+    // `kubectl apply -f crds/` reads every .yaml, .yml and .json file in the directory (not
+    // below it): each must be a CRD, so the kustomization there has no such extension.
+    let dir = repo().join("crds");
+    let mut applied = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        if !path.is_file() || !["yaml", "yml", "json"].contains(&ext) {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v = Value::deserialize(doc).unwrap();
+            assert_eq!(
+                v["kind"],
+                "CustomResourceDefinition",
+                "{} would be applied by `kubectl apply -f crds/`",
+                path.display()
+            );
+            applied += 1;
+        }
+    }
+    assert!(applied >= 1);
+    // kustomize still finds the directory's kustomization.
+    assert!(dir.join("Kustomization").is_file());
+}

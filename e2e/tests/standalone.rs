@@ -208,8 +208,23 @@ spec:
             ))
     })
     .await;
-    // Several sample rounds later, the controller has not touched its replicas.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Several sample rounds later (each followed by the scaler's decisions), the controller has
+    // not touched its replicas.
+    let rounds = metric_value(
+        &controller.metrics().await,
+        "wakegate_controller_sample_rounds_total",
+    );
+    eventually(
+        "five more sample rounds",
+        Duration::from_secs(10),
+        || async {
+            metric_value(
+                &controller.metrics().await,
+                "wakegate_controller_sample_rounds_total",
+            ) >= rounds + 5.0
+        },
+    )
+    .await;
     assert_eq!(
         cluster.replicas("owned").await,
         0,

@@ -36,9 +36,19 @@ async fn an_idle_command_is_stopped_and_the_next_request_starts_it_again() {
     assert_eq!(first.status, StatusCode::OK);
     assert_eq!(first.cold_start(), Some("true"));
     let pid = first.pid();
-    // Requests keep it up: each one restarts the idle clock.
+    // Requests keep it up: each one restarts the idle clock. Three rounds of 400 ms idle (by
+    // the interceptor's own clock, in /queue) add up to more than the period.
     for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        eventually(
+            "the route idle for 400 ms",
+            Duration::from_secs(5),
+            || async {
+                ic.queue().await["idle"]["IdleMs"]
+                    .as_u64()
+                    .is_some_and(|ms| ms >= 400)
+            },
+        )
+        .await;
         let warm = ic.get("idle.test", "/").await;
         assert_eq!((warm.pid(), warm.cold_start()), (pid, Some("false")));
     }
