@@ -190,6 +190,7 @@ pub async fn run_until(args: Args, shutdown: impl Future<Output = ()>) -> Result
             identity,
             duration: Duration::from_secs(15),
             renew: Duration::from_secs(2),
+            renew_deadline: Duration::from_secs(10),
         },
         stop.clone(),
     );
