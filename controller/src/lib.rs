@@ -211,6 +211,7 @@ pub async fn run_until(args: Args, shutdown: impl Future<Output = ()>) -> Result
             mode,
             scaler_address: args.scaler_address.clone(),
             keda_served,
+            forbidden_logged: Default::default(),
             metrics: metrics.clone(),
         });
         let api: Api<HTTPScaledObject> = match &args.watch_namespace {

@@ -39,8 +39,11 @@ pub struct Context {
     pub mode: ScalerMode,
     /// `service.namespace:port` of this controller's external scaler, for ScaledObjects.
     pub scaler_address: String,
-    /// Whether KEDA's ScaledObject kind is served (to look for other owners).
+    /// Whether KEDA's ScaledObject kind was served at start. Informational: the standalone
+    /// scaler looks for ScaledObjects at every reconcile, so KEDA installed later is noticed.
     pub keda_served: bool,
+    /// Lookups already reported as forbidden, so each is logged once, not per reconcile.
+    pub forbidden_logged: std::sync::Mutex<std::collections::HashSet<&'static str>>,
     /// Metrics.
     pub metrics: ControllerMetrics,
 }
@@ -145,7 +148,8 @@ async fn apply(obj: &HTTPScaledObject, ctx: &Context) -> Result<Action, Error> {
             conditions.push(condition(obj, "Ready", ready, reason, &message));
         }
         ScalerMode::Standalone => {
-            other_owner = find_other_owner(ctx, &ns, &spec).await?;
+            let owners = find_other_owner(ctx, &ns, &spec).await?;
+            other_owner = owners.owner;
             let routing = format!(
                 "routing to {} and scaling {} between {} and {} replicas",
                 spec.target_service(),
@@ -154,9 +158,10 @@ async fn apply(obj: &HTTPScaledObject, ctx: &Context) -> Result<Action, Error> {
                 spec.max_replicas
             );
             conditions.push(condition(obj, "Ready", true, "Reconciled", &routing));
-            match &other_owner {
-                Some(owner) => conditions.push(condition(obj, "Scaling", false, "ScaledByAnotherOwner", &format!("{owner} already scales {}; Wakegate routes and holds requests but leaves its replicas alone", spec.target_workload()))),
-                None => conditions.push(condition(obj, "Scaling", true, "Standalone", "Wakegate scales this workload through its /scale subresource")),
+            match (&other_owner, owners.forbidden.as_slice()) {
+                (Some(owner), _) => conditions.push(condition(obj, "Scaling", false, "ScaledByAnotherOwner", &format!("{owner} already scales {}; Wakegate routes and holds requests but leaves its replicas alone", spec.target_workload()))),
+                (None, []) => conditions.push(condition(obj, "Scaling", true, "Standalone", "Wakegate scales this workload through its /scale subresource")),
+                (None, forbidden) => conditions.push(condition(obj, "Scaling", true, "OwnerCheckForbidden", &format!("Wakegate scales this workload, but could not check whether {} also scale it: listing them is forbidden to the controller's service account (grant get and list)", forbidden.join(" or ")))),
             }
         }
     }
@@ -276,32 +281,75 @@ async fn sync_scaled_object(
 }
 
 /// An HPA or a ScaledObject (not ours) that targets the same workload.
+/// What the search for another owner of a workload's replicas found.
+#[derive(Debug, Default)]
+struct OtherOwners {
+    /// The HPA or ScaledObject that scales the workload, if any.
+    owner: Option<String>,
+    /// Kinds that could not be listed because RBAC forbids it.
+    forbidden: Vec<&'static str>,
+}
+
+/// Lists `api`, treating "not served" as empty and "forbidden" as unknown (reported once in the
+/// log, and in the result), so an optional lookup never stops waking and scaling.
+async fn list_optional<K>(
+    ctx: &Context,
+    api: Api<K>,
+    what: &'static str,
+    forbidden: &mut Vec<&'static str>,
+) -> Result<Vec<K>, kube::Error>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.list(&ListParams::default()).await {
+        Ok(list) => Ok(list.items),
+        // The kind is not served (KEDA not installed): nothing can be scaled by it.
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(Vec::new()),
+        Err(kube::Error::Api(s)) if s.code == 403 => {
+            let first = ctx
+                .forbidden_logged
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(what);
+            if first {
+                tracing::warn!(error = %s.message, "cannot list {what}: workloads they scale cannot be told apart; scaling anyway (grant get and list on them to the controller)");
+            }
+            forbidden.push(what);
+            Ok(Vec::new())
+        }
+        Err(err) => Err(err),
+    }
+}
+
 async fn find_other_owner(
     ctx: &Context,
     ns: &str,
     spec: &ValidSpec,
-) -> Result<Option<String>, kube::Error> {
+) -> Result<OtherOwners, kube::Error> {
+    let mut found = OtherOwners::default();
     let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(ctx.client.clone(), ns);
-    for hpa in hpas.list(&ListParams::default()).await? {
+    for hpa in list_optional(ctx, hpas, "HorizontalPodAutoscalers", &mut found.forbidden).await? {
         let target = hpa.spec.as_ref().map(|s| &s.scale_target_ref);
         if target.is_some_and(|t| t.name == spec.workload_name && t.kind == spec.workload_kind) {
-            return Ok(Some(format!("HorizontalPodAutoscaler {}", hpa.name_any())));
+            found.owner = Some(format!("HorizontalPodAutoscaler {}", hpa.name_any()));
+            return Ok(found);
         }
     }
-    if ctx.keda_served {
-        let sos: Api<DynamicObject> =
-            Api::namespaced_with(ctx.client.clone(), ns, &scaled_object_resource());
-        for so in sos.list(&ListParams::default()).await? {
-            let target = &so.data["spec"]["scaleTargetRef"];
-            let kind = target["kind"].as_str().unwrap_or("Deployment");
-            if target["name"].as_str() == Some(spec.workload_name.as_str())
-                && kind == spec.workload_kind
-            {
-                return Ok(Some(format!("ScaledObject {}", so.name_any())));
-            }
+    // Looked for whether or not KEDA was served at start: one installed later is noticed at
+    // the next reconcile.
+    let sos: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), ns, &scaled_object_resource());
+    for so in list_optional(ctx, sos, "ScaledObjects", &mut found.forbidden).await? {
+        let target = &so.data["spec"]["scaleTargetRef"];
+        let kind = target["kind"].as_str().unwrap_or("Deployment");
+        if target["name"].as_str() == Some(spec.workload_name.as_str())
+            && kind == spec.workload_kind
+        {
+            found.owner = Some(format!("ScaledObject {}", so.name_any()));
+            return Ok(found);
         }
     }
-    Ok(None)
+    Ok(found)
 }
 
 /// A condition, keeping the existing transition time when the status is unchanged.
@@ -430,6 +478,7 @@ mod mock_tests {
             mode: ScalerMode::Standalone,
             scaler_address: "x:1".into(),
             keda_served: false,
+            forbidden_logged: Default::default(),
             metrics: ControllerMetrics::register(&prometheus::Registry::new()).unwrap(),
         })
     }

@@ -216,8 +216,7 @@ impl Cluster {
 
     /// A Deployment of the example backend at zero replicas, and its Service on port 8080.
     pub fn app_yaml(&self, name: &str) -> String {
-        let image = std::env::var("WAKEGATE_E2E_IMAGE")
-            .unwrap_or_else(|_| "ghcr.io/wakegate/wakegate:latest".into());
+        let image = backend_image();
         format!(
             r#"apiVersion: apps/v1
 kind: Deployment
@@ -234,7 +233,7 @@ spec:
       containers:
         - name: app
           image: {image}
-          command: ["/wakegate-interceptor", "backend", "--host", "0.0.0.0", "--port", "8080", "--name", "{name}"]
+          args: ["backend", "--host", "0.0.0.0", "--port", "8080", "--name", "{name}"]
           ports: [{{containerPort: 8080, name: http}}]
           readinessProbe: {{tcpSocket: {{port: 8080}}, periodSeconds: 1}}
 ---
@@ -288,6 +287,25 @@ ports: [{{name: admin, port: {}, protocol: TCP}}]
         .await;
     }
 
+    /// A kubeconfig for this cluster that acts as `user` (impersonation, kubeconfig's `as:`):
+    /// how a test runs a component under exactly the RBAC a service account has, on the test
+    /// API server and on a real cluster alike.
+    pub fn kubeconfig_as(&self, user: &str) -> PathBuf {
+        let mut config = kube::config::Kubeconfig::read_from(&self.kubeconfig).unwrap();
+        for named in &mut config.auth_infos {
+            named
+                .auth_info
+                .get_or_insert_with(Default::default)
+                .impersonate = Some(user.into());
+        }
+        let path = self
+            ._dir
+            .path()
+            .join(format!("kubeconfig-{}", user.replace(':', "_")));
+        std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
+        path
+    }
+
     /// Deletes the test namespace on a real cluster.
     pub async fn cleanup(self) {
         if let Backing::Real = self.backing {
@@ -295,6 +313,18 @@ ports: [{{name: admin, port: {}, protocol: TCP}}]
             let _ = api.delete(&self.namespace, &Default::default()).await;
         }
     }
+}
+
+/// The image the real-cluster mode runs the example backend from: the interceptor image that
+/// `deploy/images/Dockerfile` builds and `deploy/base` names (its entrypoint is the binary, so
+/// the pods pass only `backend ...` as arguments), or `WAKEGATE_E2E_IMAGE`.
+pub fn backend_image() -> String {
+    std::env::var("WAKEGATE_E2E_IMAGE").unwrap_or_else(|_| {
+        format!(
+            "ghcr.io/wakegate/wakegate-interceptor:{}",
+            env!("CARGO_PKG_VERSION")
+        )
+    })
 }
 
 /// An interceptor running in-process in Kubernetes mode.
@@ -370,15 +400,34 @@ impl Controller {
     /// Starts it against `cluster` with `--scaler scaler`, finding the interceptor at `admin`
     /// (through discovery on the simulated cluster, by address on a real one).
     pub async fn start(cluster: &Cluster, scaler: &str, interceptor_admin: SocketAddr) -> Self {
+        Self::start_with(
+            cluster,
+            scaler,
+            interceptor_admin,
+            &cluster.namespace,
+            &cluster.kubeconfig,
+        )
+        .await
+    }
+
+    /// As [`Controller::start`], with its own namespace (`--namespace`: its Lease and the
+    /// interceptor admin Service) and kubeconfig (say, one from [`Cluster::kubeconfig_as`]).
+    pub async fn start_with(
+        cluster: &Cluster,
+        scaler: &str,
+        interceptor_admin: SocketAddr,
+        controller_ns: &str,
+        kubeconfig: &std::path::Path,
+    ) -> Self {
         let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let controller_ns = cluster.namespace.clone();
+        let controller_ns = controller_ns.to_owned();
         let mut argv = vec![
             "wakegate-controller".to_owned(),
             "--scaler".into(),
             scaler.into(),
             "--kubeconfig".into(),
-            cluster.kubeconfig.to_str().unwrap().into(),
+            kubeconfig.to_str().unwrap().into(),
             "--watch-namespace".into(),
             cluster.namespace.clone(),
             "--namespace".into(),

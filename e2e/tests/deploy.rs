@@ -565,3 +565,28 @@ fn kubectl_apply_f_crds_finds_only_custom_resource_definitions() {
     // kustomize still finds the directory's kustomization.
     assert!(dir.join("Kustomization").is_file());
 }
+
+#[test]
+fn the_real_cluster_mode_runs_the_image_the_manifests_name() {
+    // The e2e suite's backend pods, on a real cluster, use the interceptor image deploy/base
+    // installs (its entrypoint is the binary, so they pass arguments only).
+    let objs = render("deploy/overlays/standalone");
+    let images: Vec<String> = of_kind(&objs, "Deployment")
+        .iter()
+        .map(|d| typed::<Deployment>(d))
+        .flat_map(|d| d.spec.unwrap().template.spec.unwrap().containers)
+        .filter_map(|c| c.image)
+        .collect();
+    if std::env::var("WAKEGATE_E2E_IMAGE").is_err() {
+        assert!(
+            images.contains(&wakegate_e2e::backend_image()),
+            "{} is not among {images:?}",
+            wakegate_e2e::backend_image()
+        );
+    }
+    let cluster_yaml = std::fs::read_to_string(repo().join("e2e/src/lib.rs")).unwrap();
+    assert!(
+        cluster_yaml.contains(r#"args: ["backend""#),
+        "the backend pods pass arguments to the image's entrypoint"
+    );
+}

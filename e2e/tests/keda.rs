@@ -24,6 +24,7 @@ async fn keda_plays_through_the_external_scaler_from_zero() {
     let cluster = Cluster::start(true, env!("CARGO_BIN_EXE_wakegate-e2e-backend")).await;
     if !cluster.simulated() && std::env::var("WAKEGATE_E2E_KEDA").is_err() {
         eprintln!("skipped: set WAKEGATE_E2E_KEDA=1 when the real cluster has KEDA's CRDs");
+        cluster.cleanup().await;
         return;
     }
     cluster.apply(&cluster.app_yaml("xkcd")).await;

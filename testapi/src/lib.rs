@@ -6,8 +6,11 @@
 //! delete (finalizers, deletionTimestamp, owner-reference garbage collection), JSON merge and
 //! JSON patch, server-side apply (as a merge that creates), the `status` and `scale`
 //! subresources, and 404 / 409 answers as `Status` objects. It is generic over resources: a
-//! [`ResourceDef`] is all a new kind needs.
+//! [`ResourceDef`] is all a new kind needs. Requests that impersonate a service account are
+//! held to RBAC as written ([`rbac`]), so a component can run under exactly what `deploy/`
+//! grants it.
 
+pub mod rbac;
 mod resources;
 mod selector;
 mod server;

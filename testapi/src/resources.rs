@@ -124,6 +124,9 @@ impl ResourceDef {
             .with_status()
             .short_name("httpso"),
         ]
+        .into_iter()
+        .chain(crate::rbac::defs())
+        .collect()
     }
 
     /// KEDA's ScaledObject, for tests of clusters that have KEDA.

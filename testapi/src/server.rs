@@ -181,6 +181,35 @@ impl Inner {
             ));
         };
         let method = req.method().clone();
+        let impersonated = req
+            .headers()
+            .get("impersonate-user")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::rbac::ServiceAccount::parse);
+        if let Some(sa) = impersonated {
+            let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
+            let verb = match (&method, &target.name) {
+                (&Method::GET, Some(_)) => "get",
+                (&Method::GET, None) if watching => "watch",
+                (&Method::GET, None) => "list",
+                (&Method::POST, _) => "create",
+                (&Method::PUT, _) => "update",
+                (&Method::PATCH, _) => "patch",
+                (&Method::DELETE, _) => "delete",
+                _ => "unknown",
+            };
+            let attrs = crate::rbac::Attributes {
+                verb,
+                def: target.def,
+                subresource: target.sub.as_deref(),
+                namespace: target.namespace.as_deref(),
+                name: target.name.as_deref(),
+            };
+            if let Err(err) = crate::rbac::authorize(&self.store, &self.defs, &sa, &attrs) {
+                tracing::debug!(error = %err.message, "forbidden");
+                return error(&err);
+            }
+        }
         let content_type = req
             .headers()
             .get(header::CONTENT_TYPE)
