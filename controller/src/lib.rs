@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod reconcile;
 pub mod routes;
 pub mod standalone;
+pub mod workloads;
 
 /// Code generated from `proto/externalscaler.proto`.
 #[allow(missing_docs, clippy::all, clippy::unwrap_used)]
@@ -231,6 +232,7 @@ pub async fn run_until(args: Args, shutdown: impl Future<Output = ()>) -> Result
                 metrics: metrics.clone(),
                 stabilization: args.scale_in_stabilization,
                 started,
+                workloads: workloads::Workloads::new(client.clone(), term.clone()),
             };
             tokio::spawn(scaler.run(term.clone()));
         }

@@ -1,6 +1,8 @@
 //! The standalone scaler: Wakegate scales workloads itself, through their `/scale`
-//! subresource, where KEDA is absent. A wake is acted on the moment it arrives; everything else
-//! is re-decided after each sample of the interceptors' counts.
+//! subresource, where KEDA is absent. A wake is acted on the moment it arrives, in its own task,
+//! never behind a sweep; everything else is re-decided after each sample of the interceptors'
+//! counts. Replica counts come from watches ([`Workloads`]): a wake at zero is one `/scale`
+//! patch with the watched resourceVersion as its precondition, and a sweep reads nothing.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -19,6 +21,7 @@ use crate::decide::{decide, wanted, Reason, ScaleDecision, ScaleInput};
 use crate::interceptors::{Interceptors, Wake};
 use crate::metrics::ControllerMetrics;
 use crate::routes::{RouteEntry, Routes};
+use crate::workloads::{WorkloadKey, Workloads};
 
 /// Scales the routes' workloads until `stop`.
 pub struct StandaloneScaler {
@@ -34,22 +37,45 @@ pub struct StandaloneScaler {
     pub stabilization: Duration,
     /// When this controller started.
     pub started: Instant,
+    /// Watched replica counts.
+    pub workloads: Arc<Workloads>,
 }
 
 impl StandaloneScaler {
     /// Runs until `stop`.
     pub async fn run(self, stop: CancellationToken) {
-        let mut wakes = self.interceptors.wakes();
+        let this = Arc::new(self);
+        let mut wakes = this.interceptors.wakes();
+        // Wakes have their own path: each is handled in its own task the moment it arrives.
+        tokio::spawn({
+            let this = this.clone();
+            let stop = stop.clone();
+            async move {
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        wake = wakes.recv() => match wake {
+                            Ok(wake) => {
+                                let this = this.clone();
+                                tokio::spawn(async move { this.on_wake(&wake).await });
+                            }
+                            Err(broadcast::error::RecvError::Lagged(_)) => {}
+                            Err(broadcast::error::RecvError::Closed) => return,
+                        },
+                    }
+                }
+            }
+        });
+        this.sweep(stop).await;
+    }
+
+    /// Re-decides every route after each sample, until `stop`.
+    async fn sweep(&self, stop: CancellationToken) {
         let mut sampled = self.interceptors.sampled();
         let mut recent: HashMap<String, VecDeque<(Instant, i32)>> = HashMap::new();
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
-                wake = wakes.recv() => match wake {
-                    Ok(wake) => self.on_wake(&wake).await,
-                    Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => return,
-                },
                 changed = sampled.changed() => {
                     if changed.is_err() {
                         return;
@@ -87,23 +113,46 @@ impl StandaloneScaler {
             return;
         }
         let api = self.api(&route);
-        let name = &route.spec.workload_name;
-        let current = match api.get_scale(name).await {
-            Ok(scale) => scale.spec.and_then(|s| s.replicas).unwrap_or(0),
-            Err(err) => {
-                tracing::warn!(route = %wake.route, workload = %route.spec.target_workload(), error = %err, "cannot read the workload's scale");
-                return;
-            }
-        };
-        if current > 0 {
-            return;
-        }
         let to = route.spec.min_replicas.max(1);
-        if self.scale(&api, &route, to, Reason::Wake).await {
+        let woke = match self.workloads.get(&workload_key(&route)) {
+            Some(seen) if seen.replicas > 0 => return,
+            // At zero as last watched: one patch, which fails if the workload changed since.
+            Some(seen) => match self
+                .patch_scale(&api, &route, to, Some(&seen.resource_version))
+                .await
+            {
+                Ok(()) => {
+                    self.scaled(&route, to, Reason::Wake);
+                    true
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    self.wake_by_reading(&api, &route, to).await
+                }
+                Err(err) => {
+                    tracing::warn!(workload = %route.spec.target_workload(), error = %err, "cannot scale the workload");
+                    false
+                }
+            },
+            None => self.wake_by_reading(&api, &route, to).await,
+        };
+        if woke {
             if let Some(latency) = self.metrics.wake_latency(wake.held_at_us, "scale") {
                 tracing::info!(route = %wake.route, replicas = to, wake_latency_us = latency.as_micros() as u64, "woke workload");
             }
         }
+    }
+
+    /// A wake for a workload whose replicas are not watched (or changed under the watch): read
+    /// `/scale`, and patch it if it is at zero.
+    async fn wake_by_reading(&self, api: &Api<DynamicObject>, route: &RouteEntry, to: i32) -> bool {
+        let current = match api.get_scale(&route.spec.workload_name).await {
+            Ok(scale) => scale.spec.and_then(|s| s.replicas).unwrap_or(0),
+            Err(err) => {
+                tracing::warn!(workload = %route.spec.target_workload(), error = %err, "cannot read the workload's scale");
+                return false;
+            }
+        };
+        current == 0 && self.scale(api, route, to, Reason::Wake).await
     }
 
     async fn evaluate(
@@ -116,12 +165,15 @@ impl StandaloneScaler {
         }
         let key = format!("{}/{}", route.namespace, route.name);
         let api = self.api(route);
-        let current = match api.get_scale(&route.spec.workload_name).await {
-            Ok(scale) => scale.spec.and_then(|s| s.replicas).unwrap_or(0),
-            Err(err) => {
-                tracing::debug!(route = %key, error = %err, "cannot read the workload's scale");
-                return;
-            }
+        let current = match self.workloads.get(&workload_key(route)) {
+            Some(seen) => seen.replicas,
+            None => match api.get_scale(&route.spec.workload_name).await {
+                Ok(scale) => scale.spec.and_then(|s| s.replicas).unwrap_or(0),
+                Err(err) => {
+                    tracing::debug!(route = %key, error = %err, "cannot read the workload's scale");
+                    return;
+                }
+            },
         };
         let m = self.interceptors.metrics(&key);
         let (value, target) = match route.spec.metric {
@@ -171,14 +223,9 @@ impl StandaloneScaler {
         to: i32,
         reason: Reason,
     ) -> bool {
-        let patch = Patch::Merge(json!({"spec": {"replicas": to}}));
-        match api
-            .patch_scale(&route.spec.workload_name, &PatchParams::default(), &patch)
-            .await
-        {
-            Ok(_) => {
-                self.metrics.scaled(reason.as_str());
-                tracing::info!(route = %format!("{}/{}", route.namespace, route.name), workload = %route.spec.target_workload(), replicas = to, reason = reason.as_str(), "scaled");
+        match self.patch_scale(api, route, to, None).await {
+            Ok(()) => {
+                self.scaled(route, to, reason);
                 true
             }
             Err(err) => {
@@ -186,5 +233,41 @@ impl StandaloneScaler {
                 false
             }
         }
+    }
+
+    /// Patches the replicas through `/scale`; with `version`, only if the workload is still at
+    /// that resourceVersion (409 otherwise).
+    async fn patch_scale(
+        &self,
+        api: &Api<DynamicObject>,
+        route: &RouteEntry,
+        to: i32,
+        version: Option<&str>,
+    ) -> Result<(), kube::Error> {
+        let patch = match version {
+            Some(rv) => json!({"metadata": {"resourceVersion": rv}, "spec": {"replicas": to}}),
+            None => json!({"spec": {"replicas": to}}),
+        };
+        api.patch_scale(
+            &route.spec.workload_name,
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    fn scaled(&self, route: &RouteEntry, to: i32, reason: Reason) {
+        self.metrics.scaled(reason.as_str());
+        tracing::info!(route = %format!("{}/{}", route.namespace, route.name), workload = %route.spec.target_workload(), replicas = to, reason = reason.as_str(), "scaled");
+    }
+}
+
+fn workload_key(route: &RouteEntry) -> WorkloadKey {
+    WorkloadKey {
+        api_version: route.spec.workload_api_version.clone(),
+        kind: route.spec.workload_kind.clone(),
+        namespace: route.namespace.clone(),
+        name: route.spec.workload_name.clone(),
     }
 }

@@ -409,7 +409,17 @@ impl Inner {
         let updated = self
             .store
             .update(target.def, ns(target), name, Part::Main, |obj| {
+                let before = obj["metadata"]["resourceVersion"].clone();
                 let scale = change(scale_view(target.def, obj)?)?;
+                // A resourceVersion in the written Scale is a precondition, as on a real server.
+                let given = &scale["metadata"]["resourceVersion"];
+                if !given.is_null() && *given != before {
+                    return Err(ApiError::new(
+                        409,
+                        "Conflict",
+                        format!("Operation cannot be fulfilled on {}.{} \"{name}\": the object has been modified; please apply your changes to the latest version and try again", target.def.plural, target.def.group),
+                    ));
+                }
                 let replicas = scale["spec"]["replicas"].as_i64().ok_or_else(|| {
                     ApiError::new(422, "Invalid", "spec.replicas must be an integer")
                 })?;
