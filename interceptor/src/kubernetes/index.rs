@@ -1,8 +1,14 @@
 //! The cluster index: HTTPScaledObjects, Services and EndpointSlices as the interceptor needs
 //! them, fed by watch events and read synchronously. Pure: no client, no async, so routing and
 //! endpoint resolution are tested with plain `#[test]`s.
+//!
+//! Updates are incremental. Each change says what it touched ([`Touched`]): the route set (only
+//! when a route's spec, or a Service port it resolves through, really changed: a status write is
+//! no change), or the endpoints behind some Services. Slices are indexed by Service and targets
+//! by the Services they resolve through, so an EndpointSlice event costs the slices of one
+//! Service and the targets behind it, whatever the size of the cluster.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use http::uri::Authority;
@@ -59,8 +65,48 @@ pub struct ClusterIndex {
     routes: BTreeMap<Key, Route>,
     services: HashMap<Key, Vec<ServicePort>>,
     slices: HashMap<Key, Slice>,
+    /// Slice names by their Service `(namespace, service)`.
+    slices_by_service: HashMap<Key, BTreeSet<String>>,
+    /// Target ids by the Service they resolve through (a route's own, or its failover's).
+    targets_by_service: HashMap<Key, Vec<Arc<str>>>,
     /// What upstream certificates are checked against, for Service ports that speak TLS.
     upstream_trust: Trust,
+}
+
+/// What a change touched, so that only that is republished.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Touched {
+    /// The route set (or what routes resolve through) changed: republish routes, and the
+    /// endpoints of every target.
+    pub routes: bool,
+    /// The endpoints behind these Services `(namespace, service)` may have changed.
+    pub services: Vec<(String, String)>,
+}
+
+impl Touched {
+    /// Nothing changed.
+    pub fn nothing() -> Self {
+        Self::default()
+    }
+
+    fn routes() -> Self {
+        Self {
+            routes: true,
+            services: Vec::new(),
+        }
+    }
+
+    fn service(key: Key) -> Self {
+        Self {
+            routes: false,
+            services: vec![key],
+        }
+    }
+
+    /// Whether anything changed.
+    pub fn any(&self) -> bool {
+        self.routes || !self.services.is_empty()
+    }
 }
 
 /// The core's form of a `wakegate.dev/cold-start-response` option. The values were checked when
@@ -96,9 +142,9 @@ impl ClusterIndex {
     }
 
     /// Adds or replaces an HTTPScaledObject.
-    pub fn apply_route(&mut self, obj: &HTTPScaledObject) {
+    pub fn apply_route(&mut self, obj: &HTTPScaledObject) -> Touched {
         let Some(k) = key(obj.metadata.namespace.as_ref(), obj.metadata.name.as_ref()) else {
-            return;
+            return Touched::nothing();
         };
         let created = obj
             .metadata
@@ -114,26 +160,69 @@ impl ClusterIndex {
         if let (Err(err), false) = (&spec, known_bad) {
             tracing::warn!(route = %format!("{}/{}", k.0, k.1), error = %err, "HTTPScaledObject is invalid; not routing it");
         }
+        let unchanged = self
+            .routes
+            .get(&k)
+            .is_some_and(|r| r.created == created && r.spec == spec);
+        if unchanged {
+            // A status write, or a change to nothing routing reads.
+            return Touched::nothing();
+        }
         self.routes.insert(k, Route { created, spec });
+        self.reindex_targets();
+        Touched::routes()
     }
 
     /// Removes an HTTPScaledObject.
-    pub fn delete_route(&mut self, obj: &HTTPScaledObject) {
-        if let Some(k) = key(obj.metadata.namespace.as_ref(), obj.metadata.name.as_ref()) {
-            self.routes.remove(&k);
+    pub fn delete_route(&mut self, obj: &HTTPScaledObject) -> Touched {
+        let Some(k) = key(obj.metadata.namespace.as_ref(), obj.metadata.name.as_ref()) else {
+            return Touched::nothing();
+        };
+        if self.routes.remove(&k).is_none() {
+            return Touched::nothing();
         }
+        self.reindex_targets();
+        Touched::routes()
     }
 
     /// Replaces every HTTPScaledObject (after a relist).
-    pub fn reset_routes(&mut self, objs: &[HTTPScaledObject]) {
+    pub fn reset_routes(&mut self, objs: &[HTTPScaledObject]) -> Touched {
         self.routes.clear();
-        objs.iter().for_each(|o| self.apply_route(o));
+        objs.iter().for_each(|o| {
+            self.apply_route(o);
+        });
+        self.reindex_targets();
+        Touched::routes()
+    }
+
+    /// Rebuilds which targets resolve through which Service (on route changes only).
+    fn reindex_targets(&mut self) {
+        let mut by_service: HashMap<Key, Vec<Arc<str>>> = HashMap::new();
+        for ((ns, name), route) in &self.routes {
+            let Ok(spec) = &route.spec else { continue };
+            by_service
+                .entry((ns.clone(), spec.service.clone()))
+                .or_default()
+                .push(format!("{ns}/{name}").into());
+            if let Some(f) = &spec.failover {
+                by_service
+                    .entry((ns.clone(), f.service.clone()))
+                    .or_default()
+                    .push(format!("{ns}/{name}{FAILOVER_SUFFIX}").into());
+            }
+        }
+        self.targets_by_service = by_service;
+    }
+
+    /// The targets whose endpoints come from Service `key`.
+    pub fn targets_behind(&self, key: &(String, String)) -> &[Arc<str>] {
+        self.targets_by_service.get(key).map_or(&[], Vec::as_slice)
     }
 
     /// Adds or replaces a Service.
-    pub fn apply_service(&mut self, svc: &Service) {
+    pub fn apply_service(&mut self, svc: &Service) -> Touched {
         let Some(k) = key(svc.metadata.namespace.as_ref(), svc.metadata.name.as_ref()) else {
-            return;
+            return Touched::nothing();
         };
         let ports = svc
             .spec
@@ -150,29 +239,52 @@ impl ClusterIndex {
                     .collect()
             })
             .unwrap_or_default();
-        self.services.insert(k, ports);
+        if self.services.get(&k) == Some(&ports) {
+            return Touched::nothing();
+        }
+        self.services.insert(k.clone(), ports);
+        self.service_changed(k)
     }
 
-    /// Removes a Service.
-    pub fn delete_service(&mut self, svc: &Service) {
-        if let Some(k) = key(svc.metadata.namespace.as_ref(), svc.metadata.name.as_ref()) {
-            self.services.remove(&k);
+    /// A Service's ports changed: routes through it may speak another protocol now, and its
+    /// endpoints may resolve to other ports.
+    fn service_changed(&self, k: Key) -> Touched {
+        if self.targets_behind(&k).is_empty() {
+            return Touched::nothing();
+        }
+        Touched {
+            routes: true,
+            services: vec![k],
         }
     }
 
+    /// Removes a Service.
+    pub fn delete_service(&mut self, svc: &Service) -> Touched {
+        let Some(k) = key(svc.metadata.namespace.as_ref(), svc.metadata.name.as_ref()) else {
+            return Touched::nothing();
+        };
+        if self.services.remove(&k).is_none() {
+            return Touched::nothing();
+        }
+        self.service_changed(k)
+    }
+
     /// Replaces every Service (after a relist).
-    pub fn reset_services(&mut self, svcs: &[Service]) {
+    pub fn reset_services(&mut self, svcs: &[Service]) -> Touched {
         self.services.clear();
-        svcs.iter().for_each(|s| self.apply_service(s));
+        svcs.iter().for_each(|s| {
+            self.apply_service(s);
+        });
+        Touched::routes()
     }
 
     /// Adds or replaces an EndpointSlice.
-    pub fn apply_slice(&mut self, slice: &EndpointSlice) {
+    pub fn apply_slice(&mut self, slice: &EndpointSlice) -> Touched {
         let Some(k) = key(
             slice.metadata.namespace.as_ref(),
             slice.metadata.name.as_ref(),
         ) else {
-            return;
+            return Touched::nothing();
         };
         let Some(service) = slice
             .metadata
@@ -181,7 +293,7 @@ impl ClusterIndex {
             .and_then(|l| l.get("kubernetes.io/service-name"))
             .cloned()
         else {
-            return;
+            return Touched::nothing();
         };
         let ports = slice
             .ports
@@ -199,30 +311,63 @@ impl ClusterIndex {
             .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
             .flat_map(|e| e.addresses.iter().cloned())
             .collect();
-        self.slices.insert(
-            k,
-            Slice {
-                service,
-                ports,
-                ready,
-            },
-        );
+        let new = Slice {
+            service,
+            ports,
+            ready,
+        };
+        let mut touched = Touched::nothing();
+        match self.slices.get(&k) {
+            Some(old) if *old == new => return touched,
+            // A slice that moved to another Service (relabelled) leaves the old one too.
+            Some(old) if old.service != new.service => {
+                let from = (k.0.clone(), old.service.clone());
+                if let Some(names) = self.slices_by_service.get_mut(&from) {
+                    names.remove(&k.1);
+                }
+                touched.services.push(from);
+            }
+            _ => {}
+        }
+        let svc = (k.0.clone(), new.service.clone());
+        self.slices_by_service
+            .entry(svc.clone())
+            .or_default()
+            .insert(k.1.clone());
+        self.slices.insert(k, new);
+        touched.services.push(svc);
+        touched
     }
 
     /// Removes an EndpointSlice.
-    pub fn delete_slice(&mut self, slice: &EndpointSlice) {
-        if let Some(k) = key(
+    pub fn delete_slice(&mut self, slice: &EndpointSlice) -> Touched {
+        let Some(k) = key(
             slice.metadata.namespace.as_ref(),
             slice.metadata.name.as_ref(),
-        ) {
-            self.slices.remove(&k);
+        ) else {
+            return Touched::nothing();
+        };
+        let Some(old) = self.slices.remove(&k) else {
+            return Touched::nothing();
+        };
+        let svc = (k.0.clone(), old.service);
+        if let Some(names) = self.slices_by_service.get_mut(&svc) {
+            names.remove(&k.1);
+            if names.is_empty() {
+                self.slices_by_service.remove(&svc);
+            }
         }
+        Touched::service(svc)
     }
 
     /// Replaces every EndpointSlice (after a relist).
-    pub fn reset_slices(&mut self, slices: &[EndpointSlice]) {
+    pub fn reset_slices(&mut self, slices: &[EndpointSlice]) -> Touched {
         self.slices.clear();
-        slices.iter().for_each(|s| self.apply_slice(s));
+        self.slices_by_service.clear();
+        slices.iter().for_each(|s| {
+            self.apply_slice(s);
+        });
+        Touched::routes()
     }
 
     /// The routes of all valid HTTPScaledObjects, oldest first (ties by namespace/name).
@@ -344,12 +489,15 @@ impl ClusterIndex {
         let Some(svc_port) = ports.iter().find(|p| port_matches(p, port)) else {
             return ReadyEndpoints::none();
         };
+        let key = (ns.to_owned(), service.to_owned());
         let slices = self
-            .slices
-            .iter()
-            .filter(|((slice_ns, _), s)| slice_ns == ns && s.service == service);
+            .slices_by_service
+            .get(&key)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| self.slices.get(&(ns.to_owned(), name.clone())));
         let mut ready = Vec::new();
-        for (_, slice) in slices {
+        for slice in slices {
             let Some((_, target_port)) = slice.ports.iter().find(|(n, _)| *n == svc_port.name)
             else {
                 continue;
@@ -676,5 +824,75 @@ mod tests {
         assert_eq!(ids, ["ns/old", "ns/new"]);
         index.reset_routes(&[]);
         assert!(index.route_specs().is_empty());
+    }
+
+    #[test]
+    fn a_change_touches_only_what_it_changed() {
+        let mut index = ClusterIndex::default();
+        let web = |created: &str, labels: serde_json::Value| {
+            let mut o = hso(
+                "app",
+                "web",
+                created,
+                json!({"scaleTargetRef": {"name": "web", "service": "web", "port": 80},
+                       "coldStartTimeoutFailoverRef": {"service": "sorry", "port": 80}}),
+            );
+            o.metadata.labels = serde_json::from_value(labels).unwrap();
+            o
+        };
+        assert!(
+            index
+                .apply_route(&web("2026-01-01T00:00:00Z", json!({})))
+                .routes
+        );
+        assert_eq!(
+            index.targets_behind(&("app".into(), "web".into())),
+            [Arc::<str>::from("app/web")]
+        );
+        assert_eq!(
+            index.targets_behind(&("app".into(), "sorry".into())),
+            [Arc::<str>::from("app/web#failover")]
+        );
+        // A relabel or a status write changes nothing routing reads.
+        assert!(!index
+            .apply_route(&web("2026-01-01T00:00:00Z", json!({"x": "1"})))
+            .any());
+        let ports = json!([{"name": "http", "port": 80}]);
+        assert!(
+            index
+                .apply_service(&service("app", "web", ports.clone()))
+                .routes
+        );
+        assert!(!index.apply_service(&service("app", "web", ports)).any());
+        // A Service no route resolves through touches nothing.
+        assert!(!index
+            .apply_service(&service(
+                "app",
+                "unrelated",
+                json!([{"name": "http", "port": 80}])
+            ))
+            .any());
+        // A slice touches its own Service's targets, and a repeat of it nothing.
+        let s = slice(
+            "app",
+            "web-1",
+            "web",
+            json!([{"name": "http", "port": 8080}]),
+            json!([{"addresses": ["10.0.0.1"]}]),
+        );
+        let touched = index.apply_slice(&s);
+        assert_eq!(
+            touched,
+            Touched {
+                routes: false,
+                services: vec![("app".into(), "web".into())]
+            }
+        );
+        assert!(!index.apply_slice(&s).any());
+        assert_eq!(
+            index.delete_slice(&s).services,
+            [("app".to_owned(), "web".to_owned())]
+        );
+        assert!(index.endpoints("app/web", EndpointMode::Pod).is_empty());
     }
 }

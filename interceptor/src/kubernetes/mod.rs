@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use wakegate_crds::HTTPScaledObject;
 
-pub use self::index::{ClusterIndex, EndpointMode};
+pub use self::index::{ClusterIndex, EndpointMode, Touched};
 use crate::provider::{Provider, ReadyEndpoints, RouteSpec, TargetId, Trust};
 
 const ROUTES_SYNCED: u8 = 1;
@@ -105,7 +105,7 @@ impl KubeProvider {
         api: Api<K>,
         synced_bit: u8,
         stop: CancellationToken,
-        apply: impl Fn(&mut ClusterIndex, Change<'_, K>) + Send + 'static,
+        apply: impl Fn(&mut ClusterIndex, Change<'_, K>) -> Touched + Send + 'static,
     ) where
         K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     {
@@ -131,7 +131,7 @@ impl KubeProvider {
                     continue;
                 }
             };
-            {
+            let touched = {
                 let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
                 match event {
                     Event::Apply(obj) => apply(&mut index, Change::Apply(&obj)),
@@ -145,39 +145,82 @@ impl KubeProvider {
                         continue;
                     }
                     Event::InitDone => {
-                        apply(&mut index, Change::Reset(&relist));
+                        let touched = apply(&mut index, Change::Reset(&relist));
                         relist.clear();
                         let before = self.synced.fetch_or(synced_bit, Ordering::AcqRel);
                         if before & synced_bit == 0 {
                             tracing::info!(kind, "initial list done");
                         }
+                        touched
                     }
                 }
+            };
+            if touched.any() {
+                self.publish(&touched);
             }
-            self.publish();
         }
     }
 
-    /// Republishes routes and every target's endpoints from the index, notifying only on change.
-    fn publish(&self) {
+    /// Republishes what `touched` says changed, notifying only on change: the routes (and then
+    /// every target's endpoints), or the endpoints of the targets behind the touched Services.
+    fn publish(&self, touched: &Touched) {
         if self.synced.load(Ordering::Acquire) != ALL_SYNCED {
             return;
         }
-        let index = self.index.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let specs: Arc<[RouteSpec]> = index.route_specs().into();
-        self.routes.send_if_modified(|current| {
-            if current.as_deref() == Some(&*specs) {
-                return false;
-            }
-            *current = Some(specs.clone());
-            true
-        });
+        // Locks are taken one at a time (targets, then the index, then targets), never nested:
+        // `endpoints()` takes them in the other order.
+        let asked: Vec<TargetId> = {
+            let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+            targets.keys().cloned().collect()
+        };
+        let (specs, ready) = {
+            let index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+            let specs: Option<Arc<[RouteSpec]>> =
+                touched.routes.then(|| index.route_specs().into());
+            let which: Vec<TargetId> = if touched.routes {
+                asked
+            } else {
+                let behind: std::collections::HashSet<&Arc<str>> = touched
+                    .services
+                    .iter()
+                    .flat_map(|svc| index.targets_behind(svc))
+                    .collect();
+                asked.into_iter().filter(|t| behind.contains(t)).collect()
+            };
+            let ready: Vec<(TargetId, ReadyEndpoints)> = which
+                .into_iter()
+                .map(|t| {
+                    let ready = index.endpoints(&t, self.mode);
+                    (t, ready)
+                })
+                .collect();
+            (specs, ready)
+        };
+        if let Some(specs) = &specs {
+            self.routes.send_if_modified(|current| {
+                if current.as_deref() == Some(&**specs) {
+                    return false;
+                }
+                *current = Some(specs.clone());
+                true
+            });
+        }
         let mut targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
-        // Targets of deleted routes: dropping the sender tells their last held requests that
-        // nothing will become ready.
-        targets.retain(|target, _| specs.iter().any(|s| &s.target == target));
-        for (target, tx) in targets.iter() {
-            let ready = index.endpoints(target, self.mode);
+        if let Some(specs) = &specs {
+            // Targets of deleted routes: dropping the sender tells their last held requests
+            // that nothing will become ready.
+            let live: std::collections::HashSet<&TargetId> = specs
+                .iter()
+                .flat_map(|s| {
+                    std::iter::once(&s.target).chain(s.failover.as_ref().map(|f| &f.target))
+                })
+                .collect();
+            targets.retain(|target, _| live.contains(target));
+        }
+        for (target, ready) in ready {
+            let Some(tx) = targets.get(&target) else {
+                continue;
+            };
             tx.send_if_modified(|current| {
                 if *current == ready {
                     return false;
