@@ -9,6 +9,7 @@ pub mod keda;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;
+pub mod reflect;
 pub mod routes;
 pub mod standalone;
 pub mod workloads;
@@ -198,6 +199,10 @@ pub async fn run_until(args: Args, shutdown: impl Future<Output = ()>) -> Result
     ready.store(true, Ordering::Release);
     tokio::pin!(shutdown);
 
+    // Standalone: replica counts and other owners from watches, kept across leadership terms
+    // so a new term starts with them listed.
+    let workloads =
+        (mode == ScalerMode::Standalone).then(|| workloads::Workloads::start(&client, &stop));
     // Only the leader reconciles and scales; leadership lost means stop acting at once.
     loop {
         tokio::select! {
@@ -212,6 +217,7 @@ pub async fn run_until(args: Args, shutdown: impl Future<Output = ()>) -> Result
             mode,
             scaler_address: args.scaler_address.clone(),
             keda_served,
+            workloads: workloads.clone(),
             forbidden_logged: Default::default(),
             metrics: metrics.clone(),
         });
@@ -224,7 +230,7 @@ pub async fn run_until(args: Args, shutdown: impl Future<Output = ()>) -> Result
             .run(reconcile::reconcile, reconcile::error_policy, ctx)
             .for_each(|_| async {});
         let controller = tokio::spawn(controller);
-        if mode == ScalerMode::Standalone {
+        if let Some(workloads) = &workloads {
             let scaler = StandaloneScaler {
                 client: client.clone(),
                 routes: routes.clone(),
@@ -232,7 +238,7 @@ pub async fn run_until(args: Args, shutdown: impl Future<Output = ()>) -> Result
                 metrics: metrics.clone(),
                 stabilization: args.scale_in_stabilization,
                 started,
-                workloads: workloads::Workloads::new(client.clone(), term.clone()),
+                workloads: workloads.clone(),
             };
             tokio::spawn(scaler.run(term.clone()));
         }

@@ -42,6 +42,8 @@ pub struct Context {
     /// Whether KEDA's ScaledObject kind was served at start. Informational: the standalone
     /// scaler looks for ScaledObjects at every reconcile, so KEDA installed later is noticed.
     pub keda_served: bool,
+    /// Standalone mode: watched workloads and their possible other owners.
+    pub workloads: Option<Arc<crate::workloads::Workloads>>,
     /// Lookups already reported as forbidden, so each is logged once, not per reconcile.
     pub forbidden_logged: std::sync::Mutex<std::collections::HashSet<&'static str>>,
     /// Metrics.
@@ -281,14 +283,7 @@ async fn sync_scaled_object(
 }
 
 /// An HPA or a ScaledObject (not ours) that targets the same workload.
-/// What the search for another owner of a workload's replicas found.
-#[derive(Debug, Default)]
-struct OtherOwners {
-    /// The HPA or ScaledObject that scales the workload, if any.
-    owner: Option<String>,
-    /// Kinds that could not be listed because RBAC forbids it.
-    forbidden: Vec<&'static str>,
-}
+use crate::workloads::OtherOwners;
 
 /// Lists `api`, treating "not served" as empty and "forbidden" as unknown (reported once in the
 /// log, and in the result), so an optional lookup never stops waking and scaling.
@@ -321,7 +316,26 @@ where
     }
 }
 
+/// Whether an HPA or a ScaledObject already scales the route's workload: from the watches, or,
+/// until they have listed (or while they are forbidden), from the API.
 async fn find_other_owner(
+    ctx: &Context,
+    ns: &str,
+    spec: &ValidSpec,
+) -> Result<OtherOwners, kube::Error> {
+    if let Some(workloads) = &ctx.workloads {
+        let found = workloads.other_owners(ns, &spec.workload_kind, &spec.workload_name);
+        if found.unknown.is_empty() && found.forbidden.is_empty() {
+            return Ok(found);
+        }
+    }
+    // Not listed yet, or forbidden to watch (the LIST says whether it still is: a grant made
+    // since takes effect at the next reconcile).
+    list_other_owners(ctx, ns, spec).await
+}
+
+/// The same from LISTs, one per kind.
+async fn list_other_owners(
     ctx: &Context,
     ns: &str,
     spec: &ValidSpec,
@@ -478,6 +492,7 @@ mod mock_tests {
             mode: ScalerMode::Standalone,
             scaler_address: "x:1".into(),
             keda_served: false,
+            workloads: None,
             forbidden_logged: Default::default(),
             metrics: ControllerMetrics::register(&prometheus::Registry::new()).unwrap(),
         })

@@ -1,23 +1,22 @@
-//! The replicas of the workloads the standalone scaler manages, from watches, so neither a wake
-//! nor a sampling sweep reads `/scale` per route.
+//! What the standalone scaler reads from watches instead of the API, per route: the replicas of
+//! the workloads it scales, and the HPAs and ScaledObjects that may already scale them.
 //!
-//! Deployments and StatefulSets (`apps/v1`) are watched cluster-wide once a route names one;
-//! each entry keeps `spec.replicas` and the object's resourceVersion, which a wake uses as the
-//! precondition of its one `/scale` patch. Other kinds with a `/scale` subresource keep the
-//! GET-then-patch path: where their replica count lives is theirs to say. A kind whose watch is
-//! forbidden is logged once and left to that path too.
-//!
-//! Read on every wake and sample, written by the watch: a `RwLock` never held across `.await`.
+//! Deployments and StatefulSets (`apps/v1`) are watched cluster-wide; each entry keeps
+//! `spec.replicas` and the object's resourceVersion, which a wake uses as the precondition of
+//! its one `/scale` patch. Other kinds with a `/scale` subresource keep the GET-then-patch path:
+//! where their replica count lives is theirs to say. Until a watch has listed, or when it is
+//! forbidden, readers fall back to asking the API (replicas) or report what they could not
+//! check (owners).
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 
-use futures_util::StreamExt;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use kube::api::{Api, DynamicObject};
 use kube::core::{ApiResource, GroupVersionKind};
-use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
+
+use crate::reflect::{reflect, usable, Reflected, WatchStatus};
 
 /// A workload: `apiVersion`, kind, namespace, name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -41,13 +40,15 @@ pub struct Seen {
     pub resource_version: String,
 }
 
-/// Watched workloads.
+/// The kind and name a scaler (an HPA or a ScaledObject) targets.
+pub type ScaleTarget = (String, String);
+
+/// Watched workloads and their possible other owners.
 pub struct Workloads {
-    client: Client,
-    stop: CancellationToken,
-    seen: RwLock<HashMap<WorkloadKey, Seen>>,
-    /// Kinds (`apiVersion`, kind) whose watch has been started.
-    watched: Mutex<HashSet<(String, String)>>,
+    deployments: Arc<Reflected<Seen>>,
+    stateful_sets: Arc<Reflected<Seen>>,
+    hpas: Arc<Reflected<ScaleTarget>>,
+    scaled_objects: Arc<Reflected<ScaleTarget>>,
 }
 
 impl std::fmt::Debug for Workloads {
@@ -56,111 +57,130 @@ impl std::fmt::Debug for Workloads {
     }
 }
 
-/// The kinds watched; others are read through `/scale`.
-const WATCHABLE: [(&str, &str); 2] = [("apps/v1", "Deployment"), ("apps/v1", "StatefulSet")];
+/// What the search for another owner of a workload's replicas found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct OtherOwners {
+    /// The HPA or ScaledObject that scales the workload, if any.
+    pub owner: Option<String>,
+    /// Kinds that could not be checked because RBAC forbids watching them.
+    pub forbidden: Vec<&'static str>,
+    /// Kinds not listed yet: the caller asks the API.
+    pub unknown: Vec<&'static str>,
+}
+
+fn seen(obj: &DynamicObject) -> Seen {
+    Seen {
+        replicas: obj.data["spec"]["replicas"]
+            .as_i64()
+            .and_then(|r| i32::try_from(r).ok())
+            .unwrap_or(1),
+        resource_version: obj.resource_version().unwrap_or_default(),
+    }
+}
+
+fn dynamic(
+    client: &Client,
+    group: &str,
+    version: &str,
+    kind: &str,
+    plural: &str,
+) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk(group, version, kind);
+    Api::all_with(
+        client.clone(),
+        &ApiResource::from_gvk_with_plural(&gvk, plural),
+    )
+}
 
 impl Workloads {
-    /// An empty cache whose watches run until `stop`.
-    pub fn new(client: Client, stop: CancellationToken) -> Arc<Self> {
+    /// Starts the watches, until `stop`.
+    pub fn start(client: &Client, stop: &CancellationToken) -> Arc<Self> {
+        let deployments = reflect(
+            dynamic(client, "apps", "v1", "Deployment", "deployments"),
+            "Deployments",
+            seen,
+            stop.clone(),
+        );
+        let stateful_sets = reflect(
+            dynamic(client, "apps", "v1", "StatefulSet", "statefulsets"),
+            "StatefulSets",
+            seen,
+            stop.clone(),
+        );
+        let hpas = reflect(
+            Api::<HorizontalPodAutoscaler>::all(client.clone()),
+            "HorizontalPodAutoscalers",
+            |hpa: &HorizontalPodAutoscaler| {
+                hpa.spec.as_ref().map_or_else(Default::default, |s| {
+                    (
+                        s.scale_target_ref.kind.clone(),
+                        s.scale_target_ref.name.clone(),
+                    )
+                })
+            },
+            stop.clone(),
+        );
+        let scaled_objects = reflect(
+            dynamic(
+                client,
+                "keda.sh",
+                "v1alpha1",
+                "ScaledObject",
+                "scaledobjects",
+            ),
+            "ScaledObjects",
+            |so: &DynamicObject| {
+                let target = &so.data["spec"]["scaleTargetRef"];
+                (
+                    target["kind"].as_str().unwrap_or("Deployment").to_owned(),
+                    target["name"].as_str().unwrap_or_default().to_owned(),
+                )
+            },
+            stop.clone(),
+        );
         Arc::new(Self {
-            client,
-            stop,
-            seen: RwLock::default(),
-            watched: Mutex::default(),
+            deployments,
+            stateful_sets,
+            hpas,
+            scaled_objects,
         })
     }
 
     /// What is known of `key`: `None` when its kind is not watched, or not listed yet.
-    pub fn get(self: &Arc<Self>, key: &WorkloadKey) -> Option<Seen> {
-        let kind = (key.api_version.clone(), key.kind.clone());
-        if !WATCHABLE.iter().any(|(v, k)| *v == kind.0 && *k == kind.1) {
+    pub fn get(&self, key: &WorkloadKey) -> Option<Seen> {
+        let reflected = match (key.api_version.as_str(), key.kind.as_str()) {
+            ("apps/v1", "Deployment") => &self.deployments,
+            ("apps/v1", "StatefulSet") => &self.stateful_sets,
+            _ => return None,
+        };
+        if reflected.status() != WatchStatus::Synced {
             return None;
         }
-        let start = self
-            .watched
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(kind.clone());
-        if start {
-            tokio::spawn(self.clone().follow(kind));
-            return None;
-        }
-        self.seen
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(key)
-            .cloned()
+        reflected.get(&(key.namespace.clone(), key.name.clone()))
     }
 
-    async fn follow(self: Arc<Self>, (api_version, kind): (String, String)) {
-        let (group, version) = api_version
-            .split_once('/')
-            .unwrap_or(("", api_version.as_str()));
-        let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, &kind));
-        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &resource);
-        let mut stream = watcher::watcher(api, watcher::Config::default()).boxed();
-        let key = |obj: &DynamicObject| WorkloadKey {
-            api_version: api_version.clone(),
-            kind: kind.clone(),
-            namespace: obj.namespace().unwrap_or_default(),
-            name: obj.name_any(),
-        };
-        let seen = |obj: &DynamicObject| Seen {
-            replicas: obj.data["spec"]["replicas"]
-                .as_i64()
-                .and_then(|r| i32::try_from(r).ok())
-                .unwrap_or(1),
-            resource_version: obj.resource_version().unwrap_or_default(),
-        };
-        let mut relist = HashMap::new();
-        let mut backoff = std::time::Duration::from_millis(100);
-        loop {
-            let event = tokio::select! {
-                () = self.stop.cancelled() => return,
-                event = stream.next() => event,
-            };
-            let table = || {
-                self.seen
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-            };
-            match event {
-                None => return,
-                Some(Ok(watcher::Event::Init)) => relist.clear(),
-                Some(Ok(watcher::Event::InitApply(obj))) => {
-                    relist.insert(key(&obj), seen(&obj));
-                }
-                Some(Ok(watcher::Event::InitDone)) => {
-                    let mut table = table();
-                    table.retain(|k, _| k.kind != kind || k.api_version != api_version);
-                    table.extend(relist.drain());
-                    backoff = std::time::Duration::from_millis(100);
-                }
-                Some(Ok(watcher::Event::Apply(obj))) => {
-                    table().insert(key(&obj), seen(&obj));
-                }
-                Some(Ok(watcher::Event::Delete(obj))) => {
-                    table().remove(&key(&obj));
-                }
-                Some(Err(err)) => {
-                    let forbidden = matches!(
-                        &err,
-                        watcher::Error::InitialListFailed(kube::Error::Api(s))
-                            | watcher::Error::WatchStartFailed(kube::Error::Api(s))
-                            if s.code == 403
-                    );
-                    if forbidden {
-                        tracing::warn!(%kind, error = %err, "cannot watch {kind}s: their replicas are read through /scale instead (grant list and watch to the controller)");
-                        return;
+    /// Whether an HPA or a ScaledObject in `namespace` scales `kind`/`name`.
+    pub fn other_owners(&self, namespace: &str, kind: &str, name: &str) -> OtherOwners {
+        let mut found = OtherOwners::default();
+        for (what, label, reflected) in [
+            (
+                "HorizontalPodAutoscalers",
+                "HorizontalPodAutoscaler",
+                &self.hpas,
+            ),
+            ("ScaledObjects", "ScaledObject", &self.scaled_objects),
+        ] {
+            match reflected.status() {
+                status if usable(status) => {
+                    let owners = reflected.find(namespace, |(k, n)| k == kind && n == name);
+                    if let (None, Some((owner, _))) = (&found.owner, owners.first()) {
+                        found.owner = Some(format!("{label} {owner}"));
                     }
-                    tracing::debug!(%kind, error = %err, "workload watch failed; retrying");
-                    tokio::select! {
-                        () = self.stop.cancelled() => return,
-                        () = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
                 }
+                WatchStatus::Forbidden => found.forbidden.push(what),
+                _ => found.unknown.push(what),
             }
         }
+        found
     }
 }
