@@ -86,13 +86,30 @@ fn bench(c: &mut Criterion) {
     });
     // A real route change: the route set is rebuilt and republished.
     let (x, y) = (hso(1234, 10), hso(1234, 11));
-    let mut flip = false;
+    // The index holds x: the first change is to y.
+    let mut flip = true;
     group.bench_function("route_change", |bench| {
         bench.iter(|| {
             flip = !flip;
             let touched = index.apply_route(if flip { &x } else { &y });
             assert!(touched.routes);
             black_box(index.route_specs())
+        })
+    });
+    // What every event used to cost: the whole index cloned, the route set rebuilt, and every
+    // target's endpoints recomputed. (A lower bound: endpoints are now found through the
+    // by-Service index; before, each target scanned every slice.)
+    let targets: Vec<String> = (0..ROUTES)
+        .map(|i| format!("ns-{}/app-{i}", i % 50))
+        .collect();
+    group.sample_size(10);
+    group.bench_function("before_full_republish", |bench| {
+        bench.iter(|| {
+            let copy = index.clone();
+            black_box(copy.route_specs());
+            for t in &targets {
+                black_box(copy.endpoints(t, EndpointMode::Pod));
+            }
         })
     });
     group.finish();

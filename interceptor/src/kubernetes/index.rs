@@ -195,6 +195,30 @@ impl ClusterIndex {
         Touched::routes()
     }
 
+    /// After a relist applied object by object: drops the HTTPScaledObjects it did not list.
+    pub fn prune_routes(&mut self, listed: &std::collections::HashSet<Key>) -> Touched {
+        self.routes.retain(|k, _| listed.contains(k));
+        self.reindex_targets();
+        Touched::routes()
+    }
+
+    /// After a relist: drops the Services it did not list.
+    pub fn prune_services(&mut self, listed: &std::collections::HashSet<Key>) -> Touched {
+        self.services.retain(|k, _| listed.contains(k));
+        Touched::routes()
+    }
+
+    /// After a relist: drops the EndpointSlices it did not list.
+    pub fn prune_slices(&mut self, listed: &std::collections::HashSet<Key>) -> Touched {
+        self.slices.retain(|k, _| listed.contains(k));
+        let slices = &self.slices;
+        self.slices_by_service.retain(|(ns, _), names| {
+            names.retain(|name| slices.contains_key(&(ns.clone(), name.clone())));
+            !names.is_empty()
+        });
+        Touched::routes()
+    }
+
     /// Rebuilds which targets resolve through which Service (on route changes only).
     fn reindex_targets(&mut self) {
         let mut by_service: HashMap<Key, Vec<Arc<str>>> = HashMap::new();

@@ -10,7 +10,7 @@
 
 mod index;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
-use kube::{Api, Client, Resource};
+use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -72,7 +72,7 @@ impl KubeProvider {
                 |ix, change| match change {
                     Change::Apply(o) => ix.apply_route(o),
                     Change::Delete(o) => ix.delete_route(o),
-                    Change::Reset(all) => ix.reset_routes(all),
+                    Change::Prune(listed) => ix.prune_routes(listed),
                 },
             ),
         );
@@ -83,7 +83,7 @@ impl KubeProvider {
             |ix, change| match change {
                 Change::Apply(o) => ix.apply_service(o),
                 Change::Delete(o) => ix.delete_service(o),
-                Change::Reset(all) => ix.reset_services(all),
+                Change::Prune(listed) => ix.prune_services(listed),
             },
         ));
         tokio::spawn(provider.clone().follow(
@@ -93,7 +93,7 @@ impl KubeProvider {
             |ix, change| match change {
                 Change::Apply(o) => ix.apply_slice(o),
                 Change::Delete(o) => ix.delete_slice(o),
-                Change::Reset(all) => ix.reset_slices(all),
+                Change::Prune(listed) => ix.prune_slices(listed),
             },
         ));
         provider
@@ -116,7 +116,11 @@ impl KubeProvider {
         let mut stream = watcher::watcher(api, watcher::Config::default())
             .default_backoff()
             .boxed();
-        let mut relist: Vec<K> = Vec::new();
+        // A relist is applied object by object as pages arrive, not buffered whole (20,000
+        // parsed EndpointSlices would be tens of MiB at once); what it did not list is dropped
+        // at its end.
+        let mut listed: HashSet<(String, String)> = HashSet::new();
+        let key = |obj: &K| (obj.namespace().unwrap_or_default(), obj.name_any());
         loop {
             let event = tokio::select! {
                 () = stop.cancelled() => return,
@@ -137,16 +141,17 @@ impl KubeProvider {
                     Event::Apply(obj) => apply(&mut index, Change::Apply(&obj)),
                     Event::Delete(obj) => apply(&mut index, Change::Delete(&obj)),
                     Event::Init => {
-                        relist.clear();
+                        listed.clear();
                         continue;
                     }
                     Event::InitApply(obj) => {
-                        relist.push(obj);
+                        listed.insert(key(&obj));
+                        apply(&mut index, Change::Apply(&obj));
                         continue;
                     }
                     Event::InitDone => {
-                        let touched = apply(&mut index, Change::Reset(&relist));
-                        relist.clear();
+                        let touched = apply(&mut index, Change::Prune(&listed));
+                        listed = HashSet::new();
                         let before = self.synced.fetch_or(synced_bit, Ordering::AcqRel);
                         if before & synced_bit == 0 {
                             tracing::info!(kind, "initial list done");
@@ -237,7 +242,8 @@ impl KubeProvider {
 enum Change<'a, K> {
     Apply(&'a K),
     Delete(&'a K),
-    Reset(&'a [K]),
+    /// A relist is done: drop what it did not list.
+    Prune(&'a HashSet<(String, String)>),
 }
 
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
