@@ -340,6 +340,11 @@ pub struct Interceptor {
 impl Interceptor {
     /// Starts it against `cluster`, watching the test namespace.
     pub async fn start(cluster: &Cluster) -> Self {
+        Self::start_with(&cluster.kubeconfig, &cluster.namespace).await
+    }
+
+    /// Starts it against the cluster `kubeconfig` points at, watching `namespace`.
+    pub async fn start_with(kubeconfig: &std::path::Path, namespace: &str) -> Self {
         let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let cli = wakegate_interceptor::cli::Cli::try_parse_from([
@@ -349,9 +354,9 @@ impl Interceptor {
             "--admin-addr",
             &admin.to_string(),
             "--kubeconfig",
-            cluster.kubeconfig.to_str().unwrap(),
+            kubeconfig.to_str().unwrap(),
             "--namespace",
-            &cluster.namespace,
+            namespace,
             "--readiness-timeout",
             "60s",
         ])

@@ -65,9 +65,10 @@ async fn wake_latency_with_500_routes() {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(&kubeconfig, server.kubeconfig()).unwrap();
+    let interceptor = wakegate_e2e::Interceptor::start_with(&kubeconfig, "bench").await;
+    let (proxy, admin) = (interceptor.proxy, interceptor.admin);
     // The interceptor's admin Service, as discovery finds it.
-    let (proxy, admin, grpc, controller_admin) =
-        (free_addr(), free_addr(), free_addr(), free_addr());
+    let (grpc, controller_admin) = (free_addr(), free_addr());
     store
         .create(&def("endpointslices", "discovery.k8s.io"), "bench", json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": "wakegate-interceptor-admin-1", "namespace": "bench", "labels": {"kubernetes.io/service-name": "wakegate-interceptor-admin"}},
@@ -77,32 +78,6 @@ async fn wake_latency_with_500_routes() {
 
     let stop = CancellationToken::new();
     let kc = kubeconfig.to_str().unwrap().to_owned();
-    let ic = wakegate_interceptor::cli::Cli::try_parse_from([
-        "wakegate-interceptor",
-        "--proxy-addr",
-        &proxy.to_string(),
-        "--admin-addr",
-        &admin.to_string(),
-        "--kubeconfig",
-        &kc,
-        "--namespace",
-        "bench",
-        "--readiness-timeout",
-        "60s",
-    ])
-    .unwrap();
-    tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            wakegate_interceptor::run_until(
-                ic.serve,
-                stop.clone().cancelled_owned(),
-                stop.cancelled_owned(),
-            )
-            .await
-            .unwrap();
-        }
-    });
     let ctl = wakegate_controller::cli::Args::try_parse_from([
         "wakegate-controller",
         "--scaler",
@@ -131,7 +106,6 @@ async fn wake_latency_with_500_routes() {
                 .unwrap();
         }
     });
-    wait_ready(admin).await;
     wait_ready(controller_admin).await;
     let http = wakegate_e2e::Http::default();
     // Every route reconciled (so the scaler knows them) and a few sweeps done.
@@ -204,4 +178,5 @@ async fn wake_latency_with_500_routes() {
         println!("{line}");
     }
     stop.cancel();
+    interceptor.stop().await;
 }
