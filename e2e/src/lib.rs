@@ -102,6 +102,27 @@ impl Cluster {
     /// when `keda`), or the real cluster `WAKEGATE_E2E_KUBECONFIG` points at. Tests pass
     /// `env!("CARGO_BIN_EXE_wakegate-e2e-backend")`.
     pub async fn start(keda: bool, backend: &str) -> Self {
+        Self::start_inner(keda, false, backend).await
+    }
+
+    /// As [`Cluster::start`] with KEDA's ScaledObject kind defined but not served until
+    /// [`Cluster::install_keda_crd`]: KEDA installed while Wakegate runs (simulated only).
+    pub async fn start_with_keda_later(backend: &str) -> Self {
+        Self::start_inner(true, true, backend).await
+    }
+
+    /// Starts serving KEDA's ScaledObject kind (see [`Cluster::start_with_keda_later`]).
+    pub fn install_keda_crd(&self) {
+        if let Backing::Simulated {
+            server: Some(server),
+            ..
+        } = &self.backing
+        {
+            server.serve("scaledobjects.keda.sh");
+        }
+    }
+
+    async fn start_inner(keda: bool, keda_later: bool, backend: &str) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .with_test_writer()
@@ -136,7 +157,12 @@ impl Cluster {
         if keda {
             defs.push(ResourceDef::keda_scaled_object());
         }
-        let server = ApiServer::start(defs).await.unwrap();
+        let later = if keda_later {
+            vec!["scaledobjects.keda.sh".to_owned()]
+        } else {
+            Vec::new()
+        };
+        let server = ApiServer::start_with_unserved(defs, later).await.unwrap();
         let kubeconfig = dir.path().join("kubeconfig");
         std::fs::write(&kubeconfig, server.kubeconfig()).unwrap();
         let pods = PodSimulator::start(

@@ -158,3 +158,68 @@ async fn the_standalone_overlay_rbac_is_enough_and_a_forbidden_lookup_degrades()
     interceptor.stop().await;
     cluster.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scaled_object_made_after_keda_is_installed_is_noticed_without_a_restart() {
+    let cluster = Cluster::start_with_keda_later(env!("CARGO_BIN_EXE_wakegate-e2e-backend")).await;
+    if !cluster.simulated() {
+        eprintln!(
+            "skipped: installing KEDA's CRD mid-test can only be staged on the test API server"
+        );
+        cluster.cleanup().await;
+        return;
+    }
+    cluster.apply(&cluster.app_yaml("xkcd")).await;
+    let hso = wakegate_e2e::ADDON_EXAMPLE.replace("min: 5", "min: 0");
+    cluster.apply(&hso).await;
+    let interceptor = Interceptor::start(&cluster).await;
+    let controller = Controller::start(&cluster, "standalone", interceptor.admin).await;
+    let api: Api<HTTPScaledObject> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    eventually("Scaling=Standalone", Duration::from_secs(20), || async {
+        scaling(&api)
+            .await
+            .is_some_and(|(reason, _)| reason == "Standalone")
+    })
+    .await;
+
+    // KEDA arrives, and a ScaledObject takes the workload over.
+    cluster.install_keda_crd();
+    cluster
+        .apply(
+            r#"
+apiVersion: keda.sh/v1alpha1
+kind: ScaledObject
+metadata: {name: xkcd-by-keda}
+spec:
+  scaleTargetRef: {name: xkcd}
+  triggers: [{type: cpu, metadata: {value: "50"}}]
+"#,
+        )
+        .await;
+    let mut touch = 0;
+    eventually(
+        "Scaling=ScaledByAnotherOwner",
+        Duration::from_secs(30),
+        || {
+            touch += 1;
+            let yaml = hso.replacen(
+                "    name: xkcd\n",
+                &format!("    name: xkcd\n    labels: {{touch: \"{touch}\"}}\n"),
+                1,
+            );
+            let (cluster, api) = (&cluster, &api);
+            async move {
+                // Each touch is a reconcile, as the periodic one would be.
+                cluster.apply(&yaml).await;
+                scaling(api).await.is_some_and(|(reason, message)| {
+                    reason == "ScaledByAnotherOwner"
+                        && message.contains("ScaledObject xkcd-by-keda")
+                })
+            }
+        },
+    )
+    .await;
+    controller.stop().await;
+    interceptor.stop().await;
+    cluster.cleanup().await;
+}

@@ -112,3 +112,39 @@ async fn zero_comes_a_scaledown_period_after_the_last_request_for_both_metrics_a
     interceptor.stop().await;
     cluster.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_during_a_failover_is_not_lost() {
+    let cluster = Cluster::start(false, env!("CARGO_BIN_EXE_wakegate-e2e-backend")).await;
+    cluster.apply(&cluster.app_yaml("conc")).await;
+    cluster.apply(&route("conc", "conc.example", false)).await;
+    let interceptor = Interceptor::start(&cluster).await;
+    let first = Controller::start(&cluster, "standalone", interceptor.admin).await;
+    first.stop().await;
+    // No controller leads: the wake is pushed to nobody, and the request is held.
+    let proxy = interceptor.proxy;
+    let held =
+        tokio::spawn(async move { Http::default().get(proxy, "conc.example", "/test").await });
+    let http = Http::default();
+    eventually("the request is held", Duration::from_secs(5), || async {
+        let (_, _, queue) = http
+            .get(interceptor.admin, "admin", "/queue")
+            .await
+            .unwrap();
+        queue.contains(r#"/conc":{"Concurrency":1"#)
+    })
+    .await;
+    assert_eq!(cluster.replicas("conc").await, 0);
+    // The next leader finds the held request at its first sample and wakes the workload.
+    let second = Controller::start(&cluster, "standalone", interceptor.admin).await;
+    let (status, headers, body) = tokio::time::timeout(Duration::from_secs(20), held)
+        .await
+        .expect("answered")
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers["x-keda-http-cold-start"], "true");
+    second.stop().await;
+    interceptor.stop().await;
+    cluster.cleanup().await;
+}

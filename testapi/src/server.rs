@@ -34,6 +34,26 @@ pub struct ApiServer {
 struct Inner {
     store: Arc<Store>,
     defs: Vec<ResourceDef>,
+    /// `plural.group` of kinds defined but not served yet (a CRD installed later).
+    unserved: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl Inner {
+    fn served(&self, def: &ResourceDef) -> bool {
+        !self
+            .unserved
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&resource_key(def))
+    }
+
+    fn served_defs(&self) -> Vec<ResourceDef> {
+        self.defs
+            .iter()
+            .filter(|d| self.served(d))
+            .cloned()
+            .collect()
+    }
 }
 
 impl Drop for ApiServer {
@@ -45,15 +65,34 @@ impl Drop for ApiServer {
 impl ApiServer {
     /// Starts a server for `defs` on a free port.
     pub async fn start(defs: Vec<ResourceDef>) -> std::io::Result<Self> {
+        Self::start_with_unserved(defs, Vec::new()).await
+    }
+
+    /// Starts a server for `defs`, of which `later` (`plural.group`) are not served until
+    /// [`ApiServer::serve`]: a CRD installed while components run.
+    pub async fn start_with_unserved(
+        defs: Vec<ResourceDef>,
+        later: Vec<String>,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let inner = Arc::new(Inner {
             store: Arc::new(Store::default()),
             defs,
+            unserved: std::sync::Mutex::new(later.into_iter().collect()),
         });
         let stop = CancellationToken::new();
         tokio::spawn(serve(listener, inner.clone(), stop.clone()));
         Ok(Self { addr, inner, stop })
+    }
+
+    /// Starts serving a kind held back at start (`plural.group`).
+    pub fn serve(&self, resource: &str) {
+        self.inner
+            .unserved
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(resource);
     }
 
     /// The server's base URL, `http://127.0.0.1:<port>`.
@@ -152,7 +191,7 @@ impl Inner {
                 )
             }
             ["api"] => return full(StatusCode::OK, resources::core_versions()),
-            ["apis"] => return full(StatusCode::OK, resources::group_list(&self.defs)),
+            ["apis"] => return full(StatusCode::OK, resources::group_list(&self.served_defs())),
             ["api", version, rest @ ..] => ("", *version, rest),
             ["apis", group, version, rest @ ..] => (*group, *version, rest),
             _ => {
@@ -164,7 +203,7 @@ impl Inner {
             }
         };
         if rest.is_empty() {
-            return match resources::resource_list(&self.defs, group, version) {
+            return match resources::resource_list(&self.served_defs(), group, version) {
                 Some(list) => full(StatusCode::OK, list),
                 None => error(&ApiError::new(
                     404,
@@ -259,9 +298,9 @@ impl Inner {
 
     fn target<'a>(&'a self, group: &str, version: &str, rest: &[&str]) -> Option<Target<'a>> {
         let find = |plural: &str| {
-            self.defs
-                .iter()
-                .find(|d| d.group == group && d.version == version && d.plural == plural)
+            self.defs.iter().find(|d| {
+                d.group == group && d.version == version && d.plural == plural && self.served(d)
+            })
         };
         if let ["namespaces", ns, plural, tail @ ..] = rest {
             if let Some(def) = find(plural).filter(|d| d.namespaced) {
