@@ -26,7 +26,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
@@ -183,54 +182,67 @@ impl Drop for OpenConnection {
     }
 }
 
-/// What a connection's requests tell its watchdog and its request-line limit.
-#[derive(Debug, Default)]
+/// What a connection's requests tell its watchdog and its request-head watch. Written on every
+/// request with plain atomics and read by the watchdog only when its timer fires: the watchdog
+/// is never woken per request (that would re-poll the connection twice per request).
+#[derive(Debug)]
 pub(crate) struct Activity {
+    /// The connection's start: times below are milliseconds since it.
+    base: Instant,
     /// Requests whose response has not ended (or whose handler is still running).
     active: AtomicUsize,
     /// Whether a request head has been completed on this connection.
     seen_request: AtomicBool,
-    /// Bumped whenever the next bytes read start a new request head (see `request_line`).
+    /// Bumped whenever the next bytes read start a new request head (see `request_head`).
     pub(crate) heads: AtomicU64,
     /// Whether a request body may be arriving now (its bytes are not a request head).
     pub(crate) reading_body: AtomicBool,
-    /// When bytes of a new request head began arriving on an idle connection.
-    head_started: std::sync::Mutex<Option<Instant>>,
-    /// Bumped when a request begins or ends: idle time counts from the last bump.
-    events: AtomicU64,
-    /// Wakes the watchdog on every change.
-    changed: Notify,
+    /// One more than the time the connection last went idle (0: never).
+    idle_since: AtomicU64,
+    /// One more than the time bytes of a new head began arriving on an idle connection (0:
+    /// none since the last request began).
+    head_started: AtomicU64,
 }
 
 impl Activity {
+    fn new() -> Self {
+        Self {
+            base: Instant::now(),
+            active: AtomicUsize::new(0),
+            seen_request: AtomicBool::new(false),
+            heads: AtomicU64::new(0),
+            reading_body: AtomicBool::new(false),
+            idle_since: AtomicU64::new(0),
+            head_started: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_millis())
+            .unwrap_or(u64::MAX - 1)
+            .saturating_add(1)
+    }
+
+    fn at(&self, stamp: u64) -> Option<Instant> {
+        (stamp > 0).then(|| self.base + Duration::from_millis(stamp - 1))
+    }
+
     /// Bytes were read from the client. On an idle connection that has served a request, they
     /// start the next head, and its header-read timeout.
     pub(crate) fn head_bytes_arrived(&self) {
-        if self.active.load(Ordering::Acquire) > 0 || !self.seen_request.load(Ordering::Acquire) {
+        if self.active.load(Ordering::Relaxed) > 0
+            || self.head_started.load(Ordering::Relaxed) != 0
+            || !self.seen_request.load(Ordering::Relaxed)
+        {
             return;
         }
-        let mut started = self
-            .head_started
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if started.is_none() {
-            *started = Some(Instant::now());
-            self.changed.notify_one();
-        }
-    }
-
-    fn head_started(&self) -> Option<Instant> {
-        *self
-            .head_started
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        let _ =
+            self.head_started
+                .compare_exchange(0, self.now(), Ordering::AcqRel, Ordering::Relaxed);
     }
 
     fn begin(self: &Arc<Self>, has_body: bool) -> ActiveRequest {
-        *self
-            .head_started
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        self.head_started.store(0, Ordering::Release);
         self.active.fetch_add(1, Ordering::AcqRel);
         self.seen_request.store(true, Ordering::Release);
         if has_body {
@@ -239,8 +251,6 @@ impl Activity {
             // No body: whatever comes next is the next request's head.
             self.heads.fetch_add(1, Ordering::AcqRel);
         }
-        self.events.fetch_add(1, Ordering::AcqRel);
-        self.changed.notify_one();
         ActiveRequest(self.clone())
     }
 }
@@ -250,16 +260,16 @@ struct ActiveRequest(Arc<Activity>);
 
 impl Drop for ActiveRequest {
     fn drop(&mut self) {
-        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1
-            && self.0.reading_body.swap(false, Ordering::AcqRel)
+        let activity = &self.0;
+        activity.idle_since.store(activity.now(), Ordering::Release);
+        if activity.active.fetch_sub(1, Ordering::AcqRel) == 1
+            && activity.reading_body.swap(false, Ordering::AcqRel)
         {
             // Nothing in flight after a request with a body: that body has been read (or the
             // connection will close), so the next bytes are a request head. (After a request
             // without one, the head began when it was handled.)
-            self.0.heads.fetch_add(1, Ordering::AcqRel);
+            activity.heads.fetch_add(1, Ordering::AcqRel);
         }
-        self.0.events.fetch_add(1, Ordering::AcqRel);
-        self.0.changed.notify_one();
     }
 }
 
@@ -373,7 +383,7 @@ where
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let (client, io) = ClientConn::new(stream, remote, tls.is_some());
-        let activity = Arc::new(Activity::default());
+        let activity = Arc::new(Activity::new());
         let service = {
             let activity = activity.clone();
             service_fn(move |req: Request<Incoming>| {
@@ -460,9 +470,15 @@ where
 }
 
 /// Drives `conn` to its end, closing it when a deadline passes: the first request head not
-/// complete by `first_head` (dropped at once: nothing is in flight), or no request in flight
-/// for the idle timeout (closed gracefully: HTTP/1.1 closes, HTTP/2 sends GOAWAY). `stop` closes
-/// it gracefully too, once its requests are done.
+/// complete by `first_head` (dropped at once: nothing is in flight), a later head not complete
+/// within the header-read timeout of its first byte (dropped), or no request in flight for the
+/// idle timeout (closed gracefully: HTTP/1.1 closes, HTTP/2 sends GOAWAY). `stop` closes it
+/// gracefully too, once its requests are done.
+///
+/// One timer, re-armed only when it fires: it then reads the connection's [`Activity`] and
+/// either acts or sleeps until the next moment something could be due. While requests are in
+/// flight, or the connection is idle, it looks again at least every header-read timeout, so a
+/// head that starts on an idle connection is cut within that time of its deadline.
 async fn watch<C, E>(
     conn: C,
     shutdown: impl Fn(Pin<&mut C>),
@@ -475,44 +491,20 @@ where
     C: Future<Output = Result<(), E>>,
 {
     tokio::pin!(conn);
-    let mut idle_since = Instant::now();
-    let mut events = u64::MAX;
-    let mut closing: Option<Instant> = None;
+    let timer = tokio::time::sleep_until(first_head);
+    tokio::pin!(timer);
+    let mut closing = false;
     let mut stopping = false;
     loop {
-        // Registered before the state is read, so no change is missed in between.
-        let changed = activity.changed.notified();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
-        let seen = activity.seen_request.load(Ordering::Acquire);
-        let active = activity.active.load(Ordering::Acquire);
-        let now_events = activity.events.load(Ordering::Acquire);
-        if now_events != events {
-            // A request began or ended since the last look: idle time counts from now.
-            events = now_events;
-            idle_since = Instant::now();
-        }
-        let head_started = activity.head_started();
-        let deadline = match (closing, seen, active) {
-            (Some(by), _, _) => Some(by),
-            (None, false, _) => Some(first_head),
-            // A head on its way has its own deadline; the connection is not idle meanwhile.
-            (None, true, 0) => Some(
-                head_started.map_or(idle_since + settings.idle_timeout, |at| {
-                    at + settings.header_read_timeout
-                }),
-            ),
-            (None, true, _) => None,
-        };
         tokio::select! {
             result = conn.as_mut() => return result,
-            () = changed => {}
             () = stop.cancelled(), if !stopping => {
                 stopping = true;
                 shutdown(conn.as_mut());
             }
-            () = sleep_until(deadline) => {
-                if closing.is_some() {
+            () = timer.as_mut() => {
+                let now = Instant::now();
+                if closing {
                     // Told to close and still open: drop it.
                     return Ok(());
                 }
@@ -520,31 +512,35 @@ where
                     settings.connections.closed_by(CloseReason::HeaderReadTimeout);
                     return Ok(());
                 }
+                let look_again = now + settings.header_read_timeout;
                 if activity.active.load(Ordering::Acquire) > 0 {
+                    timer.as_mut().reset(look_again.min(now + settings.idle_timeout));
                     continue;
                 }
-                match activity.head_started() {
-                    Some(at) if at + settings.header_read_timeout <= Instant::now() => {
+                if let Some(at) = activity.at(activity.head_started.load(Ordering::Acquire)) {
+                    let due = at + settings.header_read_timeout;
+                    if due <= now {
                         // A head begun and not finished in time; nothing is in flight.
                         settings.connections.closed_by(CloseReason::HeaderReadTimeout);
                         return Ok(());
                     }
-                    Some(_) => {}
-                    None => {
-                        settings.connections.closed_by(CloseReason::IdleTimeout);
-                        shutdown(conn.as_mut());
-                        closing = Some(Instant::now() + CLOSE_GRACE);
-                    }
+                    timer.as_mut().reset(due);
+                    continue;
                 }
+                let idle_since = activity
+                    .at(activity.idle_since.load(Ordering::Acquire))
+                    .unwrap_or(first_head);
+                let idle_due = idle_since + settings.idle_timeout;
+                if idle_due <= now {
+                    settings.connections.closed_by(CloseReason::IdleTimeout);
+                    shutdown(conn.as_mut());
+                    closing = true;
+                    timer.as_mut().reset(now + CLOSE_GRACE);
+                    continue;
+                }
+                timer.as_mut().reset(idle_due.min(look_again));
             }
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
