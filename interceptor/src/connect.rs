@@ -70,6 +70,9 @@ impl FreshEndpoints {
 pub struct RetryingConnector {
     inner: HttpConnector,
     fresh: FreshEndpoints,
+    /// Dial this endpoint whatever the URI names: HTTP/2 requests carry the routed authority
+    /// in their URI (it becomes `:authority`), so their client is one per endpoint.
+    pin: Option<http::uri::Authority>,
 }
 
 impl RetryingConnector {
@@ -81,7 +84,19 @@ impl RetryingConnector {
         // handshake once the TCP connection is up.
         inner.enforce_http(false);
         inner.set_connect_timeout(Some(Duration::from_secs(10)));
-        Self { inner, fresh }
+        Self {
+            inner,
+            fresh,
+            pin: None,
+        }
+    }
+
+    /// A connector that always dials `endpoint`.
+    pub fn pinned(fresh: FreshEndpoints, endpoint: http::uri::Authority) -> Self {
+        Self {
+            pin: Some(endpoint),
+            ..Self::new(fresh)
+        }
     }
 }
 
@@ -99,6 +114,14 @@ impl Service<Uri> for RetryingConnector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let mut inner = self.inner.clone();
         let fresh = self.fresh.clone();
+        let uri = match &self.pin {
+            Some(endpoint) => {
+                let mut parts = uri.into_parts();
+                parts.authority = Some(endpoint.clone());
+                Uri::from_parts(parts).unwrap_or_default()
+            }
+            None => uri,
+        };
         Box::pin(async move {
             loop {
                 let err = match inner.call(uri.clone()).await {

@@ -27,7 +27,20 @@ async fn h2c_upstream() -> std::net::SocketAddr {
                     .get("te")
                     .map(|v| v.to_str().unwrap().to_owned())
                     .unwrap_or_default();
-                let text = format!("{:?} te={te}", req.version());
+                let authority = req
+                    .uri()
+                    .authority()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                let host = req
+                    .headers()
+                    .get("host")
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .unwrap_or_default();
+                let text = format!(
+                    "{:?} te={te} authority={authority} host={host}",
+                    req.version()
+                );
                 let mut trailers = HeaderMap::new();
                 trailers.insert("grpc-status", "0".parse().unwrap());
                 let frames = vec![
@@ -78,12 +91,19 @@ async fn h2c_in_and_out_with_trailers() {
     assert_eq!(trailers["grpc-status"], "0");
     assert_eq!(
         collected.to_bytes(),
-        "HTTP/2.0 te=trailers",
-        "h2c out, te: trailers kept"
+        format!(
+            "HTTP/2.0 te=trailers authority={0} host={0}",
+            ic.proxy
+        ),
+        "h2c out, te: trailers kept, and the authority routed by is the one forwarded (not the upstream's address)"
     );
 
     // An HTTP/1.1 client is translated to h2c upstream.
     let reply = ic.get("grpc.test", "/").await;
     assert_eq!(reply.status, StatusCode::OK);
-    assert_eq!(reply.text(), "HTTP/2.0 te=");
+    assert_eq!(
+        reply.text(),
+        "HTTP/2.0 te= authority=grpc.test host=grpc.test",
+        "the HTTP/1.1 client's Host becomes the upstream's :authority"
+    );
 }

@@ -94,6 +94,10 @@ pub struct Proxy {
     /// Pooled clients by protocol and TLS settings. Read when the route table is rebuilt, so a
     /// plain mutex; kept across rebuilds so pools survive route changes.
     clients: std::sync::Mutex<HashMap<ClientKey, UpstreamClient>>,
+    /// HTTP/2 clients, one per endpoint: an HTTP/2 request's URI carries the routed authority
+    /// (its `:authority`), so the pool cannot be keyed by the endpoint's address. Read per
+    /// request, so a `DashMap`.
+    h2_clients: dashmap::DashMap<(ClientKey, Endpoint), UpstreamClient>,
     fresh: FreshEndpoints,
     loads: Arc<Loads>,
     metrics: ProxyMetrics,
@@ -126,6 +130,7 @@ impl Proxy {
             loaded: AtomicBool::new(false),
             provider,
             clients: std::sync::Mutex::default(),
+            h2_clients: dashmap::DashMap::new(),
             fresh: FreshEndpoints::default(),
             loads,
             metrics,
@@ -160,6 +165,33 @@ impl Proxy {
         if let Some(client) = clients.get(&key) {
             return client.clone();
         }
+        let client = self.build_client(protocol, tls, None);
+        clients.insert(key, client.clone());
+        client
+    }
+
+    /// The HTTP/2 client for `endpoint`, made on first use.
+    fn h2_client_for(&self, tls: Option<&UpstreamTls>, endpoint: &Endpoint) -> UpstreamClient {
+        let key = ((UpstreamProtocol::H2c, tls.cloned()), endpoint.clone());
+        if let Some(client) = self.h2_clients.get(&key) {
+            return client.clone();
+        }
+        if self.h2_clients.len() >= 4096 {
+            // Endpoints come and go with pods: forget them all now and then (requests in flight
+            // hold their own clients; idle connections close on their own).
+            self.h2_clients.clear();
+        }
+        let client = self.build_client(UpstreamProtocol::H2c, tls, Some(endpoint));
+        self.h2_clients.insert(key, client.clone());
+        client
+    }
+
+    fn build_client(
+        &self,
+        protocol: UpstreamProtocol,
+        tls: Option<&UpstreamTls>,
+        pin: Option<&Endpoint>,
+    ) -> UpstreamClient {
         let default_tls = UpstreamTls {
             server_name: None,
             trust: Trust::PublicRoots,
@@ -175,24 +207,28 @@ impl Proxy {
             }
         }
         .https_or_http();
-        let connector = match tls.and_then(|t| t.server_name.as_deref()) {
-            Some(name) => match ServerName::try_from(name.to_owned()) {
-                Ok(name) => connector.with_server_name_resolver(FixedServerNameResolver::new(name)),
-                Err(_) => connector,
-            },
-            None => connector,
+        // The name checked is the configured one, else the upstream's host: for a pinned
+        // client that is the endpoint's, not the routed authority its URIs carry.
+        let name = tls
+            .and_then(|t| t.server_name.as_deref())
+            .or_else(|| pin.map(|e| e.authority().host()));
+        let connector = match name.map(|n| ServerName::try_from(n.to_owned())) {
+            Some(Ok(name)) => {
+                connector.with_server_name_resolver(FixedServerNameResolver::new(name))
+            }
+            _ => connector,
+        };
+        let tcp = match pin {
+            Some(endpoint) => {
+                RetryingConnector::pinned(self.fresh.clone(), endpoint.authority().clone())
+            }
+            None => RetryingConnector::new(self.fresh.clone()),
         };
         let connector = match protocol {
-            UpstreamProtocol::Http1 => connector
-                .enable_http1()
-                .wrap_connector(RetryingConnector::new(self.fresh.clone())),
-            UpstreamProtocol::H2c => connector
-                .enable_http2()
-                .wrap_connector(RetryingConnector::new(self.fresh.clone())),
+            UpstreamProtocol::Http1 => connector.enable_http1().wrap_connector(tcp),
+            UpstreamProtocol::H2c => connector.enable_http2().wrap_connector(tcp),
         };
-        let client = pooled(protocol).build(connector);
-        clients.insert(key, client.clone());
-        client
+        pooled(protocol).build(connector)
     }
 
     /// Replaces the routing table with one built from `specs` (oldest first).
@@ -430,16 +466,22 @@ impl Proxy {
         if let (Some(protocol), UpstreamProtocol::Http1) = (&upgrade, route.spec.protocol) {
             headers::set_upgrade(req.headers_mut(), protocol.clone());
         }
-        let pool = if failed_over {
+        let pool = match (route.spec.protocol, failed_over) {
+            // HTTP/2: the URI carries the routed authority, so the client is the endpoint's.
+            (UpstreamProtocol::H2c, false) => {
+                self.h2_client_for(route.spec.upstream_tls.as_ref(), &acquired.endpoint)
+            }
             // The failover target is a different service: it is spoken to in the route's
             // protocol, without TLS.
-            let mut clients = self
-                .clients
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            self.client_for(&mut clients, route.spec.protocol, None)
-        } else {
-            route.client.clone()
+            (UpstreamProtocol::H2c, true) => self.h2_client_for(None, &acquired.endpoint),
+            (UpstreamProtocol::Http1, true) => {
+                let mut clients = self
+                    .clients
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                self.client_for(&mut clients, route.spec.protocol, None)
+            }
+            (UpstreamProtocol::Http1, false) => route.client.clone(),
         };
         // The response-header timeout starts once the request body is sent in full, so a slow
         // upload to a healthy upstream is not cut (as in the add-on and Go's
@@ -833,7 +875,14 @@ fn upstream_request(
     let (body, watch) = RequestBody::new(body, min_body_rate.filter(|_| !grpc));
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(if tls { Scheme::HTTPS } else { Scheme::HTTP });
-    uri.authority = Some(endpoint.authority().clone());
+    // HTTP/1.1 is sent in origin form with the Host header; the URI's authority picks the
+    // pooled connection. HTTP/2 sends the URI's authority as `:authority`, so it is the routed
+    // one (its client is pinned to the endpoint).
+    uri.authority = match (protocol, host.as_ref().and_then(|h| h.to_str().ok())) {
+        (UpstreamProtocol::H2c, Some(host)) => http::uri::Authority::try_from(host).ok(),
+        _ => None,
+    }
+    .or_else(|| Some(endpoint.authority().clone()));
     uri.path_and_query = Some(
         parts
             .uri
