@@ -247,7 +247,18 @@ pub async fn run_until(args: Args, shutdown: impl Future<Output = ()>) -> Result
             _ = leading.wait_for(|l| !*l) => true,
         };
         term.cancel();
-        let _ = controller.await;
+        // Running reconciles may finish, under a deadline: they are idempotent, so one cut
+        // short is redone by the next leader, and a stop never hangs on one.
+        let abort = controller.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(10), controller)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "reconciles did not finish within 10 s of losing or leaving the lead; abandoned"
+            );
+            abort.abort();
+        }
         if !lost {
             break;
         }

@@ -413,7 +413,11 @@ impl Interceptor {
     /// Stops it and waits for it.
     pub async fn stop(self) {
         self.stop.cancel();
-        let _ = self.task.await;
+        // Bounded: a stop that hangs is a bug to report, not a test to wait on forever.
+        tokio::time::timeout(Duration::from_secs(40), self.task)
+            .await
+            .expect("the interceptor stopped within 40 s")
+            .ok();
     }
 }
 
@@ -515,7 +519,10 @@ impl Controller {
     /// Stops it and waits for it.
     pub async fn stop(self) {
         self.stop.cancel();
-        let _ = self.task.await;
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("the controller stopped within 20 s")
+            .ok();
     }
 }
 
