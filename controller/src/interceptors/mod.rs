@@ -11,8 +11,8 @@
 //! A replica that cannot be reached keeps its last concurrency until it answers again or
 //! leaves the Service, so one bad replica never fails the metric.
 //!
-//! The module is the request's way through: [`discovery`] finds the replicas, [`events`] keeps a
-//! stream open to each, [`sampling`] polls their `/queue`, and [`aggregate`] folds the samples
+//! The module is the request's way through: `discovery` finds the replicas, `events` keeps a
+//! stream open to each, `sampling` polls their `/queue`, and `aggregate` folds the samples
 //! into per-route metrics.
 //!
 //! When a route last had a request comes from the interceptors themselves (`IdleMs` in
