@@ -289,7 +289,11 @@ pub async fn run_until(
 fn warn_if_fd_limit_is_low(max_client_connections: u32) {
     use nix::sys::resource::{getrlimit, Resource};
     if let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let needed = 2 * u64::from(max_client_connections) + 256;
+        // In the platform's rlim_t (u32 on 32-bit arm): computed in u32, then widened.
+        let needed: nix::libc::rlim_t = max_client_connections
+            .saturating_mul(2)
+            .saturating_add(256)
+            .into();
         if soft < needed {
             tracing::warn!(
                 open_file_limit = soft,
