@@ -174,24 +174,24 @@ impl KubeProvider {
         }
         // Locks are taken one at a time (targets, then the index, then targets), never nested:
         // `endpoints()` takes them in the other order.
-        let asked: Vec<TargetId> = {
+        // Every asked target after a route change; otherwise only the targets behind the touched
+        // Services, straight from the index (targets nobody asked for are skipped when sending),
+        // so a slice event never walks the whole target map.
+        let asked: Option<Vec<TargetId>> = touched.routes.then(|| {
             let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
             targets.keys().cloned().collect()
-        };
+        });
         let (specs, ready) = {
             let index = self.index.lock().unwrap_or_else(|e| e.into_inner());
             let specs: Option<Arc<[RouteSpec]>> =
                 touched.routes.then(|| index.route_specs().into());
-            let which: Vec<TargetId> = if touched.routes {
-                asked
-            } else {
-                let behind: std::collections::HashSet<&Arc<str>> = touched
+            let which: Vec<TargetId> = asked.unwrap_or_else(|| {
+                touched
                     .services
                     .iter()
-                    .flat_map(|svc| index.targets_behind(svc))
-                    .collect();
-                asked.into_iter().filter(|t| behind.contains(t)).collect()
-            };
+                    .flat_map(|svc| index.targets_behind(svc).iter().cloned())
+                    .collect()
+            });
             let ready: Vec<(TargetId, ReadyEndpoints)> = which
                 .into_iter()
                 .map(|t| {
