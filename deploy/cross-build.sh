@@ -7,7 +7,7 @@
 #                                            # std (libstd-rust-web-dev:<arch>) unpacked
 #   deploy/cross-build.sh build ARCH...      # ARCH: arm64, armv7, amd64; binaries land in
 #                                            # $OUT/<arch>/ (default target/cross/)
-#   deploy/cross-build.sh test-arm64         # the interceptor's and loadtest's tests, built
+#   deploy/cross-build.sh test-arm64 [ARGS]  # the interceptor's and loadtest's tests, built
 #                                            # for aarch64 and run under qemu-user
 #   deploy/cross-build.sh ci                 # install, build arm64 + armv7, test-arm64, sizes
 set -euo pipefail
@@ -167,13 +167,13 @@ test_arm64() {
     # Doctests are compiled by rustdoc, which takes its flags from here, not from RUSTFLAGS.
     export RUSTDOCFLAGS="--sysroot=$SYSROOT"
     echo "==> aarch64 tests under qemu" >&2
-    (cd "$ROOT" && "$CARGO" test --locked --no-fail-fast --target "$t" -p wakegate-interceptor -p wakegate-loadtest)
+    (cd "$ROOT" && "$CARGO" test --locked --no-fail-fast --target "$t" -p wakegate-interceptor -p wakegate-loadtest "$@")
 }
 
 case "${1:-}" in
     install) install ;;
     build) shift; build "$@"; sizes ;;
-    test-arm64) test_arm64 ;;
+    test-arm64) shift; test_arm64 "$@" ;;
     sizes) sizes ;;
     ci)
         install
