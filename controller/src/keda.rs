@@ -9,6 +9,13 @@
 //!   route awake; KEDA's cooldown (the route's `scaledownPeriod`) then runs from the last one.
 //! - `GetMetrics` reports concurrency or request rate as a float, and never rounds a non-zero
 //!   value to a zero integer.
+//! - `StreamMetricSpec` sends the metric specs at once and again whenever the route changes, so
+//!   an edited `targetValue` reaches the HPA without recreating anything.
+//!
+//! Which route a ScaledObject means comes from its trigger metadata: `interceptorRoute: <name>`
+//! (an InterceptorRoute: metrics `http_<name>_concurrency` and/or `http_<name>_rate`, and no
+//! metric spec until the route exists, so KEDA falls back to CPU), or `httpScaledObject:
+//! <name>` (an HTTPScaledObject: one metric `http-<namespace>-<name>`, as the add-on names it).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -43,19 +50,109 @@ pub struct KedaScaler {
     pub stop: tokio_util::sync::CancellationToken,
 }
 
+/// Which route a ScaledObject's trigger names, and how its metrics are named.
+struct Target {
+    /// `namespace/name`.
+    key: String,
+    /// The route, if this controller has accepted it.
+    route: Option<RouteEntry>,
+    /// `interceptorRoute` metadata (rather than `httpScaledObject`).
+    interceptor_route: bool,
+    /// The route's name.
+    name: String,
+}
+
+/// A metric name as KEDA and the HPA accept it: KEDA's normalisation (`/`, `.`, `:` and other
+/// unsafe characters become `-`).
+fn normalized(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+impl Target {
+    /// The metrics KEDA sees for this target: `(name, metric)`.
+    fn metrics(&self) -> Vec<(String, ScalingMetric)> {
+        let Some(route) = &self.route else {
+            return Vec::new();
+        };
+        if !self.interceptor_route {
+            let name = normalized(&format!("http-{}", self.key));
+            return route
+                .spec
+                .metrics
+                .first()
+                .map(|m| vec![(name, m.clone())])
+                .unwrap_or_default();
+        }
+        route
+            .spec
+            .metrics
+            .iter()
+            .map(|m| {
+                let suffix = match m {
+                    ScalingMetric::Concurrency { .. } => "concurrency",
+                    ScalingMetric::RequestRate { .. } => "rate",
+                };
+                (
+                    format!("http_{}_{suffix}", normalized(&self.name)),
+                    m.clone(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// The target a ScaledObject's trigger names, from `routes`.
+fn target_in(routes: &Routes, r: &ScaledObjectRef) -> Target {
+    let (name, interceptor_route) = match r
+        .scaler_metadata
+        .get("interceptorRoute")
+        .filter(|n| !n.is_empty())
+    {
+        Some(name) => (name, true),
+        None => (
+            r.scaler_metadata
+                .get("httpScaledObject")
+                .filter(|n| !n.is_empty())
+                .unwrap_or(&r.name),
+            false,
+        ),
+    };
+    let key = format!("{}/{name}", r.namespace);
+    Target {
+        route: routes.get(&key),
+        key,
+        interceptor_route,
+        name: name.clone(),
+    }
+}
+
+fn not_found(target: &Target) -> Status {
+    let kind = if target.interceptor_route {
+        "InterceptorRoute"
+    } else {
+        "HTTPScaledObject"
+    };
+    Status::not_found(format!(
+        "no valid {kind} {} is known to this controller (check its status)",
+        target.key
+    ))
+}
+
 impl KedaScaler {
-    fn route(&self, r: &ScaledObjectRef) -> Result<(String, RouteEntry), Status> {
-        let name = r
-            .scaler_metadata
-            .get("httpScaledObject")
-            .filter(|n| !n.is_empty())
-            .unwrap_or(&r.name);
-        let key = format!("{}/{name}", r.namespace);
-        match self.routes.get(&key) {
-            Some(route) => Ok((key, route)),
-            None => Err(Status::not_found(format!(
-                "no valid HTTPScaledObject {key} is known to this controller (check its status)"
-            ))),
+    /// The target, which must exist.
+    fn route(&self, r: &ScaledObjectRef) -> Result<Target, Status> {
+        let target = target_in(&self.routes, r);
+        match target.route {
+            Some(_) => Ok(target),
+            None => Err(not_found(&target)),
         }
     }
 
@@ -66,16 +163,30 @@ impl KedaScaler {
                 .is_some_and(|t| Instant::now().duration_since(t) < self.activity_window)
     }
 
-    fn value(&self, key: &str, route: &RouteEntry) -> (f64, f64) {
-        match route.spec.metric {
-            ScalingMetric::Concurrency { target } => {
-                (self.interceptors.metrics(key).concurrency, target)
-            }
+    fn value(&self, key: &str, metric: &ScalingMetric) -> f64 {
+        match metric {
+            ScalingMetric::Concurrency { .. } => self.interceptors.metrics(key).concurrency,
             ScalingMetric::RequestRate {
-                target,
                 window,
                 granularity,
-            } => (self.interceptors.rate(key, window, granularity), target),
+                ..
+            } => self.interceptors.rate(key, *window, *granularity),
+        }
+    }
+
+    // The integer fields are deprecated in the proto, but older KEDA releases still read them.
+    #[allow(deprecated)]
+    fn specs(target: &Target) -> GetMetricSpecResponse {
+        GetMetricSpecResponse {
+            metric_specs: target
+                .metrics()
+                .into_iter()
+                .map(|(name, m)| MetricSpec {
+                    metric_name: name,
+                    target_size: m.target().ceil() as i64,
+                    target_size_float: m.target(),
+                })
+                .collect(),
         }
     }
 }
@@ -88,9 +199,9 @@ impl ExternalScaler for KedaScaler {
         &self,
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<IsActiveResponse>, Status> {
-        let (key, _) = self.route(request.get_ref())?;
+        let target = self.route(request.get_ref())?;
         Ok(Response::new(IsActiveResponse {
-            result: self.active(&key),
+            result: self.active(&target.key),
         }))
     }
 
@@ -100,7 +211,7 @@ impl ExternalScaler for KedaScaler {
         &self,
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<ActiveStream>, Status> {
-        let (key, _) = self.route(request.get_ref())?;
+        let key = self.route(request.get_ref())?.key;
         let wakes = self.interceptors.wakes();
         let initial = self.active(&key);
         let metrics = self.metrics.clone();
@@ -137,21 +248,17 @@ impl ExternalScaler for KedaScaler {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    // The integer fields are deprecated in the proto, but older KEDA releases still read them.
-    #[allow(deprecated)]
     async fn get_metric_spec(
         &self,
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<GetMetricSpecResponse>, Status> {
-        let (_, route) = self.route(request.get_ref())?;
-        let (_, target) = self.value("", &route);
-        Ok(Response::new(GetMetricSpecResponse {
-            metric_specs: vec![MetricSpec {
-                metric_name: route.name.clone(),
-                target_size: target.ceil() as i64,
-                target_size_float: target,
-            }],
-        }))
+        let target = target_in(&self.routes, request.get_ref());
+        // An InterceptorRoute that does not exist (yet) has no metric spec: KEDA falls back
+        // to CPU until it does. An unknown HTTPScaledObject is an error, as it always was.
+        if target.route.is_none() && !target.interceptor_route {
+            return Err(not_found(&target));
+        }
+        Ok(Response::new(Self::specs(&target)))
     }
 
     #[allow(deprecated)]
@@ -163,19 +270,61 @@ impl ExternalScaler for KedaScaler {
         let r = req
             .scaled_object_ref
             .ok_or_else(|| Status::invalid_argument("scaledObjectRef is required"))?;
-        let (key, route) = self.route(&r)?;
-        let (value, _) = self.value(&key, &route);
+        let target = self.route(&r)?;
+        let metrics = target.metrics();
+        // KEDA asks for one metric by name (its `s<index>-` prefix stripped); an empty or
+        // unknown name gets every metric of the route.
+        let asked: Vec<&(String, ScalingMetric)> =
+            match metrics.iter().find(|(name, _)| *name == req.metric_name) {
+                Some(one) => vec![one],
+                None => metrics.iter().collect(),
+            };
         Ok(Response::new(GetMetricsResponse {
-            metric_values: vec![MetricValue {
-                metric_name: if req.metric_name.is_empty() {
-                    route.name.clone()
-                } else {
-                    req.metric_name
-                },
-                // Never rounded down to zero: 0.2 requests per second is still traffic.
-                metric_value: value.ceil() as i64,
-                metric_value_float: value,
-            }],
+            metric_values: asked
+                .into_iter()
+                .map(|(name, m)| {
+                    let value = self.value(&target.key, m);
+                    MetricValue {
+                        metric_name: name.clone(),
+                        // Never rounded down to zero: 0.2 requests per second is still traffic.
+                        metric_value: value.ceil() as i64,
+                        metric_value_float: value,
+                    }
+                })
+                .collect(),
         }))
+    }
+
+    type StreamMetricSpecStream =
+        Pin<Box<dyn Stream<Item = Result<GetMetricSpecResponse, Status>> + Send>>;
+
+    async fn stream_metric_spec(
+        &self,
+        request: Request<ScaledObjectRef>,
+    ) -> Result<Response<Self::StreamMetricSpecStream>, Status> {
+        let r = request.into_inner();
+        let routes = self.routes.clone();
+        let stop = self.stop.clone();
+        let mut changes = routes.changes();
+        // The current specs go out at once.
+        changes.mark_changed();
+        let state = (changes, None::<GetMetricSpecResponse>);
+        let stream = futures_util::stream::unfold(state, move |(mut changes, last)| {
+            let (routes, stop, r) = (routes.clone(), stop.clone(), r.clone());
+            async move {
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return None,
+                        changed = changes.changed() => changed.ok()?,
+                    }
+                    let target = target_in(&routes, &r);
+                    let specs = KedaScaler::specs(&target);
+                    if last.as_ref() != Some(&specs) {
+                        return Some((Ok(specs.clone()), (changes, Some(specs))));
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod decide;
+pub mod interceptor_route;
 pub mod interceptors;
 pub mod keda;
 pub mod leader;
@@ -29,11 +30,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::Full;
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{watcher, Controller};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio_util::sync::CancellationToken;
-use wakegate_crds::HTTPScaledObject;
+use wakegate_crds::{HTTPScaledObject, InterceptorRoute};
 
 use crate::cli::{Args, ScalerChoice};
 use crate::interceptors::{Discovery, Interceptors};
@@ -129,8 +131,13 @@ pub async fn run_until(args: Args, shutdown: impl Future<Output = ()>) -> Result
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
+    let watched_routes: Api<InterceptorRoute> = match &args.watch_namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
     // Every replica keeps its own route table: any of them may answer KEDA.
     tokio::spawn(routes::follow(watched, routes.clone(), stop.clone()));
+    tokio::spawn(routes::follow(watched_routes, routes.clone(), stop.clone()));
 
     // The external scaler and gRPC health serve on every replica: any of them can answer KEDA.
     let grpc_listener = tokio::net::TcpListener::bind(args.grpc_addr)
@@ -225,11 +232,35 @@ pub async fn run_until(args: Args, shutdown: impl Future<Output = ()>) -> Result
             Some(ns) => Api::namespaced(client.clone(), ns),
             None => Api::all(client.clone()),
         };
+        let interceptor_routes: Api<InterceptorRoute> = match &args.watch_namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
+        // An InterceptorRoute coming or going changes what its same-named HTTPScaledObject
+        // does (shadowed or not): that one is reconciled again.
         let controller = Controller::new(api, watcher::Config::default())
+            .watches(
+                interceptor_routes.clone(),
+                watcher::Config::default(),
+                |route: InterceptorRoute| {
+                    let ns = route.namespace()?;
+                    Some(ObjectRef::<HTTPScaledObject>::new(&route.name_any()).within(&ns))
+                },
+            )
             .graceful_shutdown_on(term.clone().cancelled_owned())
-            .run(reconcile::reconcile, reconcile::error_policy, ctx)
+            .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
             .for_each(|_| async {});
-        let controller = tokio::spawn(controller);
+        let route_controller = Controller::new(interceptor_routes, watcher::Config::default())
+            .graceful_shutdown_on(term.clone().cancelled_owned())
+            .run(
+                interceptor_route::reconcile,
+                interceptor_route::error_policy,
+                ctx,
+            )
+            .for_each(|_| async {});
+        let controller = tokio::spawn(async move {
+            tokio::join!(controller, route_controller);
+        });
         if let Some(workloads) = &workloads {
             let scaler = StandaloneScaler {
                 client: client.clone(),

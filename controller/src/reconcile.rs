@@ -13,7 +13,7 @@ use kube::runtime::finalizer::{finalizer, Event};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::{json, Value};
 use wakegate_crds::{
-    HTTPScaledObject, ValidSpec, FINALIZER, ORPHAN_SCALEDOBJECT_ANNOTATION,
+    HTTPScaledObject, RouteKind, ValidRoute, Workload, FINALIZER, ORPHAN_SCALEDOBJECT_ANNOTATION,
     SKIP_SCALEDOBJECT_ANNOTATION,
 };
 
@@ -88,7 +88,7 @@ pub async fn reconcile(obj: Arc<HTTPScaledObject>, ctx: Arc<Context>) -> Result<
         match event {
             Event::Apply(obj) => apply(&obj, &ctx).await,
             Event::Cleanup(obj) => {
-                ctx.routes.remove(&key(&obj));
+                ctx.routes.remove(&key(&obj), RouteKind::HTTPScaledObject);
                 tracing::info!(route = %key(&obj), "HTTPScaledObject deleted");
                 Ok(Action::await_change())
             }
@@ -113,10 +113,17 @@ fn key(obj: &HTTPScaledObject) -> String {
 
 async fn apply(obj: &HTTPScaledObject, ctx: &Context) -> Result<Action, Error> {
     let route = key(obj);
-    let spec = match obj.validate() {
-        Ok(spec) => spec,
+    let validated = obj.validate().and_then(|spec| match spec.workload.clone() {
+        Some(workload) => Ok((spec, workload)),
+        None => Err(wakegate_crds::SpecError {
+            field: "scaleTargetRef".into(),
+            problem: "names no workload".into(),
+        }),
+    });
+    let (spec, workload) = match validated {
+        Ok(valid) => valid,
         Err(err) => {
-            ctx.routes.remove(&route);
+            ctx.routes.remove(&route, RouteKind::HTTPScaledObject);
             tracing::info!(%route, error = %err, "HTTPScaledObject is invalid");
             write_status(
                 ctx,
@@ -137,9 +144,42 @@ async fn apply(obj: &HTTPScaledObject, ctx: &Context) -> Result<Action, Error> {
     let ns = obj.namespace().unwrap_or_default();
     let mut conditions = Vec::new();
     let mut other_owner = None;
+    let entry = |other_owner| RouteEntry {
+        namespace: ns.clone(),
+        name: obj.name_any(),
+        created: obj
+            .meta()
+            .creation_timestamp
+            .as_ref()
+            .map(|t| SystemTime::from(t.0)),
+        other_owner,
+        spec: spec.clone(),
+    };
+    if ctx.routes.shadowed(&route) {
+        // Mid-migration: the InterceptorRoute routes, and whatever scales it is the user's.
+        // This object's ScaledObject is left as it is (the add-on's guide orphans it first).
+        ctx.routes.upsert(entry(None));
+        let message = format!(
+            "the InterceptorRoute {route} is in effect instead: this HTTPScaledObject neither routes nor scales; delete it once the migration is done"
+        );
+        write_status(
+            ctx,
+            obj,
+            Some(&spec),
+            vec![condition(
+                obj,
+                "Ready",
+                false,
+                "ShadowedByInterceptorRoute",
+                &message,
+            )],
+        )
+        .await?;
+        return Ok(Action::requeue(Duration::from_secs(300)));
+    }
     match ctx.mode {
         ScalerMode::Keda => {
-            let (ready, reason, message) = match sync_scaled_object(ctx, obj, &spec).await {
+            let (ready, reason, message) = match sync_scaled_object(ctx, obj, &workload).await {
                 Ok(message) => (true, "Reconciled", message),
                 Err(err) => (
                     false,
@@ -150,34 +190,24 @@ async fn apply(obj: &HTTPScaledObject, ctx: &Context) -> Result<Action, Error> {
             conditions.push(condition(obj, "Ready", ready, reason, &message));
         }
         ScalerMode::Standalone => {
-            let owners = find_other_owner(ctx, &ns, &spec).await?;
+            let owners = find_other_owner(ctx, &ns, &workload).await?;
             other_owner = owners.owner;
             let routing = format!(
                 "routing to {} and scaling {} between {} and {} replicas",
                 spec.target_service(),
-                spec.target_workload(),
-                spec.min_replicas,
-                spec.max_replicas
+                workload.target_workload(),
+                workload.min_replicas,
+                workload.max_replicas
             );
             conditions.push(condition(obj, "Ready", true, "Reconciled", &routing));
             match (&other_owner, owners.forbidden.as_slice()) {
-                (Some(owner), _) => conditions.push(condition(obj, "Scaling", false, "ScaledByAnotherOwner", &format!("{owner} already scales {}; Wakegate routes and holds requests but leaves its replicas alone", spec.target_workload()))),
+                (Some(owner), _) => conditions.push(condition(obj, "Scaling", false, "ScaledByAnotherOwner", &format!("{owner} already scales {}; Wakegate routes and holds requests but leaves its replicas alone", workload.target_workload()))),
                 (None, []) => conditions.push(condition(obj, "Scaling", true, "Standalone", "Wakegate scales this workload through its /scale subresource")),
                 (None, forbidden) => conditions.push(condition(obj, "Scaling", true, "OwnerCheckForbidden", &format!("Wakegate scales this workload, but could not check whether {} also scale it: listing them is forbidden to the controller's service account (grant get and list)", forbidden.join(" or ")))),
             }
         }
     }
-    ctx.routes.upsert(RouteEntry {
-        namespace: ns,
-        name: obj.name_any(),
-        created: obj
-            .meta()
-            .creation_timestamp
-            .as_ref()
-            .map(|t| SystemTime::from(t.0)),
-        other_owner,
-        spec: spec.clone(),
-    });
+    ctx.routes.upsert(entry(other_owner));
     write_status(ctx, obj, Some(&spec), conditions).await?;
     // Standalone: look again now and then for an HPA or ScaledObject that appeared.
     Ok(match ctx.mode {
@@ -192,7 +222,7 @@ const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-config
 /// The ScaledObject an HTTPScaledObject asks for, exactly as the KEDA HTTP Add-on makes it.
 pub fn desired_scaled_object(
     obj: &HTTPScaledObject,
-    spec: &ValidSpec,
+    spec: &Workload,
     scaler_address: &str,
 ) -> Value {
     let orphan = obj
@@ -226,9 +256,9 @@ pub fn desired_scaled_object(
         },
         "spec": {
             "scaleTargetRef": {
-                "apiVersion": spec.workload_api_version,
-                "kind": spec.workload_kind,
-                "name": spec.workload_name,
+                "apiVersion": spec.api_version,
+                "kind": spec.kind,
+                "name": spec.name,
             },
             "minReplicaCount": spec.min_replicas,
             "maxReplicaCount": spec.max_replicas,
@@ -249,7 +279,7 @@ pub fn desired_scaled_object(
 async fn sync_scaled_object(
     ctx: &Context,
     obj: &HTTPScaledObject,
-    spec: &ValidSpec,
+    spec: &Workload,
 ) -> Result<String, kube::Error> {
     let ns = obj.namespace().unwrap_or_default();
     let api: Api<DynamicObject> =
@@ -318,13 +348,13 @@ where
 
 /// Whether an HPA or a ScaledObject already scales the route's workload: from the watches, or,
 /// until they have listed (or while they are forbidden), from the API.
-async fn find_other_owner(
+pub(crate) async fn find_other_owner(
     ctx: &Context,
     ns: &str,
-    spec: &ValidSpec,
+    spec: &Workload,
 ) -> Result<OtherOwners, kube::Error> {
     if let Some(workloads) = &ctx.workloads {
-        let found = workloads.other_owners(ns, &spec.workload_kind, &spec.workload_name);
+        let found = workloads.other_owners(ns, &spec.kind, &spec.name);
         if found.unknown.is_empty() && found.forbidden.is_empty() {
             return Ok(found);
         }
@@ -338,13 +368,13 @@ async fn find_other_owner(
 async fn list_other_owners(
     ctx: &Context,
     ns: &str,
-    spec: &ValidSpec,
+    spec: &Workload,
 ) -> Result<OtherOwners, kube::Error> {
     let mut found = OtherOwners::default();
     let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(ctx.client.clone(), ns);
     for hpa in list_optional(ctx, hpas, "HorizontalPodAutoscalers", &mut found.forbidden).await? {
         let target = hpa.spec.as_ref().map(|s| &s.scale_target_ref);
-        if target.is_some_and(|t| t.name == spec.workload_name && t.kind == spec.workload_kind) {
+        if target.is_some_and(|t| t.name == spec.name && t.kind == spec.kind) {
             found.owner = Some(format!("HorizontalPodAutoscaler {}", hpa.name_any()));
             return Ok(found);
         }
@@ -356,9 +386,7 @@ async fn list_other_owners(
     for so in list_optional(ctx, sos, "ScaledObjects", &mut found.forbidden).await? {
         let target = &so.data["spec"]["scaleTargetRef"];
         let kind = target["kind"].as_str().unwrap_or("Deployment");
-        if target["name"].as_str() == Some(spec.workload_name.as_str())
-            && kind == spec.workload_kind
-        {
+        if target["name"].as_str() == Some(spec.name.as_str()) && kind == spec.kind {
             found.owner = Some(format!("ScaledObject {}", so.name_any()));
             return Ok(found);
         }
@@ -374,11 +402,22 @@ fn condition(
     reason: &str,
     message: &str,
 ) -> Value {
+    let known = obj.status.as_ref().map_or(&[][..], |s| &s.conditions[..]);
+    condition_in(known, obj.meta().generation, kind, status, reason, message)
+}
+
+/// A condition among the `known` ones of an object at `generation`, keeping the existing
+/// transition time when the status is unchanged.
+pub(crate) fn condition_in(
+    known: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    generation: Option<i64>,
+    kind: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+) -> Value {
     let status = if status { "True" } else { "False" };
-    let previous = obj
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == kind));
+    let previous = known.iter().find(|c| c.type_ == kind);
     let since = match previous {
         Some(c) if c.status == status => c.last_transition_time.0.to_string(),
         _ => k8s_openapi::jiff::Timestamp::now()
@@ -394,19 +433,19 @@ fn condition(
         "reason": reason,
         "message": message,
         "lastTransitionTime": since,
-        "observedGeneration": obj.meta().generation,
+        "observedGeneration": generation,
     })
 }
 
 async fn write_status(
     ctx: &Context,
     obj: &HTTPScaledObject,
-    spec: Option<&ValidSpec>,
+    spec: Option<&ValidRoute>,
     conditions: Vec<Value>,
 ) -> Result<(), kube::Error> {
     let status = json!({
-        "targetWorkload": spec.map(ValidSpec::target_workload),
-        "targetService": spec.map(ValidSpec::target_service),
+        "targetWorkload": spec.and_then(ValidRoute::target_workload),
+        "targetService": spec.map(ValidRoute::target_service),
         "conditions": conditions,
     });
     let current = serde_json::to_value(&obj.status).unwrap_or(Value::Null);
@@ -437,7 +476,7 @@ mod tests {
                      "replicas": {"min": 5, "max": 10}, "scaledownPeriod": 150, "initialCooldownPeriod": 7}
         }))
         .unwrap();
-        let spec = obj.validate().unwrap();
+        let spec = obj.validate().unwrap().workload.unwrap();
         let so = desired_scaled_object(&obj, &spec, "wakegate-controller.wakegate:9090");
         assert_eq!(so["metadata"]["ownerReferences"][0]["controller"], true);
         assert_eq!(so["metadata"]["ownerReferences"][0]["uid"], "u-1");

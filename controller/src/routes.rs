@@ -1,4 +1,6 @@
-//! The HTTPScaledObjects the controller has accepted, as the scalers need them. Read-mostly, so
+//! The routes the controller has accepted (HTTPScaledObjects and InterceptorRoutes), as the
+//! scalers need them. A valid InterceptorRoute wins over an HTTPScaledObject of the same
+//! namespace and name, as in the add-on. Read-mostly, so
 //! a `RwLock` that is never held across an `.await`.
 //!
 //! Every replica fills it from its own watch ([`follow`]), leader or not, because every replica
@@ -12,18 +14,19 @@ use std::time::SystemTime;
 use futures_util::StreamExt;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, ResourceExt};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use wakegate_crds::{HTTPScaledObject, ValidSpec};
+use wakegate_crds::{RouteKind, RouteObject, ValidRoute};
 
-/// One accepted HTTPScaledObject.
+/// One accepted route.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RouteEntry {
     /// Namespace.
     pub namespace: String,
     /// Name.
     pub name: String,
-    /// The checked spec.
-    pub spec: ValidSpec,
+    /// The checked spec (its `kind` says which object it came from).
+    pub spec: ValidRoute,
     /// When the object was created (for the initial cooldown).
     pub created: Option<SystemTime>,
     /// Another owner of the workload's replicas (an HPA or a ScaledObject), if any: the
@@ -31,78 +34,148 @@ pub struct RouteEntry {
     pub other_owner: Option<String>,
 }
 
-/// The registry, keyed by `namespace/name`.
+/// Both kinds' entries for one `namespace/name`.
 #[derive(Debug, Default)]
-pub struct Routes(RwLock<HashMap<String, RouteEntry>>);
+struct Slot {
+    httpso: Option<RouteEntry>,
+    interceptor_route: Option<RouteEntry>,
+}
+
+impl Slot {
+    fn of(&mut self, kind: RouteKind) -> &mut Option<RouteEntry> {
+        match kind {
+            RouteKind::HTTPScaledObject => &mut self.httpso,
+            RouteKind::InterceptorRoute => &mut self.interceptor_route,
+        }
+    }
+
+    fn effective(&self) -> Option<&RouteEntry> {
+        self.interceptor_route.as_ref().or(self.httpso.as_ref())
+    }
+}
+
+/// The registry, keyed by `namespace/name`.
+#[derive(Debug)]
+pub struct Routes(RwLock<HashMap<String, Slot>>, watch::Sender<u64>);
+
+impl Default for Routes {
+    fn default() -> Self {
+        Self(RwLock::default(), watch::channel(0).0)
+    }
+}
 
 impl Routes {
+    /// Ticks whenever a route is added, replaced or removed (for `StreamMetricSpec`).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.1.subscribe()
+    }
+
+    fn changed(&self) {
+        self.1.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     /// Adds or replaces a route.
     pub fn upsert(&self, entry: RouteEntry) {
         let key = format!("{}/{}", entry.namespace, entry.name);
-        self.0
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, entry);
+        let mut routes = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let kind = entry.spec.kind;
+        let slot = routes.entry(key).or_default().of(kind);
+        let same = slot.as_ref() == Some(&entry);
+        *slot = Some(entry);
+        drop(routes);
+        if !same {
+            self.changed();
+        }
     }
 
     /// Adds or replaces a route from the watch, keeping the other owner a reconcile found.
     fn upsert_watched(&self, mut entry: RouteEntry) {
         let key = format!("{}/{}", entry.namespace, entry.name);
         let mut routes = self.0.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(known) = routes.get(&key) {
+        let kind = entry.spec.kind;
+        let slot = routes.entry(key).or_default().of(kind);
+        if let Some(known) = slot {
             entry.other_owner.clone_from(&known.other_owner);
         }
-        routes.insert(key, entry);
+        let same = slot.as_ref() == Some(&entry);
+        *slot = Some(entry);
+        drop(routes);
+        if !same {
+            self.changed();
+        }
     }
 
-    /// Keeps only the routes in `keys`.
-    fn retain(&self, keys: &HashSet<String>) {
-        self.0
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|k, _| keys.contains(k));
+    /// Keeps only the routes of `kind` in `keys`.
+    fn retain(&self, kind: RouteKind, keys: &HashSet<String>) {
+        let mut routes = self.0.write().unwrap_or_else(|e| e.into_inner());
+        for (k, slot) in routes.iter_mut() {
+            if !keys.contains(k) {
+                slot.of(kind).take();
+            }
+        }
+        routes.retain(|_, slot| slot.effective().is_some());
+        drop(routes);
+        self.changed();
     }
 
-    /// Removes a route.
-    pub fn remove(&self, key: &str) {
-        self.0
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
+    /// Removes a route of `kind`.
+    pub fn remove(&self, key: &str, kind: RouteKind) {
+        let mut routes = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = routes.get_mut(key) {
+            let removed = slot.of(kind).take().is_some();
+            if slot.effective().is_none() {
+                routes.remove(key);
+            }
+            drop(routes);
+            if removed {
+                self.changed();
+            }
+        }
     }
 
-    /// One route.
+    /// The route in effect for `namespace/name`.
     pub fn get(&self, key: &str) -> Option<RouteEntry> {
         self.0
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(key)
+            .and_then(Slot::effective)
             .cloned()
     }
 
-    /// Every route.
+    /// Whether an accepted InterceptorRoute hides the HTTPScaledObject `namespace/name`.
+    pub fn shadowed(&self, key: &str) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .is_some_and(|slot| slot.interceptor_route.is_some())
+    }
+
+    /// Every route in effect.
     pub fn all(&self) -> Vec<RouteEntry> {
         self.0
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .values()
+            .filter_map(Slot::effective)
             .cloned()
             .collect()
     }
 }
 
-/// The entry an HTTPScaledObject makes, if it is valid and not being deleted.
-pub fn entry(obj: &HTTPScaledObject) -> Option<RouteEntry> {
-    if obj.metadata.deletion_timestamp.is_some() {
+/// The entry an object makes, if it is valid and not being deleted.
+pub fn entry<O: RouteObject>(obj: &O) -> Option<RouteEntry> {
+    let meta = obj.meta();
+    if meta.deletion_timestamp.is_some() {
         return None;
     }
-    let spec = obj.validate().ok()?;
+    let spec = obj.validate_route().ok()?;
     Some(RouteEntry {
-        namespace: obj.namespace().unwrap_or_default(),
-        name: obj.name_any(),
+        namespace: meta.namespace.clone().unwrap_or_default(),
+        name: meta.name.clone().unwrap_or_default(),
         spec,
-        created: obj
-            .metadata
+        created: meta
             .creation_timestamp
             .as_ref()
             .map(|t| SystemTime::from(t.0)),
@@ -110,12 +183,16 @@ pub fn entry(obj: &HTTPScaledObject) -> Option<RouteEntry> {
     })
 }
 
-/// Keeps `routes` equal to the valid HTTPScaledObjects `api` lists, until `stop`.
-pub async fn follow(api: Api<HTTPScaledObject>, routes: Arc<Routes>, stop: CancellationToken) {
+/// Keeps the routes of one kind equal to the valid objects `api` lists, until `stop`. A kind
+/// the API server does not serve (the InterceptorRoute CRD not installed yet) only logs, and
+/// the watch retries with backoff.
+pub async fn follow<O: RouteObject>(api: Api<O>, routes: Arc<Routes>, stop: CancellationToken) {
+    let kind = O::KIND;
     let mut stream = watcher::watcher(api, watcher::Config::default())
         .default_backoff()
         .boxed();
     let mut relisted = HashSet::new();
+    let key = |obj: &O| format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any());
     loop {
         let event = tokio::select! {
             () = stop.cancelled() => return,
@@ -124,29 +201,21 @@ pub async fn follow(api: Api<HTTPScaledObject>, routes: Arc<Routes>, stop: Cance
         match event {
             None => return,
             Some(Err(err)) => {
-                tracing::warn!(error = %err, "watching HTTPScaledObjects failed; retrying");
+                tracing::warn!(kind = kind.as_str(), error = %err, "watching routes failed; retrying");
             }
             Some(Ok(watcher::Event::Init)) => relisted.clear(),
             Some(Ok(watcher::Event::InitApply(obj))) => {
                 if let Some(entry) = entry(&obj) {
-                    relisted.insert(format!("{}/{}", entry.namespace, entry.name));
+                    relisted.insert(key(&obj));
                     routes.upsert_watched(entry);
                 }
             }
-            Some(Ok(watcher::Event::InitDone)) => routes.retain(&relisted),
+            Some(Ok(watcher::Event::InitDone)) => routes.retain(kind, &relisted),
             Some(Ok(watcher::Event::Apply(obj))) => match entry(&obj) {
                 Some(entry) => routes.upsert_watched(entry),
-                None => routes.remove(&format!(
-                    "{}/{}",
-                    obj.namespace().unwrap_or_default(),
-                    obj.name_any()
-                )),
+                None => routes.remove(&key(&obj), kind),
             },
-            Some(Ok(watcher::Event::Delete(obj))) => routes.remove(&format!(
-                "{}/{}",
-                obj.namespace().unwrap_or_default(),
-                obj.name_any()
-            )),
+            Some(Ok(watcher::Event::Delete(obj))) => routes.remove(&key(&obj), kind),
         }
     }
 }

@@ -15,7 +15,7 @@ use serde_json::json;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use wakegate_crds::ScalingMetric;
+use wakegate_crds::{ScalingMetric, Workload};
 
 use crate::decide::{decide, wanted, Reason, ScaleDecision, ScaleInput};
 use crate::interceptors::{Interceptors, Wake};
@@ -80,40 +80,41 @@ impl StandaloneScaler {
                     if changed.is_err() {
                         return;
                     }
-                    for route in self.routes.all() {
-                        self.evaluate(&route, &mut recent).await;
+                    let targets: Vec<Target> = self.routes.all().into_iter().filter_map(Target::of).collect();
+                    for route in &targets {
+                        self.evaluate(route, &mut recent).await;
                     }
-                    let keys: Vec<String> = self.routes.all().iter().map(|r| format!("{}/{}", r.namespace, r.name)).collect();
+                    let keys: Vec<String> = targets.iter().map(|r| format!("{}/{}", r.entry.namespace, r.entry.name)).collect();
                     recent.retain(|k, _| keys.contains(k));
                 }
             }
         }
     }
 
-    fn api(&self, route: &RouteEntry) -> Api<DynamicObject> {
-        let (group, version) = match route.spec.workload_api_version.split_once('/') {
+    fn api(&self, route: &Target) -> Api<DynamicObject> {
+        let (group, version) = match route.workload.api_version.split_once('/') {
             Some((g, v)) => (g, v),
-            None => ("", route.spec.workload_api_version.as_str()),
+            None => ("", route.workload.api_version.as_str()),
         };
-        let gvk = GroupVersionKind::gvk(group, version, &route.spec.workload_kind);
+        let gvk = GroupVersionKind::gvk(group, version, &route.workload.kind);
         Api::namespaced_with(
             self.client.clone(),
-            &route.namespace,
+            &route.entry.namespace,
             &ApiResource::from_gvk(&gvk),
         )
     }
 
     /// A held request at a workload at zero: scale to `max(1, min)` now.
     async fn on_wake(&self, wake: &Wake) {
-        let Some(route) = self.routes.get(&wake.route) else {
-            tracing::debug!(route = %wake.route, "wake for a route this controller does not manage");
+        let Some(route) = self.routes.get(&wake.route).and_then(Target::of) else {
+            tracing::debug!(route = %wake.route, "wake for a route whose workload this controller does not scale");
             return;
         };
-        if route.other_owner.is_some() {
+        if route.entry.other_owner.is_some() {
             return;
         }
         let api = self.api(&route);
-        let to = route.spec.min_replicas.max(1);
+        let to = route.workload.min_replicas.max(1);
         let woke = match self.workloads.get(&workload_key(&route)) {
             Some(seen) if seen.replicas > 0 => return,
             // At zero as last watched: one patch, which fails if the workload changed since.
@@ -129,7 +130,7 @@ impl StandaloneScaler {
                     self.wake_by_reading(&api, &route, to).await
                 }
                 Err(err) => {
-                    tracing::warn!(workload = %route.spec.target_workload(), error = %err, "cannot scale the workload");
+                    tracing::warn!(workload = %route.workload.target_workload(), error = %err, "cannot scale the workload");
                     false
                 }
             },
@@ -144,11 +145,11 @@ impl StandaloneScaler {
 
     /// A wake for a workload whose replicas are not watched (or changed under the watch): read
     /// `/scale`, and patch it if it is at zero.
-    async fn wake_by_reading(&self, api: &Api<DynamicObject>, route: &RouteEntry, to: i32) -> bool {
-        let current = match api.get_scale(&route.spec.workload_name).await {
+    async fn wake_by_reading(&self, api: &Api<DynamicObject>, route: &Target, to: i32) -> bool {
+        let current = match api.get_scale(&route.workload.name).await {
             Ok(scale) => scale.spec.and_then(|s| s.replicas).unwrap_or(0),
             Err(err) => {
-                tracing::warn!(workload = %route.spec.target_workload(), error = %err, "cannot read the workload's scale");
+                tracing::warn!(workload = %route.workload.target_workload(), error = %err, "cannot read the workload's scale");
                 return false;
             }
         };
@@ -157,17 +158,17 @@ impl StandaloneScaler {
 
     async fn evaluate(
         &self,
-        route: &RouteEntry,
+        route: &Target,
         recent: &mut HashMap<String, VecDeque<(Instant, i32)>>,
     ) {
-        if route.other_owner.is_some() {
+        if route.entry.other_owner.is_some() {
             return;
         }
-        let key = format!("{}/{}", route.namespace, route.name);
+        let key = format!("{}/{}", route.entry.namespace, route.entry.name);
         let api = self.api(route);
         let current = match self.workloads.get(&workload_key(route)) {
             Some(seen) => seen.replicas,
-            None => match api.get_scale(&route.spec.workload_name).await {
+            None => match api.get_scale(&route.workload.name).await {
                 Ok(scale) => scale.spec.and_then(|s| s.replicas).unwrap_or(0),
                 Err(err) => {
                     tracing::debug!(route = %key, error = %err, "cannot read the workload's scale");
@@ -176,14 +177,23 @@ impl StandaloneScaler {
             },
         };
         let m = self.interceptors.metrics(&key);
-        let (value, target) = match route.spec.metric {
-            ScalingMetric::Concurrency { target } => (m.concurrency, target),
-            ScalingMetric::RequestRate {
-                target,
-                window,
-                granularity,
-            } => (self.interceptors.rate(&key, window, granularity), target),
-        };
+        // With both metrics, the larger replica demand wins: the metric asking for more
+        // replicas per its target is the one decided on.
+        let (value, target) = route
+            .entry
+            .spec
+            .metrics
+            .iter()
+            .map(|metric| match metric {
+                ScalingMetric::Concurrency { target } => (m.concurrency, *target),
+                ScalingMetric::RequestRate {
+                    target,
+                    window,
+                    granularity,
+                } => (self.interceptors.rate(&key, *window, *granularity), *target),
+            })
+            .max_by(|a, b| (a.0 / a.1).total_cmp(&(b.0 / b.1)))
+            .unwrap_or((m.concurrency, 1.0));
         let now = Instant::now();
         let history = recent.entry(key.clone()).or_default();
         while history
@@ -194,18 +204,18 @@ impl StandaloneScaler {
         }
         let mut input = ScaleInput {
             current,
-            min: route.spec.min_replicas,
-            max: route.spec.max_replicas,
+            min: route.workload.min_replicas,
+            max: route.workload.max_replicas,
             value,
             target,
             in_flight: m.concurrency,
             // Never seen active by any interceptor since this controller started: count from
             // the start, so a restart cannot make a warm workload look idle.
             idle_for: now.duration_since(m.last_active.unwrap_or(self.started)),
-            scaledown_period: route.spec.scaledown_period,
-            in_initial_cooldown: route.created.is_some_and(|c| {
+            scaledown_period: route.workload.scaledown_period,
+            in_initial_cooldown: route.entry.created.is_some_and(|c| {
                 SystemTime::now().duration_since(c).unwrap_or_default()
-                    < route.spec.initial_cooldown
+                    < route.workload.initial_cooldown
             }),
             recent_max: 0,
         };
@@ -219,7 +229,7 @@ impl StandaloneScaler {
     async fn scale(
         &self,
         api: &Api<DynamicObject>,
-        route: &RouteEntry,
+        route: &Target,
         to: i32,
         reason: Reason,
     ) -> bool {
@@ -229,7 +239,7 @@ impl StandaloneScaler {
                 true
             }
             Err(err) => {
-                tracing::warn!(workload = %route.spec.target_workload(), error = %err, "cannot scale the workload");
+                tracing::warn!(workload = %route.workload.target_workload(), error = %err, "cannot scale the workload");
                 false
             }
         }
@@ -240,7 +250,7 @@ impl StandaloneScaler {
     async fn patch_scale(
         &self,
         api: &Api<DynamicObject>,
-        route: &RouteEntry,
+        route: &Target,
         to: i32,
         version: Option<&str>,
     ) -> Result<(), kube::Error> {
@@ -249,7 +259,7 @@ impl StandaloneScaler {
             None => json!({"spec": {"replicas": to}}),
         };
         api.patch_scale(
-            &route.spec.workload_name,
+            &route.workload.name,
             &PatchParams::default(),
             &Patch::Merge(patch),
         )
@@ -257,17 +267,31 @@ impl StandaloneScaler {
         .map(|_| ())
     }
 
-    fn scaled(&self, route: &RouteEntry, to: i32, reason: Reason) {
+    fn scaled(&self, route: &Target, to: i32, reason: Reason) {
         self.metrics.scaled(reason.as_str());
-        tracing::info!(route = %format!("{}/{}", route.namespace, route.name), workload = %route.spec.target_workload(), replicas = to, reason = reason.as_str(), "scaled");
+        tracing::info!(route = %format!("{}/{}", route.entry.namespace, route.entry.name), workload = %route.workload.target_workload(), replicas = to, reason = reason.as_str(), "scaled");
     }
 }
 
-fn workload_key(route: &RouteEntry) -> WorkloadKey {
+/// A route whose workload the standalone scaler scales: an HTTPScaledObject's, or an
+/// InterceptorRoute's named by its `wakegate.dev/scale-target-ref` annotation.
+struct Target {
+    entry: RouteEntry,
+    workload: Workload,
+}
+
+impl Target {
+    fn of(entry: RouteEntry) -> Option<Self> {
+        let workload = entry.spec.workload.clone()?;
+        Some(Self { entry, workload })
+    }
+}
+
+fn workload_key(route: &Target) -> WorkloadKey {
     WorkloadKey {
-        api_version: route.spec.workload_api_version.clone(),
-        kind: route.spec.workload_kind.clone(),
-        namespace: route.namespace.clone(),
-        name: route.spec.workload_name.clone(),
+        api_version: route.workload.api_version.clone(),
+        kind: route.workload.kind.clone(),
+        namespace: route.entry.namespace.clone(),
+        name: route.workload.name.clone(),
     }
 }

@@ -1,5 +1,6 @@
-//! Wakegate's API types: the `HTTPScaledObject` custom resource (`http.keda.sh/v1alpha1`),
-//! field for field compatible with the KEDA HTTP Add-on, so existing manifests apply unchanged.
+//! Wakegate's API types: the KEDA HTTP Add-on's custom resources, field for field, so existing
+//! manifests apply unchanged: `HTTPScaledObject` (`http.keda.sh/v1alpha1`, deprecated by the
+//! add-on) and `InterceptorRoute` (`http.keda.sh/v1beta1`, its current API).
 //!
 //! The Rust types are the source of truth: `crdgen` writes the CRD YAML from them, and a test
 //! fails when the committed YAML drifts. [`HTTPScaledObject::validate`] turns an object into
@@ -7,7 +8,9 @@
 //! the interceptor and the controller.
 
 mod duration;
+pub mod interceptor_route;
 pub mod options;
+mod route;
 mod validate;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -16,10 +19,15 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use self::duration::{parse_go_duration, DurationError};
+pub use self::interceptor_route::{InterceptorRoute, InterceptorRouteSpec, InterceptorRouteStatus};
 pub use self::options::{ColdStart, RouteOptions};
+pub use self::route::{
+    ColdStartPolicy, Response, ResponseBody, RouteKind, RouteTimeouts, Rule, ServicePortRef,
+    SessionSpec, StaticRouteSpec, ValidRoute, Workload, FALLBACK_READINESS, MAX_STATIC_BODY,
+};
 pub use self::validate::{
-    FailoverTarget, PortRef, ScalingMetric, SpecError, ValidSpec, DEFAULT_MAX_REPLICAS,
-    DEFAULT_SCALEDOWN_PERIOD_SECONDS, DEFAULT_TARGET_VALUE,
+    PortRef, ScalingMetric, SpecError, DEFAULT_MAX_REPLICAS, DEFAULT_SCALEDOWN_PERIOD_SECONDS,
+    DEFAULT_TARGET_VALUE,
 };
 
 /// The API group.
@@ -215,10 +223,57 @@ pub struct HTTPScaledObjectStatus {
     pub conditions: Vec<Condition>,
 }
 
-/// The CRD as YAML, as committed in the repo.
-pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
-    let yaml = serde_yaml::to_string(&HTTPScaledObject::crd())?;
-    Ok(format!(
-        "# Generated from the Rust types in crds/src/lib.rs by `cargo run -p wakegate-crds --bin crdgen`.\n# Do not edit by hand.\n{yaml}"
-    ))
+/// Every CRD as YAML, as committed in the repo: `(file name under crds/, contents)`.
+pub fn crd_files() -> Result<Vec<(&'static str, String)>, serde_yaml::Error> {
+    let header = |source: &str, yaml: String| {
+        format!(
+            "# Generated from the Rust types in crds/src/{source} by `cargo run -p wakegate-crds --bin crdgen`.\n# Do not edit by hand.\n{yaml}"
+        )
+    };
+    Ok(vec![
+        (
+            "httpscaledobjects.http.keda.sh.yaml",
+            header("lib.rs", serde_yaml::to_string(&HTTPScaledObject::crd())?),
+        ),
+        (
+            "interceptorroutes.http.keda.sh.yaml",
+            header(
+                "interceptor_route.rs",
+                serde_yaml::to_string(&InterceptorRoute::crd())?,
+            ),
+        ),
+    ])
+}
+
+/// An object that makes a route: an HTTPScaledObject or an InterceptorRoute.
+pub trait RouteObject:
+    kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+    + Clone
+    + std::fmt::Debug
+    + serde::de::DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+    /// Which kind it is.
+    const KIND: RouteKind;
+
+    /// Checks it into the shared route model.
+    fn validate_route(&self) -> Result<ValidRoute, SpecError>;
+}
+
+impl RouteObject for HTTPScaledObject {
+    const KIND: RouteKind = RouteKind::HTTPScaledObject;
+
+    fn validate_route(&self) -> Result<ValidRoute, SpecError> {
+        self.validate()
+    }
+}
+
+impl RouteObject for InterceptorRoute {
+    const KIND: RouteKind = RouteKind::InterceptorRoute;
+
+    fn validate_route(&self) -> Result<ValidRoute, SpecError> {
+        self.validate()
+    }
 }

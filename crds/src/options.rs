@@ -1,11 +1,15 @@
 //! Wakegate's own per-route options, carried as `wakegate.dev/*` annotations on an
-//! HTTPScaledObject. Annotations keep the spec identical to the add-on's, so its manifests (and
-//! its CRD, if installed) still fit, while Wakegate's extra behaviour stays opt-in.
+//! HTTPScaledObject or an InterceptorRoute. Annotations keep the spec identical to the add-on's,
+//! so its manifests (and its CRDs, if installed) still fit, while Wakegate's extra behaviour
+//! stays opt-in. Where the add-on now has a field for the same thing (an InterceptorRoute's
+//! `coldStart.placeholder` and `maxPendingRequests`), the field wins.
 
 use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
+use std::time::Duration;
 
 use crate::validate::SpecError;
+use crate::Workload;
 
 /// The annotation prefix.
 pub const PREFIX: &str = "wakegate.dev/";
@@ -24,7 +28,29 @@ pub const MAX_HELD_REQUESTS: &str = "wakegate.dev/max-held-requests";
 /// Most requests in flight per endpoint, spreading a release over endpoints.
 pub const MAX_IN_FLIGHT_PER_ENDPOINT: &str = "wakegate.dev/max-in-flight-per-endpoint";
 
-const KNOWN: [&str; 7] = [
+/// InterceptorRoute, standalone mode: the workload to scale, `[apiVersion/]Kind/name` (e.g.
+/// `Deployment/my-app`; `apps/v1` for Deployments and StatefulSets).
+pub const SCALE_TARGET_REF: &str = "wakegate.dev/scale-target-ref";
+/// InterceptorRoute, standalone mode: fewest replicas (default 0).
+pub const MIN_REPLICAS: &str = "wakegate.dev/min-replicas";
+/// InterceptorRoute, standalone mode: most replicas (default 100).
+pub const MAX_REPLICAS: &str = "wakegate.dev/max-replicas";
+/// InterceptorRoute, standalone mode: idle seconds before scaling in (default 300, like a
+/// ScaledObject's `cooldownPeriod`).
+pub const SCALEDOWN_PERIOD: &str = "wakegate.dev/scaledown-period";
+/// InterceptorRoute, standalone mode: seconds after creation before scaling in (default 0).
+pub const INITIAL_COOLDOWN_PERIOD: &str = "wakegate.dev/initial-cooldown-period";
+
+/// The standalone workload annotations, which only an InterceptorRoute may carry.
+pub const STANDALONE_WORKLOAD: [&str; 5] = [
+    SCALE_TARGET_REF,
+    MIN_REPLICAS,
+    MAX_REPLICAS,
+    SCALEDOWN_PERIOD,
+    INITIAL_COOLDOWN_PERIOD,
+];
+
+const KNOWN: [&str; 12] = [
     COLD_START_RESPONSE,
     WAITING_PAGE_REFRESH,
     PLACEHOLDER_STATUS,
@@ -32,7 +58,98 @@ const KNOWN: [&str; 7] = [
     PLACEHOLDER_BODY,
     MAX_HELD_REQUESTS,
     MAX_IN_FLIGHT_PER_ENDPOINT,
+    SCALE_TARGET_REF,
+    MIN_REPLICAS,
+    MAX_REPLICAS,
+    SCALEDOWN_PERIOD,
+    INITIAL_COOLDOWN_PERIOD,
 ];
+
+/// An InterceptorRoute's workload from its standalone annotations: `None` without
+/// `wakegate.dev/scale-target-ref` (the user's ScaledObject scales it, or nothing does), and an
+/// error for a bound without it.
+pub fn standalone_workload(
+    annotations: &BTreeMap<String, String>,
+) -> Result<Option<Workload>, SpecError> {
+    let Some(target) = annotations.get(SCALE_TARGET_REF).map(|t| t.trim()) else {
+        if let Some(k) = STANDALONE_WORKLOAD
+            .iter()
+            .find(|k| annotations.contains_key(**k))
+        {
+            return Err(bad(k, format!("has no effect without {SCALE_TARGET_REF}")));
+        }
+        return Ok(None);
+    };
+    let parts: Vec<&str> = target.split('/').collect();
+    let (api_version, kind, name) = match parts.as_slice() {
+        [kind, name] => {
+            let api = match *kind {
+                "Deployment" | "StatefulSet" | "ReplicaSet" => "apps/v1",
+                _ => {
+                    return Err(bad(
+                        SCALE_TARGET_REF,
+                        format!(
+                        "{target:?}: give the apiVersion for a {kind} (group/version/{kind}/name)"
+                    ),
+                    ))
+                }
+            };
+            (api.to_owned(), *kind, *name)
+        }
+        [version, kind, name] => ((*version).to_owned(), *kind, *name),
+        [group, version, kind, name] => (format!("{group}/{version}"), *kind, *name),
+        _ => {
+            return Err(bad(
+                SCALE_TARGET_REF,
+                format!("{target:?} is not Kind/name or apiVersion/Kind/name"),
+            ))
+        }
+    };
+    let dns_label = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 253
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    };
+    if !dns_label(name) || kind.is_empty() || !kind.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(bad(
+            SCALE_TARGET_REF,
+            format!("{target:?} is not Kind/name or apiVersion/Kind/name"),
+        ));
+    }
+    let int = |key: &str, default: i32| -> Result<i32, SpecError> {
+        match annotations.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .trim()
+                .parse::<i32>()
+                .ok()
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| bad(key, format!("{v:?} is not a whole number from 0"))),
+        }
+    };
+    let min_replicas = int(MIN_REPLICAS, 0)?;
+    let max_replicas = int(MAX_REPLICAS, crate::DEFAULT_MAX_REPLICAS)?;
+    if max_replicas < 1 {
+        return Err(bad(MAX_REPLICAS, "must be at least 1"));
+    }
+    if min_replicas > max_replicas {
+        return Err(bad(
+            MIN_REPLICAS,
+            format!("{min_replicas} is greater than {MAX_REPLICAS} ({max_replicas})"),
+        ));
+    }
+    let secs = |key: &str, default: i32| int(key, default).map(|s| Duration::from_secs(s as u64));
+    Ok(Some(Workload {
+        api_version,
+        kind: kind.to_owned(),
+        name: name.to_owned(),
+        min_replicas,
+        max_replicas,
+        scaledown_period: secs(SCALEDOWN_PERIOD, crate::DEFAULT_SCALEDOWN_PERIOD_SECONDS)?,
+        initial_cooldown: secs(INITIAL_COOLDOWN_PERIOD, 0)?,
+    }))
+}
 
 /// Per-route options from annotations.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

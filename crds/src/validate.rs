@@ -1,10 +1,12 @@
-//! Checking an HTTPScaledObject's spec once, into values with defaults applied and durations
-//! parsed, so the interceptor and the controller never re-validate. Errors name the field.
+//! Checking an HTTPScaledObject's spec once, into the shared [`ValidRoute`] with defaults
+//! applied and durations parsed, so the interceptor and the controller never re-validate.
+//! Errors name the field. The checks both kinds share live here too.
 
 use std::time::Duration;
 
-use crate::options::RouteOptions;
-use crate::{parse_go_duration, HTTPScaledObject, HTTPScaledObjectSpec, HeaderMatch};
+use crate::options::{self, RouteOptions};
+use crate::route::{ColdStartPolicy, RouteKind, RouteTimeouts, Rule, ServicePortRef, Workload};
+use crate::{parse_go_duration, HTTPScaledObject, HTTPScaledObjectSpec, ValidRoute};
 
 /// Replicas at most, when the spec does not say.
 pub const DEFAULT_MAX_REPLICAS: i32 = 100;
@@ -51,69 +53,12 @@ pub enum ScalingMetric {
     },
 }
 
-/// The failover destination for requests that waited too long.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FailoverTarget {
-    /// Service name.
-    pub service: String,
-    /// Service port.
-    pub port: PortRef,
-    /// Time to wait before failing over.
-    pub timeout: Duration,
-}
-
-/// A checked spec.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ValidSpec {
-    /// Hosts to route.
-    pub hosts: Vec<String>,
-    /// Path prefixes to route.
-    pub path_prefixes: Vec<String>,
-    /// Header matchers.
-    pub headers: Vec<HeaderMatch>,
-    /// Workload API version.
-    pub workload_api_version: String,
-    /// Workload kind.
-    pub workload_kind: String,
-    /// Workload name.
-    pub workload_name: String,
-    /// Service in front of the workload.
-    pub service: String,
-    /// Port of that Service.
-    pub port: PortRef,
-    /// Where requests go after waiting too long.
-    pub failover: Option<FailoverTarget>,
-    /// Fewest replicas.
-    pub min_replicas: i32,
-    /// Most replicas.
-    pub max_replicas: i32,
-    /// Idle time before scaling in to `min_replicas`.
-    pub scaledown_period: Duration,
-    /// Time after creation before scaling in is allowed.
-    pub initial_cooldown: Duration,
-    /// The scaling metric.
-    pub metric: ScalingMetric,
-    /// Per-route readiness wait.
-    pub condition_wait: Option<Duration>,
-    /// Per-route response-header timeout.
-    pub response_header: Option<Duration>,
-    /// Wakegate's own options, from `wakegate.dev/*` annotations (filled in by
-    /// [`HTTPScaledObject::validate`]).
-    pub options: RouteOptions,
-}
-
-impl ValidSpec {
-    /// `apiVersion/kind/name`, as the status reports it.
-    pub fn target_workload(&self) -> String {
-        format!(
-            "{}/{}/{}",
-            self.workload_api_version, self.workload_kind, self.workload_name
-        )
-    }
-
-    /// `service:port`, as the status reports it.
-    pub fn target_service(&self) -> String {
-        format!("{}:{}", self.service, self.port)
+impl ScalingMetric {
+    /// The target value per replica.
+    pub fn target(&self) -> f64 {
+        match self {
+            Self::Concurrency { target } | Self::RequestRate { target, .. } => *target,
+        }
     }
 }
 
@@ -128,14 +73,18 @@ pub struct SpecError {
     pub problem: String,
 }
 
-fn bad(field: &str, problem: impl Into<String>) -> SpecError {
+pub(crate) fn bad(field: &str, problem: impl Into<String>) -> SpecError {
     SpecError {
         field: field.into(),
         problem: problem.into(),
     }
 }
 
-fn port_ref(field: &str, port: Option<i32>, name: Option<&str>) -> Result<PortRef, SpecError> {
+pub(crate) fn port_ref(
+    field: &str,
+    port: Option<i32>,
+    name: Option<&str>,
+) -> Result<PortRef, SpecError> {
     match (port, name.filter(|n| !n.is_empty())) {
         (Some(_), Some(_)) => Err(bad(field, "set exactly one of port and portName, not both")),
         (None, None) => Err(bad(field, "set one of port and portName")),
@@ -153,34 +102,103 @@ fn port_ref(field: &str, port: Option<i32>, name: Option<&str>) -> Result<PortRe
     }
 }
 
-fn duration(field: &str, value: Option<&str>) -> Result<Option<Duration>, SpecError> {
+pub(crate) fn duration(field: &str, value: Option<&str>) -> Result<Option<Duration>, SpecError> {
     value
         .map(|v| parse_go_duration(v).map_err(|e| bad(field, e.to_string())))
         .transpose()
 }
 
-fn seconds(field: &str, value: Option<i32>, default: i32) -> Result<Duration, SpecError> {
+pub(crate) fn seconds(
+    field: &str,
+    value: Option<i32>,
+    default: i32,
+) -> Result<Duration, SpecError> {
     let v = value.unwrap_or(default);
     u64::try_from(v)
         .map(Duration::from_secs)
         .map_err(|_| bad(field, format!("{v} is negative")))
 }
 
+/// `scalingMetric.requestRate`'s window and granularity, with the add-on's defaults (1m, 1s).
+pub(crate) fn rate_window(
+    window: Option<&str>,
+    granularity: Option<&str>,
+) -> Result<(Duration, Duration), SpecError> {
+    let window =
+        duration("scalingMetric.requestRate.window", window)?.unwrap_or(Duration::from_secs(60));
+    let granularity = duration("scalingMetric.requestRate.granularity", granularity)?
+        .unwrap_or(Duration::from_secs(1));
+    if granularity.is_zero() || window < granularity {
+        return Err(bad(
+            "scalingMetric.requestRate",
+            "granularity must be greater than 0 and no longer than window",
+        ));
+    }
+    Ok((window, granularity))
+}
+
+pub(crate) fn check_host(field: &str, host: &str) -> Result<(), SpecError> {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    let ok = host == "*"
+        || (!name.is_empty()
+            && name.chars().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':' | '[' | ']')
+            }));
+    if ok {
+        Ok(())
+    } else {
+        Err(bad(
+            field,
+            format!("{host:?} is not a host name, a *.suffix wildcard or *"),
+        ))
+    }
+}
+
+pub(crate) fn check_path(field: &str, prefix: &str) -> Result<(), SpecError> {
+    if prefix.is_empty() || prefix.contains(['?', '#', ' ']) {
+        return Err(bad(
+            field,
+            format!("{prefix:?} is not a path prefix like /api"),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_header_name(field: &str, name: &str) -> Result<(), SpecError> {
+    let valid = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if valid {
+        Ok(())
+    } else {
+        Err(bad(field, format!("{name:?} is not a header name")))
+    }
+}
+
 impl HTTPScaledObject {
     /// Checks the spec and the `wakegate.dev/*` annotations, applying defaults.
-    pub fn validate(&self) -> Result<ValidSpec, SpecError> {
+    pub fn validate(&self) -> Result<ValidRoute, SpecError> {
         let mut spec = self.spec.validate()?;
-        spec.options = match &self.metadata.annotations {
-            Some(annotations) => RouteOptions::from_annotations(annotations)?,
-            None => RouteOptions::default(),
-        };
+        if let Some(annotations) = &self.metadata.annotations {
+            spec.options = RouteOptions::from_annotations(annotations)?;
+            if let Some(key) = options::STANDALONE_WORKLOAD
+                .iter()
+                .find(|k| annotations.contains_key(**k))
+            {
+                return Err(bad(
+                    &format!("metadata.annotations[{key:?}]"),
+                    "is for InterceptorRoutes: an HTTPScaledObject names its workload in spec.scaleTargetRef",
+                ));
+            }
+        }
         Ok(spec)
     }
 }
 
 impl HTTPScaledObjectSpec {
     /// Checks the spec and applies the add-on's defaults.
-    pub fn validate(&self) -> Result<ValidSpec, SpecError> {
+    pub fn validate(&self) -> Result<ValidRoute, SpecError> {
         let target = &self.scale_target_ref;
         if target.name.is_empty() {
             return Err(bad(
@@ -195,59 +213,36 @@ impl HTTPScaledObjectSpec {
             ));
         }
         for (i, host) in self.hosts.iter().enumerate() {
-            let name = host.strip_prefix("*.").unwrap_or(host);
-            let ok = host == "*"
-                || (!name.is_empty()
-                    && name.chars().all(|c| {
-                        c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':' | '[' | ']')
-                    }));
-            if !ok {
-                return Err(bad(
-                    &format!("hosts[{i}]"),
-                    format!("{host:?} is not a host name, a *.suffix wildcard or *"),
-                ));
-            }
+            check_host(&format!("hosts[{i}]"), host)?;
         }
         for (i, prefix) in self.path_prefixes.iter().enumerate() {
-            if prefix.is_empty() || prefix.contains(['?', '#', ' ']) {
-                return Err(bad(
-                    &format!("pathPrefixes[{i}]"),
-                    format!("{prefix:?} is not a path prefix like /api"),
-                ));
-            }
+            check_path(&format!("pathPrefixes[{i}]"), prefix)?;
         }
         for (i, header) in self.headers.iter().enumerate() {
-            let valid_name = !header.name.is_empty()
-                && header
-                    .name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-            if !valid_name {
-                return Err(bad(
-                    &format!("headers[{i}].name"),
-                    format!("{:?} is not a header name", header.name),
-                ));
-            }
+            check_header_name(&format!("headers[{i}].name"), &header.name)?;
         }
         let port = port_ref("scaleTargetRef", target.port, target.port_name.as_deref())?;
-        let failover = self
+        let timeouts = self.timeouts.clone().unwrap_or_default();
+        let mut readiness = duration("timeouts.conditionWait", timeouts.condition_wait.as_deref())?;
+        let fallback = self
             .cold_start_timeout_failover_ref
             .as_ref()
             .map(|f| {
                 if f.service.is_empty() {
                     return Err(bad("coldStartTimeoutFailoverRef.service", "is required"));
                 }
-                Ok(FailoverTarget {
+                // The add-on's mapping: the failover's timeout is the readiness timeout.
+                readiness = Some(seconds(
+                    "coldStartTimeoutFailoverRef.timeoutSeconds",
+                    f.timeout_seconds,
+                    DEFAULT_FAILOVER_TIMEOUT_SECONDS,
+                )?);
+                Ok(ServicePortRef {
                     service: f.service.clone(),
                     port: port_ref(
                         "coldStartTimeoutFailoverRef",
                         f.port,
                         f.port_name.as_deref(),
-                    )?,
-                    timeout: seconds(
-                        "coldStartTimeoutFailoverRef.timeoutSeconds",
-                        f.timeout_seconds,
-                        DEFAULT_FAILOVER_TIMEOUT_SECONDS,
                     )?,
                 })
             })
@@ -280,19 +275,8 @@ impl HTTPScaledObjectSpec {
         let metric = match &self.scaling_metric {
             Some(m) if m.request_rate.is_some() => {
                 let rate = m.request_rate.clone().unwrap_or_default();
-                let window = duration("scalingMetric.requestRate.window", rate.window.as_deref())?
-                    .unwrap_or(Duration::from_secs(60));
-                let granularity = duration(
-                    "scalingMetric.requestRate.granularity",
-                    rate.granularity.as_deref(),
-                )?
-                .unwrap_or(Duration::from_secs(1));
-                if granularity.is_zero() || window < granularity {
-                    return Err(bad(
-                        "scalingMetric.requestRate",
-                        "granularity must be greater than 0 and no longer than window",
-                    ));
-                }
+                let (window, granularity) =
+                    rate_window(rate.window.as_deref(), rate.granularity.as_deref())?;
                 ScalingMetric::RequestRate {
                     target: target_value(
                         "scalingMetric.requestRate.targetValue",
@@ -315,39 +299,55 @@ impl HTTPScaledObjectSpec {
                 )?,
             },
         };
-        let timeouts = self.timeouts.clone().unwrap_or_default();
-        Ok(ValidSpec {
-            hosts: self.hosts.clone(),
-            path_prefixes: self.path_prefixes.clone(),
-            headers: self.headers.clone(),
-            workload_api_version: target
-                .api_version
-                .clone()
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "apps/v1".into()),
-            workload_kind: target
-                .kind
-                .clone()
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "Deployment".into()),
-            workload_name: target.name.clone(),
+        Ok(ValidRoute {
+            kind: RouteKind::HTTPScaledObject,
+            rules: vec![Rule {
+                hosts: self.hosts.clone(),
+                paths: self.path_prefixes.clone(),
+                headers: self.headers.clone(),
+            }],
             service: target.service.clone(),
             port,
-            failover,
-            min_replicas,
-            max_replicas,
-            scaledown_period: seconds(
-                "scaledownPeriod",
-                self.scaledown_period,
-                DEFAULT_SCALEDOWN_PERIOD_SECONDS,
-            )?,
-            initial_cooldown: seconds("initialCooldownPeriod", self.initial_cooldown_period, 0)?,
-            metric,
-            condition_wait: duration("timeouts.conditionWait", timeouts.condition_wait.as_deref())?,
-            response_header: duration(
-                "timeouts.responseHeader",
-                timeouts.response_header.as_deref(),
-            )?,
+            metrics: vec![metric],
+            workload: Some(Workload {
+                api_version: target
+                    .api_version
+                    .clone()
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| "apps/v1".into()),
+                kind: target
+                    .kind
+                    .clone()
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| "Deployment".into()),
+                name: target.name.clone(),
+                min_replicas,
+                max_replicas,
+                scaledown_period: seconds(
+                    "scaledownPeriod",
+                    self.scaledown_period,
+                    DEFAULT_SCALEDOWN_PERIOD_SECONDS,
+                )?,
+                initial_cooldown: seconds(
+                    "initialCooldownPeriod",
+                    self.initial_cooldown_period,
+                    0,
+                )?,
+            }),
+            cold_start: ColdStartPolicy {
+                fallback,
+                ..ColdStartPolicy::default()
+            },
+            static_routes: Vec::new(),
+            timeouts: RouteTimeouts {
+                readiness,
+                request: None,
+                response_header: duration(
+                    "timeouts.responseHeader",
+                    timeouts.response_header.as_deref(),
+                )?,
+            },
+            session: None,
             options: RouteOptions::default(),
         })
     }
@@ -368,17 +368,26 @@ mod tests {
     #[test]
     fn the_addon_example_parses_with_its_meaning() {
         let valid = spec(ADDON_EXAMPLE).validate().unwrap();
-        assert_eq!(valid.target_workload(), "apps/v1/Deployment/xkcd");
+        assert_eq!(valid.target_workload().unwrap(), "apps/v1/Deployment/xkcd");
         assert_eq!(valid.target_service(), "xkcd:8080");
-        assert_eq!((valid.min_replicas, valid.max_replicas), (5, 10));
-        assert_eq!(valid.scaledown_period, Duration::from_secs(300));
+        let w = valid.workload.unwrap();
+        assert_eq!((w.min_replicas, w.max_replicas), (5, 10));
+        assert_eq!(w.scaledown_period, Duration::from_secs(300));
         assert_eq!(
-            valid.metric,
-            ScalingMetric::RequestRate {
+            valid.metrics,
+            [ScalingMetric::RequestRate {
                 target: 100.0,
                 window: Duration::from_secs(60),
                 granularity: Duration::from_secs(1)
-            }
+            }]
+        );
+        assert_eq!(
+            valid.rules,
+            [Rule {
+                hosts: vec!["myhost.com".into()],
+                paths: vec!["/test".into()],
+                headers: vec![]
+            }]
         );
     }
 
@@ -389,11 +398,16 @@ mod tests {
         )
         .validate()
         .unwrap();
-        assert_eq!((valid.min_replicas, valid.max_replicas), (0, 100));
-        assert_eq!(valid.scaledown_period, Duration::from_secs(300));
-        assert_eq!(valid.metric, ScalingMetric::Concurrency { target: 100.0 });
+        let w = valid.workload.clone().unwrap();
+        assert_eq!((w.min_replicas, w.max_replicas), (0, 100));
+        assert_eq!(w.scaledown_period, Duration::from_secs(300));
+        assert_eq!(
+            valid.metrics,
+            [ScalingMetric::Concurrency { target: 100.0 }]
+        );
         assert_eq!(valid.port, PortRef::Name("http".into()));
-        assert_eq!(valid.target_workload(), "apps/v1/Deployment/a");
+        assert_eq!(valid.target_workload().unwrap(), "apps/v1/Deployment/a");
+        assert_eq!(valid.rules, [Rule::default()]);
     }
 
     #[test]

@@ -232,21 +232,34 @@ fn check_overlay(dir: &str, scaler: &str) -> Vec<Value> {
         assert!(kinds.contains(kind), "{dir}: no {kind}");
     }
 
-    // The CRD is the generated one.
-    let crd = of_kind(&objs, "CustomResourceDefinition")[0];
-    let generated: Value = serde_yaml::from_str(
-        &std::fs::read_to_string(repo().join("crds/httpscaledobjects.http.keda.sh.yaml")).unwrap(),
-    )
-    .unwrap();
-    let mut crd = crd.clone();
-    // kustomize adds the common labels, and writes 0 where the generator wrote 0.0.
-    if let Some(meta) = crd["metadata"].as_object_mut() {
-        meta.remove("labels");
-    }
-    assert!(
-        normalized(&crd) == normalized(&generated),
-        "{dir}: the CRD differs from crds/httpscaledobjects.http.keda.sh.yaml"
+    // The CRDs are the generated ones, both of them.
+    let crds = of_kind(&objs, "CustomResourceDefinition");
+    assert_eq!(
+        crds.len(),
+        2,
+        "{dir}: HTTPScaledObject and InterceptorRoute CRDs"
     );
+    for file in [
+        "httpscaledobjects.http.keda.sh.yaml",
+        "interceptorroutes.http.keda.sh.yaml",
+    ] {
+        let generated: Value =
+            serde_yaml::from_str(&std::fs::read_to_string(repo().join("crds").join(file)).unwrap())
+                .unwrap();
+        let crd = crds
+            .iter()
+            .find(|c| c["metadata"]["name"] == generated["metadata"]["name"])
+            .unwrap_or_else(|| panic!("{dir}: no CRD from crds/{file}"));
+        let mut crd = (*crd).clone();
+        // kustomize adds the common labels, and writes 0 where the generator wrote 0.0.
+        if let Some(meta) = crd["metadata"].as_object_mut() {
+            meta.remove("labels");
+        }
+        assert!(
+            normalized(&crd) == normalized(&generated),
+            "{dir}: the CRD differs from crds/{file}"
+        );
+    }
 
     // RBAC: no wildcards, and every binding names a role and a service account that exist.
     let accounts: BTreeSet<(String, String)> = of_kind(&objs, "ServiceAccount")
@@ -430,7 +443,7 @@ fn the_example_renders_and_routes_to_the_interceptor() {
     let spec = parsed.validate().unwrap();
     assert!(of_kind(&objs, "Deployment")
         .into_iter()
-        .any(|d| name(d) == ("demo".into(), spec.workload_name.clone())));
+        .any(|d| name(d) == ("demo".into(), spec.workload.clone().unwrap().name)));
     assert!(of_kind(&objs, "Service")
         .into_iter()
         .any(|s| name(s) == ("demo".into(), spec.service.clone())));
@@ -445,7 +458,7 @@ fn the_example_renders_and_routes_to_the_interceptor() {
     let rule = &spec_ing.rules.unwrap()[0];
     assert_eq!(
         rule.host.as_deref(),
-        Some(spec.hosts[0].as_str()),
+        Some(spec.rules[0].hosts[0].as_str()),
         "the Ingress host is the route's"
     );
     let backend = rule.http.as_ref().unwrap().paths[0]

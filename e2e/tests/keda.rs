@@ -119,7 +119,10 @@ async fn keda_plays_through_the_external_scaler_from_zero() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(spec.metric_specs[0].metric_name, "xkcd");
+    assert_eq!(
+        spec.metric_specs[0].metric_name,
+        format!("http-{}-xkcd", cluster.namespace)
+    );
     assert_eq!(spec.metric_specs[0].target_size_float, 100.0);
     assert!(
         !keda
@@ -203,10 +206,11 @@ async fn keda_plays_through_the_external_scaler_from_zero() {
         || {
             let mut keda = keda.clone();
             let sref = sref.clone();
+            let metric_name = format!("http-{}-xkcd", cluster.namespace);
             async move {
                 let req = GetMetricsRequest {
                     scaled_object_ref: Some(sref),
-                    metric_name: "xkcd".into(),
+                    metric_name,
                 };
                 let values = keda
                     .get_metrics(req)

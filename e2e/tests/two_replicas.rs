@@ -83,7 +83,10 @@ async fn the_follower_answers_keda_like_the_leader() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(spec.metric_specs[0].metric_name, "xkcd");
+    assert_eq!(
+        spec.metric_specs[0].metric_name,
+        format!("http-{}-xkcd", cluster.namespace)
+    );
     assert!(
         !keda
             .is_active(sref.clone())
@@ -121,10 +124,11 @@ async fn the_follower_answers_keda_like_the_leader() {
         || {
             let mut keda = keda.clone();
             let sref = sref.clone();
+            let metric_name = format!("http-{}-xkcd", cluster.namespace);
             async move {
                 let req = GetMetricsRequest {
                     scaled_object_ref: Some(sref),
-                    metric_name: "xkcd".into(),
+                    metric_name,
                 };
                 keda.get_metrics(req)
                     .await

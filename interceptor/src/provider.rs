@@ -27,8 +27,8 @@ pub type TargetId = Arc<str>;
 pub struct RouteSpec {
     /// Unique id of the route.
     pub id: RouteId,
-    /// Hosts, path prefixes and headers the route matches.
-    pub matcher: RouteMatch,
+    /// The route's rules, OR'd: hosts AND path prefixes AND headers within each.
+    pub rules: Vec<RouteMatch>,
     /// The target requests are forwarded to.
     pub target: TargetId,
     /// How long a request waits for a ready endpoint; `None` uses the global default.
@@ -39,8 +39,12 @@ pub struct RouteSpec {
     pub request_timeout: Option<Duration>,
     /// Optional cap on requests in flight per endpoint, spreading a release over endpoints.
     pub max_in_flight_per_endpoint: Option<NonZeroUsize>,
-    /// Optional cap on requests held at once for this route; past it, 503.
+    /// Optional cap on requests held at once for this route; past it, 503 (or the cold
+    /// response, with `cold_response_on_overflow`).
     pub max_held: Option<NonZeroUsize>,
+    /// The cold response answers only requests past `max_held`; the rest are held (an
+    /// InterceptorRoute's `overflow: Placeholder`).
+    pub cold_response_on_overflow: bool,
     /// Where a held request goes once it has waited too long, instead of a 504.
     pub failover: Option<FailoverSpec>,
     /// What a request for a cold target gets instead of being held, if anything.
@@ -79,6 +83,8 @@ pub enum ColdResponse {
         content_type: http::HeaderValue,
         /// Body.
         body: bytes::Bytes,
+        /// More headers (one named Content-Type replaces `content_type`).
+        headers: http::HeaderMap,
     },
 }
 
@@ -87,8 +93,9 @@ pub enum ColdResponse {
 pub struct FailoverSpec {
     /// The failover target (its endpoints come from the provider like any target's).
     pub target: TargetId,
-    /// How long a request waits for the route's own target first.
-    pub after: Duration,
+    /// How long a request waits for the route's own target first; `None` is the route's
+    /// readiness timeout.
+    pub after: Option<Duration>,
 }
 
 /// One address a request can be forwarded to.

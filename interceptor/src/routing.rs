@@ -93,49 +93,18 @@ impl<T> Default for RouteTable<T> {
 impl<T> RouteTable<T> {
     /// Builds a table. Routes given earlier win ties, so callers pass them oldest first.
     pub fn build(routes: impl IntoIterator<Item = (RouteMatch, T)>) -> Self {
+        Self::build_rules(routes.into_iter().map(|(m, value)| (vec![m], value)))
+    }
+
+    /// Builds a table of routes with several rules each, OR'd (an InterceptorRoute's): a
+    /// request matching any rule of a route belongs to it, and each rule takes its place in
+    /// the precedence on its own. Routes given earlier win ties.
+    pub fn build_rules(routes: impl IntoIterator<Item = (Vec<RouteMatch>, T)>) -> Self {
         let mut table = Self::default();
-        for (index, (matcher, value)) in routes.into_iter().enumerate() {
+        for (index, (matchers, value)) in routes.into_iter().enumerate() {
             table.values.push(value);
-            let prefixes: Vec<Box<str>> = if matcher.path_prefixes.is_empty() {
-                vec!["/".into()]
-            } else {
-                matcher
-                    .path_prefixes
-                    .iter()
-                    .map(|p| normalize_prefix(p))
-                    .collect()
-            };
-            let headers: Box<[HeaderMatch]> = matcher.headers.clone().into_boxed_slice();
-            let valued = headers.iter().filter(|h| h.value.is_some()).count();
-            let entries = prefixes.into_iter().map(|prefix| Entry {
-                prefix,
-                headers: headers.clone(),
-                valued,
-                index,
-            });
-            if matcher.hosts.is_empty() {
-                table.catch_all.extend(entries);
-                continue;
-            }
-            let entries: Vec<Entry> = entries.collect();
-            for host in &matcher.hosts {
-                let host = host.trim().to_ascii_lowercase();
-                let bucket = if host == "*" {
-                    &mut table.catch_all
-                } else if let Some(suffix) = host.strip_prefix("*.") {
-                    table.wildcard.entry(suffix.into()).or_default()
-                } else {
-                    table
-                        .exact
-                        .entry(host.trim_end_matches('.').into())
-                        .or_default()
-                };
-                bucket.extend(entries.iter().map(|e| Entry {
-                    prefix: e.prefix.clone(),
-                    headers: e.headers.clone(),
-                    valued: e.valued,
-                    index: e.index,
-                }));
+            for matcher in matchers {
+                table.add(index, &matcher);
             }
         }
         let sort = |entries: &mut Vec<Entry>| entries.sort_by_key(Entry::precedence);
@@ -143,6 +112,49 @@ impl<T> RouteTable<T> {
         table.wildcard.values_mut().for_each(sort);
         sort(&mut table.catch_all);
         table
+    }
+
+    fn add(&mut self, index: usize, matcher: &RouteMatch) {
+        let prefixes: Vec<Box<str>> = if matcher.path_prefixes.is_empty() {
+            vec!["/".into()]
+        } else {
+            matcher
+                .path_prefixes
+                .iter()
+                .map(|p| normalize_prefix(p))
+                .collect()
+        };
+        let headers: Box<[HeaderMatch]> = matcher.headers.clone().into_boxed_slice();
+        let valued = headers.iter().filter(|h| h.value.is_some()).count();
+        let entries = prefixes.into_iter().map(|prefix| Entry {
+            prefix,
+            headers: headers.clone(),
+            valued,
+            index,
+        });
+        if matcher.hosts.is_empty() {
+            self.catch_all.extend(entries);
+            return;
+        }
+        let entries: Vec<Entry> = entries.collect();
+        for host in &matcher.hosts {
+            let host = host.trim().to_ascii_lowercase();
+            let bucket = if host == "*" {
+                &mut self.catch_all
+            } else if let Some(suffix) = host.strip_prefix("*.") {
+                self.wildcard.entry(suffix.into()).or_default()
+            } else {
+                self.exact
+                    .entry(host.trim_end_matches('.').into())
+                    .or_default()
+            };
+            bucket.extend(entries.iter().map(|e| Entry {
+                prefix: e.prefix.clone(),
+                headers: e.headers.clone(),
+                valued: e.valued,
+                index: e.index,
+            }));
+        }
     }
 
     /// Finds the route for a request. `host` is the raw Host header or authority; its port is
@@ -280,6 +292,39 @@ mod tests {
             );
         }
         map
+    }
+
+    #[test]
+    fn rules_of_one_route_are_ored_and_each_keeps_its_own_precedence() {
+        let t = RouteTable::build_rules(vec![
+            (
+                vec![
+                    route().host("a.example.com").path("/api").0,
+                    route()
+                        .host("b.example.com")
+                        .header("x-tenant", Some("acme"))
+                        .0,
+                ],
+                "multi",
+            ),
+            (vec![route().host("a.example.com").0], "a-root"),
+            (vec![route().host("b.example.com").0], "b-root"),
+        ]);
+        assert_eq!(get(&t, "a.example.com", "/api/x"), Some("multi"));
+        assert_eq!(get(&t, "a.example.com", "/other"), Some("a-root"));
+        // Host AND headers within a rule: the header alone, or the host alone, is not enough.
+        assert_eq!(get(&t, "b.example.com", "/"), Some("b-root"));
+        assert_eq!(
+            t.lookup("b.example.com", "/", &headers(&[("x-tenant", "acme")]))
+                .copied(),
+            Some("multi")
+        );
+        assert_eq!(
+            t.lookup("c.example.com", "/api", &headers(&[("x-tenant", "acme")]))
+                .copied(),
+            None
+        );
+        assert_eq!(t.len(), 3);
     }
 
     #[test]

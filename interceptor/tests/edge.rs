@@ -867,3 +867,67 @@ async fn error_bodies_say_what_happened_not_where() {
         ic.log()
     );
 }
+
+/// An upstream that answers the first request on each connection and keeps it open, then
+/// closes it without answering when the next request arrives: what an app with a short
+/// keep-alive timeout does when its close crosses the proxy's reuse of the connection.
+async fn closes_reused_connections() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = answered.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = conn.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                }
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = conn
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                // The next request on this connection is read, then the connection dropped.
+                let _ = conn.read(&mut buf).await;
+            });
+        }
+    });
+    (addr, answered)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_request_on_a_connection_the_upstream_closed_is_sent_again() {
+    let (upstream, answered) = closes_reused_connections().await;
+    let config = format!(
+        "routes:\n  - name: app\n    hosts: [\"app.test\"]\n    target: {{ upstream: \"{upstream}\" }}\n"
+    );
+    let ic = Interceptor::start(&config).await;
+    // The first GET opens the pooled connection; the second is sent on it, meets the close,
+    // and is sent again on a new connection.
+    for i in 0..3 {
+        let reply = ic.get("app.test", "/").await;
+        assert_eq!(reply.status, StatusCode::OK, "GET {i}: {}", reply.text());
+    }
+    assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 3);
+    // A POST with a body is not sent twice: its failure is the upstream's.
+    let http = Http::default();
+    let _ = ic.get("app.test", "/").await;
+    let post = Request::post(format!("http://{}/", ic.proxy))
+        .header("host", "app.test")
+        .body(Full::new(Bytes::from_static(b"order=1")))
+        .unwrap();
+    let reply = http.send(post).await.unwrap();
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());
+    assert!(
+        reply.text().contains("failed before sending a response"),
+        "{}",
+        reply.text()
+    );
+}

@@ -66,16 +66,17 @@ fn h2c_route(id: &str, host: &str) -> RouteSpec {
 fn route(id: &str, host: &str) -> RouteSpec {
     RouteSpec {
         id: id.into(),
-        matcher: RouteMatch {
+        rules: vec![RouteMatch {
             hosts: vec![host.into()],
             ..RouteMatch::default()
-        },
+        }],
         target: "target".into(),
         readiness_timeout: Some(Duration::from_secs(10)),
         response_header_timeout: None,
         request_timeout: None,
         max_in_flight_per_endpoint: None,
         max_held: None,
+        cold_response_on_overflow: false,
         failover: None,
         cold_response: None,
         protocol: Default::default(),

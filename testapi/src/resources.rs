@@ -123,6 +123,14 @@ impl ResourceDef {
             )
             .with_status()
             .short_name("httpso"),
+            Self::new(
+                "http.keda.sh",
+                "v1beta1",
+                "InterceptorRoute",
+                "interceptorroutes",
+                true,
+            )
+            .with_status(),
         ]
         .into_iter()
         .chain(crate::rbac::defs())

@@ -1,35 +1,31 @@
-//! Writes the HTTPScaledObject CRD YAML generated from the Rust types.
+//! Writes the CRD YAML files generated from the Rust types.
 //!
-//! `cargo run -p wakegate-crds --bin crdgen` rewrites the committed file; `-- -` prints it.
+//! `cargo run -p wakegate-crds --bin crdgen` rewrites the committed files under `crds/`; `-- -`
+//! prints them instead.
 
 use std::process::ExitCode;
 
-/// Where the CRD lives in the repo, relative to the workspace root.
-const OUTPUT: &str = "crds/httpscaledobjects.http.keda.sh.yaml";
-
 fn main() -> ExitCode {
-    let yaml = match wakegate_crds::crd_yaml() {
-        Ok(yaml) => yaml,
+    let files = match wakegate_crds::crd_files() {
+        Ok(files) => files,
         Err(err) => {
-            eprintln!("crdgen: cannot serialize the CRD: {err}");
+            eprintln!("crdgen: cannot serialize the CRDs: {err}");
             return ExitCode::FAILURE;
         }
     };
-    if std::env::args().nth(1).as_deref() == Some("-") {
-        print!("{yaml}");
-        return ExitCode::SUCCESS;
-    }
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(OUTPUT);
-    match std::fs::write(&path, yaml) {
-        Ok(()) => {
-            println!("wrote {OUTPUT}");
-            ExitCode::SUCCESS
+    let print = std::env::args().nth(1).as_deref() == Some("-");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (name, yaml) in files {
+        if print {
+            print!("---\n{yaml}");
+            continue;
         }
-        Err(err) => {
+        let path = dir.join(name);
+        if let Err(err) = std::fs::write(&path, yaml) {
             eprintln!("crdgen: cannot write {}: {err}", path.display());
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
+        println!("wrote crds/{name}");
     }
+    ExitCode::SUCCESS
 }

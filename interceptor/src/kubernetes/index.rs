@@ -1,5 +1,5 @@
-//! The cluster index: HTTPScaledObjects, Services and EndpointSlices as the interceptor needs
-//! them, fed by watch events and read synchronously. Pure: no client, no async, so routing and
+//! The cluster index: HTTPScaledObjects, InterceptorRoutes, Services and EndpointSlices as the
+//! interceptor needs them, fed by watch events and read synchronously. Pure: no client, no async, so routing and
 //! endpoint resolution are tested with plain `#[test]`s.
 //!
 //! Updates are incremental. Each change says what it touched ([`Touched`]): the route set (only
@@ -15,7 +15,9 @@ use http::uri::Authority;
 use http::{HeaderName, HeaderValue};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use wakegate_crds::{ColdStart, HTTPScaledObject, PortRef, SpecError, ValidSpec};
+use wakegate_crds::{
+    ColdStart, PortRef, Response, ResponseBody, RouteKind, RouteObject, SpecError, ValidRoute,
+};
 
 use crate::provider::{
     ColdResponse, Endpoint, FailoverSpec, ReadyEndpoints, RouteSpec, Trust, UpstreamProtocol,
@@ -40,7 +42,44 @@ type Key = (String, String);
 #[derive(Clone, Debug)]
 struct Route {
     created: String,
-    spec: Result<ValidSpec, SpecError>,
+    spec: Result<ValidRoute, SpecError>,
+}
+
+/// The objects of both kinds with one namespace and name. A valid InterceptorRoute wins over an
+/// HTTPScaledObject of the same name (the add-on's rule); an invalid one does not take a
+/// working route away.
+#[derive(Clone, Debug, Default)]
+struct Slot {
+    httpso: Option<Route>,
+    interceptor_route: Option<Route>,
+}
+
+impl Slot {
+    fn get(&self, kind: RouteKind) -> Option<&Route> {
+        match kind {
+            RouteKind::HTTPScaledObject => self.httpso.as_ref(),
+            RouteKind::InterceptorRoute => self.interceptor_route.as_ref(),
+        }
+    }
+
+    fn get_mut(&mut self, kind: RouteKind) -> &mut Option<Route> {
+        match kind {
+            RouteKind::HTTPScaledObject => &mut self.httpso,
+            RouteKind::InterceptorRoute => &mut self.interceptor_route,
+        }
+    }
+
+    /// The route in effect.
+    fn effective(&self) -> Option<(&str, &ValidRoute)> {
+        [&self.interceptor_route, &self.httpso]
+            .into_iter()
+            .flatten()
+            .find_map(|r| r.spec.as_ref().ok().map(|s| (r.created.as_str(), s)))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.httpso.is_none() && self.interceptor_route.is_none()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,7 +101,7 @@ struct Slice {
 /// The index.
 #[derive(Clone, Debug, Default)]
 pub struct ClusterIndex {
-    routes: BTreeMap<Key, Route>,
+    routes: BTreeMap<Key, Slot>,
     services: HashMap<Key, Vec<ServicePort>>,
     slices: HashMap<Key, Slice>,
     /// Slice names by their Service `(namespace, service)`.
@@ -96,6 +135,11 @@ impl Touched {
         }
     }
 
+    /// The routes and every target: everything is republished.
+    pub fn everything() -> Self {
+        Self::routes()
+    }
+
     fn service(key: Key) -> Self {
         Self {
             routes: false,
@@ -124,7 +168,29 @@ fn cold_response(option: &ColdStart) -> Option<ColdResponse> {
             status: http::StatusCode::from_u16(*status).ok()?,
             content_type: HeaderValue::from_str(content_type).ok()?,
             body: bytes::Bytes::from(body.clone()),
+            headers: http::HeaderMap::new(),
         },
+    })
+}
+
+/// The core's form of an InterceptorRoute's placeholder. A body from a ConfigMap is not served
+/// as a placeholder yet: the placeholder then has an empty body.
+fn placeholder_response(r: &Response) -> Option<ColdResponse> {
+    let mut headers = http::HeaderMap::new();
+    for (name, value) in &r.headers {
+        headers.insert(
+            HeaderName::from_bytes(name.as_bytes()).ok()?,
+            HeaderValue::from_str(value).ok()?,
+        );
+    }
+    Some(ColdResponse::Placeholder {
+        status: http::StatusCode::from_u16(r.status).ok()?,
+        content_type: HeaderValue::from_static("text/plain; charset=utf-8"),
+        body: match &r.body {
+            ResponseBody::Inline(text) => bytes::Bytes::from(text.clone()),
+            ResponseBody::ConfigMap { .. } => bytes::Bytes::new(),
+        },
+        headers,
     })
 }
 
@@ -141,53 +207,66 @@ impl ClusterIndex {
         }
     }
 
-    /// Adds or replaces an HTTPScaledObject.
-    pub fn apply_route(&mut self, obj: &HTTPScaledObject) -> Touched {
-        let Some(k) = key(obj.metadata.namespace.as_ref(), obj.metadata.name.as_ref()) else {
+    /// Adds or replaces an HTTPScaledObject or an InterceptorRoute.
+    pub fn apply_route<O: RouteObject>(&mut self, obj: &O) -> Touched {
+        let meta = obj.meta();
+        let Some(k) = key(meta.namespace.as_ref(), meta.name.as_ref()) else {
             return Touched::nothing();
         };
-        let created = obj
-            .metadata
+        let created = meta
             .creation_timestamp
             .as_ref()
             .map(|t| t.0.to_string())
             .unwrap_or_default();
-        let spec = obj.validate();
-        let known_bad = self
-            .routes
-            .get(&k)
-            .is_some_and(|r| r.spec.as_ref().err() == spec.as_ref().err());
+        let spec = obj.validate_route();
+        let known = self.routes.get(&k).and_then(|slot| slot.get(O::KIND));
+        let known_bad = known.is_some_and(|r| r.spec.as_ref().err() == spec.as_ref().err());
         if let (Err(err), false) = (&spec, known_bad) {
-            tracing::warn!(route = %format!("{}/{}", k.0, k.1), error = %err, "HTTPScaledObject is invalid; not routing it");
+            tracing::warn!(route = %format!("{}/{}", k.0, k.1), kind = O::KIND.as_str(), error = %err, "route is invalid; not routing it");
         }
-        let unchanged = self
-            .routes
-            .get(&k)
-            .is_some_and(|r| r.created == created && r.spec == spec);
+        let unchanged = known.is_some_and(|r| r.created == created && r.spec == spec);
         if unchanged {
             // A status write, or a change to nothing routing reads.
             return Touched::nothing();
         }
-        self.routes.insert(k, Route { created, spec });
-        self.reindex_targets();
-        Touched::routes()
-    }
-
-    /// Removes an HTTPScaledObject.
-    pub fn delete_route(&mut self, obj: &HTTPScaledObject) -> Touched {
-        let Some(k) = key(obj.metadata.namespace.as_ref(), obj.metadata.name.as_ref()) else {
-            return Touched::nothing();
-        };
-        if self.routes.remove(&k).is_none() {
+        let slot = self.routes.entry(k).or_default();
+        let before = slot.effective().map(|(c, s)| (c.to_owned(), s.clone()));
+        *slot.get_mut(O::KIND) = Some(Route { created, spec });
+        let after = slot.effective().map(|(c, s)| (c.to_owned(), s.clone()));
+        if before == after {
+            // Shadowed, or invalid beside a valid route of the other kind: nothing routes
+            // differently.
             return Touched::nothing();
         }
         self.reindex_targets();
         Touched::routes()
     }
 
-    /// Replaces every HTTPScaledObject (after a relist).
-    pub fn reset_routes(&mut self, objs: &[HTTPScaledObject]) -> Touched {
-        self.routes.clear();
+    /// Removes an HTTPScaledObject or an InterceptorRoute.
+    pub fn delete_route<O: RouteObject>(&mut self, obj: &O) -> Touched {
+        let meta = obj.meta();
+        let Some(k) = key(meta.namespace.as_ref(), meta.name.as_ref()) else {
+            return Touched::nothing();
+        };
+        let Some(slot) = self.routes.get_mut(&k) else {
+            return Touched::nothing();
+        };
+        if slot.get_mut(O::KIND).take().is_none() {
+            return Touched::nothing();
+        }
+        if slot.is_empty() {
+            self.routes.remove(&k);
+        }
+        self.reindex_targets();
+        Touched::routes()
+    }
+
+    /// Replaces every object of one kind (after a relist).
+    pub fn reset_routes<O: RouteObject>(&mut self, objs: &[O]) -> Touched {
+        self.routes.values_mut().for_each(|slot| {
+            slot.get_mut(O::KIND).take();
+        });
+        self.routes.retain(|_, slot| !slot.is_empty());
         objs.iter().for_each(|o| {
             self.apply_route(o);
         });
@@ -195,9 +274,18 @@ impl ClusterIndex {
         Touched::routes()
     }
 
-    /// After a relist applied object by object: drops the HTTPScaledObjects it did not list.
-    pub fn prune_routes(&mut self, listed: &std::collections::HashSet<Key>) -> Touched {
-        self.routes.retain(|k, _| listed.contains(k));
+    /// After a relist applied object by object: drops the objects of `kind` it did not list.
+    pub fn prune_routes(
+        &mut self,
+        kind: RouteKind,
+        listed: &std::collections::HashSet<Key>,
+    ) -> Touched {
+        for (k, slot) in &mut self.routes {
+            if !listed.contains(k) {
+                slot.get_mut(kind).take();
+            }
+        }
+        self.routes.retain(|_, slot| !slot.is_empty());
         self.reindex_targets();
         Touched::routes()
     }
@@ -222,13 +310,15 @@ impl ClusterIndex {
     /// Rebuilds which targets resolve through which Service (on route changes only).
     fn reindex_targets(&mut self) {
         let mut by_service: HashMap<Key, Vec<Arc<str>>> = HashMap::new();
-        for ((ns, name), route) in &self.routes {
-            let Ok(spec) = &route.spec else { continue };
+        for ((ns, name), slot) in &self.routes {
+            let Some((_, spec)) = slot.effective() else {
+                continue;
+            };
             by_service
                 .entry((ns.clone(), spec.service.clone()))
                 .or_default()
                 .push(format!("{ns}/{name}").into());
-            if let Some(f) = &spec.failover {
+            if let Some(f) = &spec.cold_start.fallback {
                 by_service
                     .entry((ns.clone(), f.service.clone()))
                     .or_default()
@@ -394,19 +484,39 @@ impl ClusterIndex {
         Touched::routes()
     }
 
-    /// The routes of all valid HTTPScaledObjects, oldest first (ties by namespace/name).
+    /// The routes in effect, oldest first (ties by namespace/name).
     pub fn route_specs(&self) -> Vec<RouteSpec> {
-        let mut routes: Vec<(&String, &Key, &ValidSpec)> = self
+        let mut routes: Vec<(&str, &Key, &ValidRoute)> = self
             .routes
             .iter()
-            .filter_map(|(k, r)| r.spec.as_ref().ok().map(|s| (&r.created, k, s)))
+            .filter_map(|(k, slot)| slot.effective().map(|(created, s)| (created, k, s)))
             .collect();
         routes.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
         routes
             .into_iter()
-            .filter_map(|(_, (ns, name), spec)| {
-                let id: Arc<str> = format!("{ns}/{name}").into();
-                let headers = spec
+            .filter_map(|(_, (ns, name), spec)| self.route_spec(ns, name, spec))
+            .collect()
+    }
+
+    /// Whether an InterceptorRoute in effect hides the HTTPScaledObject `ns/name`.
+    pub fn shadowed(&self, ns: &str, name: &str) -> bool {
+        self.routes
+            .get(&(ns.to_owned(), name.to_owned()))
+            .is_some_and(|slot| {
+                slot.httpso.is_some()
+                    && slot
+                        .effective()
+                        .is_some_and(|(_, s)| s.kind == RouteKind::InterceptorRoute)
+            })
+    }
+
+    fn route_spec(&self, ns: &str, name: &str, spec: &ValidRoute) -> Option<RouteSpec> {
+        let id: Arc<str> = format!("{ns}/{name}").into();
+        let rules = spec
+            .rules
+            .iter()
+            .map(|rule| {
+                let headers = rule
                     .headers
                     .iter()
                     .map(|h| {
@@ -419,30 +529,38 @@ impl ClusterIndex {
                         })
                     })
                     .collect::<Option<Vec<_>>>()?;
-                Some(RouteSpec {
-                    target: id.clone(),
-                    id,
-                    matcher: RouteMatch {
-                        hosts: spec.hosts.clone(),
-                        path_prefixes: spec.path_prefixes.clone(),
-                        headers,
-                    },
-                    readiness_timeout: spec.condition_wait,
-                    response_header_timeout: spec.response_header,
-                    // HTTPScaledObject has no per-route request timeout: the global one applies.
-                    request_timeout: None,
-                    max_in_flight_per_endpoint: spec.options.max_in_flight_per_endpoint,
-                    max_held: spec.options.max_held_requests,
-                    cold_response: spec.options.cold_start.as_ref().and_then(cold_response),
-                    protocol: self.protocol(ns, &spec.service, &spec.port),
-                    upstream_tls: self.upstream_tls(ns, &spec.service, &spec.port),
-                    failover: spec.failover.as_ref().map(|f| FailoverSpec {
-                        target: format!("{ns}/{name}{FAILOVER_SUFFIX}").into(),
-                        after: f.timeout,
-                    }),
+                Some(RouteMatch {
+                    hosts: rule.hosts.clone(),
+                    path_prefixes: rule.paths.clone(),
+                    headers,
                 })
             })
-            .collect()
+            .collect::<Option<Vec<_>>>()?;
+        // The add-on's fields win over Wakegate's annotations for the same thing.
+        let cold = &spec.cold_start;
+        let placeholder = cold.placeholder.as_ref().and_then(placeholder_response);
+        let cold_response =
+            placeholder.or_else(|| spec.options.cold_start.as_ref().and_then(cold_response));
+        Some(RouteSpec {
+            target: id.clone(),
+            id,
+            rules,
+            readiness_timeout: spec.timeouts.readiness,
+            response_header_timeout: spec.timeouts.response_header,
+            request_timeout: spec.timeouts.request,
+            max_in_flight_per_endpoint: spec.options.max_in_flight_per_endpoint,
+            max_held: cold.max_pending.or(spec.options.max_held_requests),
+            cold_response_on_overflow: cold.placeholder.is_some()
+                && cold.overflow_placeholder
+                && cold.max_pending.is_some(),
+            cold_response,
+            protocol: self.protocol(ns, &spec.service, &spec.port),
+            upstream_tls: self.upstream_tls(ns, &spec.service, &spec.port),
+            failover: cold.fallback.as_ref().map(|_| FailoverSpec {
+                target: format!("{ns}/{name}{FAILOVER_SUFFIX}").into(),
+                after: None,
+            }),
+        })
     }
 
     /// The protocol of a Service port: h2c when its `appProtocol` is `kubernetes.io/h2c`.
@@ -486,14 +604,14 @@ impl ClusterIndex {
         let Some((ns, name)) = route.split_once('/') else {
             return ReadyEndpoints::none();
         };
-        let Some(Ok(spec)) = self
+        let Some((_, spec)) = self
             .routes
             .get(&(ns.to_owned(), name.to_owned()))
-            .map(|r| r.spec.as_ref())
+            .and_then(Slot::effective)
         else {
             return ReadyEndpoints::none();
         };
-        match (&spec.failover, failover) {
+        match (&spec.cold_start.fallback, failover) {
             (_, false) => self.service_endpoints(ns, &spec.service, &spec.port, mode),
             (Some(f), true) => self.service_endpoints(ns, &f.service, &f.port, mode),
             (None, true) => ReadyEndpoints::none(),
@@ -564,6 +682,16 @@ fn port_matches(p: &ServicePort, port: &PortRef) -> bool {
 mod tests {
     use super::*;
     use serde_json::json;
+    use wakegate_crds::{HTTPScaledObject, InterceptorRoute};
+
+    fn ir(ns: &str, name: &str, created: &str, spec: serde_json::Value) -> InterceptorRoute {
+        serde_json::from_value(json!({
+            "apiVersion": "http.keda.sh/v1beta1", "kind": "InterceptorRoute",
+            "metadata": {"namespace": ns, "name": name, "creationTimestamp": created},
+            "spec": spec,
+        }))
+        .unwrap()
+    }
 
     fn hso(ns: &str, name: &str, created: &str, spec: serde_json::Value) -> HTTPScaledObject {
         serde_json::from_value(json!({
@@ -679,7 +807,12 @@ mod tests {
         let specs = index.route_specs();
         let failover = specs[0].failover.as_ref().unwrap();
         assert_eq!(&*failover.target, "ns/a#failover");
-        assert_eq!(failover.after, std::time::Duration::from_secs(5));
+        // The add-on's mapping: the failover's timeoutSeconds is the readiness timeout.
+        assert_eq!(failover.after, None);
+        assert_eq!(
+            specs[0].readiness_timeout,
+            Some(std::time::Duration::from_secs(5))
+        );
         assert_eq!(
             addrs(&index.endpoints("ns/a#failover", EndpointMode::Pod)),
             ["10.1.1.1:8080"]
@@ -846,7 +979,7 @@ mod tests {
             .map(|r| r.id.to_string())
             .collect();
         assert_eq!(ids, ["ns/old", "ns/new"]);
-        index.reset_routes(&[]);
+        index.reset_routes::<HTTPScaledObject>(&[]);
         assert!(index.route_specs().is_empty());
     }
 
@@ -918,5 +1051,115 @@ mod tests {
             [("app".to_owned(), "web".to_owned())]
         );
         assert!(index.endpoints("app/web", EndpointMode::Pod).is_empty());
+    }
+
+    #[test]
+    fn an_interceptor_route_routes_by_its_rules_and_maps_its_cold_start() {
+        let mut index = ClusterIndex::default();
+        index.apply_route(&ir(
+            "ns",
+            "web",
+            "2026-01-01T00:00:00Z",
+            json!({
+                "target": {"service": "web", "port": 80},
+                "rules": [
+                    {"hosts": ["a.example"], "paths": [{"value": "/api"}]},
+                    {"hosts": ["b.example"], "headers": [{"name": "x-beta"}]}
+                ],
+                "scalingMetric": {"concurrency": {"targetValue": 10}},
+                "coldStart": {
+                    "placeholder": {"response": {"body": "soon", "headers": {"Retry-After": "3"}}},
+                    "maxPendingRequests": 5,
+                    "overflow": "Placeholder"
+                },
+                "timeouts": {"readiness": "0s", "request": "1m", "responseHeader": "5s"}
+            }),
+        ));
+        let specs = index.route_specs();
+        assert_eq!(specs.len(), 1);
+        let spec = &specs[0];
+        assert_eq!(&*spec.id, "ns/web");
+        assert_eq!(spec.rules.len(), 2);
+        assert_eq!(spec.rules[0].path_prefixes, ["/api"]);
+        assert_eq!(spec.rules[1].headers[0].value, None);
+        assert_eq!(spec.max_held.map(|n| n.get()), Some(5));
+        assert!(spec.cold_response_on_overflow);
+        let Some(ColdResponse::Placeholder {
+            status,
+            body,
+            headers,
+            ..
+        }) = &spec.cold_response
+        else {
+            panic!("no placeholder: {:?}", spec.cold_response);
+        };
+        assert_eq!(*status, 503);
+        assert_eq!(&body[..], b"soon");
+        assert_eq!(headers["retry-after"], "3");
+        assert_eq!(spec.readiness_timeout, Some(std::time::Duration::ZERO));
+        assert_eq!(
+            spec.request_timeout,
+            Some(std::time::Duration::from_secs(60))
+        );
+        assert_eq!(
+            spec.response_header_timeout,
+            Some(std::time::Duration::from_secs(5))
+        );
+    }
+
+    #[test]
+    fn a_valid_interceptor_route_shadows_the_httpscaledobject_of_its_name() {
+        let mut index = ClusterIndex::default();
+        let old = hso(
+            "ns",
+            "app",
+            "2026-01-01T00:00:00Z",
+            json!({
+                "hosts": ["old.example"],
+                "scaleTargetRef": {"name": "app", "service": "app", "port": 80}
+            }),
+        );
+        index.apply_route(&old);
+        assert_eq!(index.route_specs()[0].rules[0].hosts, ["old.example"]);
+        assert!(!index.shadowed("ns", "app"));
+
+        // An invalid InterceptorRoute takes nothing away.
+        let broken = ir(
+            "ns",
+            "app",
+            "2026-02-01T00:00:00Z",
+            json!({
+                "target": {"service": "app"},
+                "scalingMetric": {"concurrency": {"targetValue": 1}}
+            }),
+        );
+        assert!(!index.apply_route(&broken).any());
+        assert_eq!(index.route_specs()[0].rules[0].hosts, ["old.example"]);
+
+        let new = ir(
+            "ns",
+            "app",
+            "2026-02-01T00:00:00Z",
+            json!({
+                "target": {"service": "app", "port": 80},
+                "rules": [{"hosts": ["new.example"]}],
+                "scalingMetric": {"concurrency": {"targetValue": 1}}
+            }),
+        );
+        assert!(index.apply_route(&new).routes);
+        let specs = index.route_specs();
+        assert_eq!(specs.len(), 1, "one route per namespace/name");
+        assert_eq!(specs[0].rules[0].hosts, ["new.example"]);
+        assert!(index.shadowed("ns", "app"));
+
+        // The HTTPScaledObject comes back when the InterceptorRoute goes.
+        index.delete_route(&new);
+        assert_eq!(index.route_specs()[0].rules[0].hosts, ["old.example"]);
+        // A relist of InterceptorRoutes that lists none leaves the HTTPScaledObject alone.
+        index.apply_route(&new);
+        index.prune_routes(RouteKind::InterceptorRoute, &Default::default());
+        assert_eq!(index.route_specs()[0].rules[0].hosts, ["old.example"]);
+        index.prune_routes(RouteKind::HTTPScaledObject, &Default::default());
+        assert!(index.route_specs().is_empty());
     }
 }

@@ -1,8 +1,10 @@
-//! Kubernetes mode: the [`Provider`] fed by watches of HTTPScaledObjects, Services and
-//! EndpointSlices through the real kube client.
+//! Kubernetes mode: the [`Provider`] fed by watches of HTTPScaledObjects, InterceptorRoutes,
+//! Services and EndpointSlices through the real kube client.
 //!
-//! Routes are published only once all three watches have listed for the first time, so
-//! `/readyz` stays 503 until then. If the API server goes away, the watches retry with backoff
+//! Routes are published only once every watch has listed for the first time, so `/readyz`
+//! stays 503 until then. A cluster without the InterceptorRoute CRD (or RBAC that does not grant
+//! it yet) routes its HTTPScaledObjects all the same: that watch counts as listed, empty, and
+//! keeps retrying. If the API server goes away, the watches retry with backoff
 //! and the last known routes and endpoints keep serving.
 //!
 //! Wake signals reach the controller through the admin `/events` stream, which the proxy core
@@ -23,7 +25,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use wakegate_crds::HTTPScaledObject;
+use wakegate_crds::{HTTPScaledObject, InterceptorRoute, RouteKind};
 
 pub use self::index::{ClusterIndex, EndpointMode, Touched};
 use crate::provider::{Provider, ReadyEndpoints, RouteSpec, TargetId, Trust};
@@ -31,7 +33,20 @@ use crate::provider::{Provider, ReadyEndpoints, RouteSpec, TargetId, Trust};
 const ROUTES_SYNCED: u8 = 1;
 const SERVICES_SYNCED: u8 = 2;
 const SLICES_SYNCED: u8 = 4;
-const ALL_SYNCED: u8 = ROUTES_SYNCED | SERVICES_SYNCED | SLICES_SYNCED;
+const INTERCEPTOR_ROUTES_SYNCED: u8 = 8;
+const ALL_SYNCED: u8 = ROUTES_SYNCED | SERVICES_SYNCED | SLICES_SYNCED | INTERCEPTOR_ROUTES_SYNCED;
+
+/// Whether a watch error says the API server does not serve (404) or does not grant (403) the
+/// resource.
+fn not_served(err: &watcher::Error) -> bool {
+    let api = match err {
+        watcher::Error::InitialListFailed(kube::Error::Api(e))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(e)) => e,
+        watcher::Error::WatchError(e) => e,
+        _ => return false,
+    };
+    matches!(api.code, 403 | 404)
+}
 
 /// Routes and endpoints from the cluster.
 #[derive(Debug)]
@@ -64,6 +79,7 @@ impl KubeProvider {
         let routes: Api<HTTPScaledObject> = api(&client, namespace);
         let services: Api<Service> = api(&client, namespace);
         let slices: Api<EndpointSlice> = api(&client, namespace);
+        let interceptor_routes: Api<InterceptorRoute> = api(&client, namespace);
         tokio::spawn(
             provider.clone().follow(
                 routes,
@@ -72,10 +88,20 @@ impl KubeProvider {
                 |ix, change| match change {
                     Change::Apply(o) => ix.apply_route(o),
                     Change::Delete(o) => ix.delete_route(o),
-                    Change::Prune(listed) => ix.prune_routes(listed),
+                    Change::Prune(listed) => ix.prune_routes(RouteKind::HTTPScaledObject, listed),
                 },
             ),
         );
+        tokio::spawn(provider.clone().follow(
+            interceptor_routes,
+            INTERCEPTOR_ROUTES_SYNCED,
+            stop.clone(),
+            |ix, change| match change {
+                Change::Apply(o) => ix.apply_route(o),
+                Change::Delete(o) => ix.delete_route(o),
+                Change::Prune(listed) => ix.prune_routes(RouteKind::InterceptorRoute, listed),
+            },
+        ));
         tokio::spawn(provider.clone().follow(
             services,
             SERVICES_SYNCED,
@@ -131,7 +157,17 @@ impl KubeProvider {
                 Ok(event) => event,
                 Err(err) => {
                     // The watcher retries with backoff; what was known keeps serving.
-                    tracing::warn!(kind, error = %err, "watch failed; retrying");
+                    let not_served = synced_bit == INTERCEPTOR_ROUTES_SYNCED && not_served(&err);
+                    let before = self.synced.load(Ordering::Acquire);
+                    if not_served && before & synced_bit == 0 {
+                        // Not installed, or not granted yet: nothing to route from it, and
+                        // no reason to keep the HTTPScaledObjects waiting.
+                        tracing::warn!(kind, error = %err, "InterceptorRoutes cannot be listed (is the CRD installed, and the RBAC of deploy/ applied?); routing without them, and retrying");
+                        self.synced.fetch_or(synced_bit, Ordering::AcqRel);
+                        self.publish(&Touched::everything());
+                    } else {
+                        tracing::warn!(kind, error = %err, "watch failed; retrying");
+                    }
                     continue;
                 }
             };

@@ -435,6 +435,7 @@ impl RawRoute {
                     status,
                     content_type,
                     body: bytes::Bytes::from(p.body.clone()),
+                    headers: http::HeaderMap::new(),
                 })
             }
             Some(_) => {
@@ -460,22 +461,23 @@ impl RawRoute {
             spec: RouteSpec {
                 target: id.clone(),
                 id,
-                matcher: RouteMatch {
+                rules: vec![RouteMatch {
                     hosts: self.hosts,
                     path_prefixes: self.path_prefixes,
                     headers,
-                },
+                }],
                 readiness_timeout: self.timeouts.readiness.map(|d| d.0),
                 response_header_timeout: self.timeouts.response_header.map(|d| d.0),
                 request_timeout: self.timeouts.request.map(|d| d.0),
                 max_in_flight_per_endpoint: self.max_in_flight_per_endpoint,
                 max_held: self.max_held_requests,
                 cold_response,
+                cold_response_on_overflow: false,
                 protocol,
                 upstream_tls,
                 failover: failover.as_ref().map(|(_, after)| FailoverSpec {
                     target: format!("{}#failover", self.name).into(),
-                    after: *after,
+                    after: Some(*after),
                 }),
             },
             target,
@@ -696,7 +698,7 @@ routes:
             always.spec.response_header_timeout,
             Some(Duration::from_millis(500))
         );
-        assert_eq!(always.spec.matcher.headers.len(), 2);
+        assert_eq!(always.spec.rules[0].headers.len(), 2);
         assert!(matches!(always.target, LocalTarget::Upstream(_)));
     }
 

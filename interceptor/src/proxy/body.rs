@@ -151,8 +151,9 @@ impl RateState {
 pin_project_lite::pin_project! {
     /// A client's request body on its way upstream.
     pub struct RequestBody {
+        // `None`: a request replayed without a body (see `RequestBody::replay`).
         #[pin]
-        body: Incoming,
+        body: Option<Incoming>,
         watch: Arc<BodyWatch>,
         rate: Option<RateState>,
     }
@@ -174,12 +175,22 @@ impl RequestBody {
         });
         (
             Self {
-                body,
+                body: Some(body),
                 watch: watch.clone(),
                 rate,
             },
             watch,
         )
+    }
+
+    /// An empty body for a request sent again, which had no body the first time either. It
+    /// reports to `watch`, which already counts it as sent.
+    pub fn replay(watch: Arc<BodyWatch>) -> Self {
+        Self {
+            body: None,
+            watch,
+            rate: None,
+        }
     }
 }
 
@@ -192,7 +203,10 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
         let mut this = self.project();
-        match this.body.as_mut().poll_frame(cx) {
+        let Some(mut body) = this.body.as_mut().as_pin_mut() else {
+            return Poll::Ready(None);
+        };
+        match body.as_mut().poll_frame(cx) {
             Poll::Pending => {
                 let Some(rate) = this.rate else {
                     return Poll::Pending;
@@ -226,7 +240,7 @@ impl Body for RequestBody {
                         rate.received += data.remaining() as u64;
                     }
                 }
-                if this.body.is_end_stream() {
+                if body.is_end_stream() {
                     this.watch.mark_sent();
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -247,11 +261,13 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.body.as_ref().is_none_or(Incoming::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        self.body
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint)
     }
 }
 

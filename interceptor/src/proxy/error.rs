@@ -83,8 +83,8 @@ pub enum ProxyError {
         route: RouteId,
         /// Its target.
         target: TargetId,
-        /// What to answer.
-        response: crate::provider::ColdResponse,
+        /// What to answer (boxed: it is much larger than the other variants).
+        response: Box<crate::provider::ColdResponse>,
     },
 
     /// The request was held, and no endpoint of its target became ready in time.
@@ -241,11 +241,12 @@ impl ProxyError {
             Self::NoRoute { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Waking {
-                response: crate::provider::ColdResponse::Placeholder { status, .. },
-                ..
-            } => *status,
-            Self::Waking { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Waking { response, .. } => match **response {
+                crate::provider::ColdResponse::Placeholder { status, .. } => status,
+                crate::provider::ColdResponse::WaitingPage { .. } => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+            },
             Self::ReadinessTimeout { .. }
             | Self::CapacityTimeout { .. }
             | Self::ResponseHeaderTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -323,6 +324,7 @@ fn waking_response(
     status: StatusCode,
 ) -> Response<ProxyBody> {
     use crate::provider::ColdResponse;
+    let mut extra = None;
     let (body, content_type, retry) = match response {
         ColdResponse::WaitingPage { refresh } => (
             Bytes::from(format!(
@@ -333,7 +335,15 @@ fn waking_response(
             HeaderValue::from_static("text/html; charset=utf-8"),
             Some(*refresh),
         ),
-        ColdResponse::Placeholder { content_type, body, .. } => (body.clone(), content_type.clone(), None),
+        ColdResponse::Placeholder {
+            content_type,
+            body,
+            headers,
+            ..
+        } => {
+            extra = Some(headers);
+            (body.clone(), content_type.clone(), None)
+        }
     };
     let mut rsp = Response::new(ProxyBody::full(body));
     *rsp.status_mut() = status;
@@ -343,6 +353,9 @@ fn waking_response(
     if let Some(seconds) = retry {
         rsp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    for (name, value) in extra.into_iter().flatten() {
+        rsp.headers_mut().insert(name, value.clone());
     }
     rsp
 }

@@ -39,6 +39,10 @@ use crate::routing::RouteTable;
 
 /// The response header telling whether the request waited for a cold start.
 pub const COLD_START_HEADER: &str = "x-keda-http-cold-start";
+/// What a timeout turned off (`0s`) stands for: far enough never to pass, near enough that
+/// adding it to an `Instant` cannot overflow.
+const NO_DEADLINE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// The response header set when the failover target answered.
 pub const FAILOVER_HEADER: &str = "x-wakegate-failover";
 
@@ -243,28 +247,41 @@ impl Proxy {
                     .iter()
                     .any(|s| s.protocol == *protocol && s.upstream_tls == *tls)
         });
-        let table = RouteTable::build(specs.iter().map(|spec| {
+        let table = RouteTable::build_rules(specs.iter().map(|spec| {
+            // A route's `0s` turns the wait's deadline off: the request is held until it is
+            // served, the client leaves, or the request timeout passes.
+            let readiness_timeout = match spec.readiness_timeout.unwrap_or(self.settings.readiness)
+            {
+                Duration::ZERO => NO_DEADLINE,
+                t => t,
+            };
             let state = RouteState {
                 client: self.client_for(&mut clients, spec.protocol, spec.upstream_tls.as_ref()),
                 awaiting_ready: AtomicBool::new(false),
                 load: self.loads.get(&spec.id),
                 endpoints: self.provider.endpoints(&spec.target),
-                readiness_timeout: spec.readiness_timeout.unwrap_or(self.settings.readiness),
-                response_header_timeout: spec
+                readiness_timeout,
+                response_header_timeout: match spec
                     .response_header_timeout
-                    .unwrap_or(self.settings.response_header),
+                    .unwrap_or(self.settings.response_header)
+                {
+                    Duration::ZERO => NO_DEADLINE,
+                    t => t,
+                },
                 // A route's `0s` turns the global deadline off for it, as in the add-on.
                 request_timeout: spec
                     .request_timeout
                     .or(self.settings.request)
                     .filter(|t| !t.is_zero()),
-                failover: spec
-                    .failover
-                    .as_ref()
-                    .map(|f| (self.provider.endpoints(&f.target), f.after)),
+                failover: spec.failover.as_ref().map(|f| {
+                    (
+                        self.provider.endpoints(&f.target),
+                        f.after.unwrap_or(readiness_timeout),
+                    )
+                }),
                 spec: spec.clone(),
             };
-            (spec.matcher.clone(), Arc::new(state))
+            (spec.rules.clone(), Arc::new(state))
         }));
         self.loads.retain(|id| specs.iter().any(|s| &s.id == id));
         tracing::info!(routes = table.len(), "routing table updated");
@@ -491,9 +508,42 @@ impl Proxy {
             body_watch.sent().await;
             tokio::time::sleep(route.response_header_timeout).await;
         };
+        // A request without a body and with an idempotent method is sent once more, on another
+        // connection, if the upstream closed the connection before any response: an upstream
+        // that closes idle keep-alive connections (Node's 5 s default, a first-request deadline)
+        // races the pool reusing them, and the request never reached the app. nginx does the
+        // same (`proxy_next_upstream error`), and so does Go's transport.
+        let replay = (upgrade.is_none()
+            && http_body::Body::is_end_stream(req.body())
+            && idempotent(req.method()))
+        .then(|| {
+            let mut again = Request::new(RequestBody::replay(body_watch.clone()));
+            *again.method_mut() = req.method().clone();
+            *again.uri_mut() = req.uri().clone();
+            *again.version_mut() = req.version();
+            *again.headers_mut() = req.headers().clone();
+            again
+        });
         let sent = async {
+            let send = async {
+                match pool.request(req).await {
+                    Err(err) if closed_before_response(&err) => match replay {
+                        Some(again) => {
+                            tracing::debug!(error = %err, "upstream closed the connection before answering; sending again");
+                            match pool.request(again).await {
+                                // The upstream is gone (it closed because it exited): the
+                                // first failure is the one to report.
+                                Err(again) if again.is_connect() => Err(err),
+                                other => other,
+                            }
+                        }
+                        None => Err(err),
+                    },
+                    other => other,
+                }
+            };
             tokio::select! {
-                rsp = pool.request(req) => Ok(rsp),
+                rsp = send => Ok(rsp),
                 () = header_timeout => Err(()),
             }
         };
@@ -585,17 +635,29 @@ impl Proxy {
         }
 
         let held_at = Instant::now();
-        if let Some(response) = route.cold_response_for(wants_html) {
+        let cold_response = route.cold_response_for(wants_html);
+        if let (Some(response), false) = (cold_response, route.spec.cold_response_on_overflow) {
             // Answer at once, but the wake goes on.
             self.provider.wake(&route.spec.target);
             self.wakes.publish(&route.spec.id, &route.spec.target);
             return Err(ProxyError::Waking {
                 route: route.spec.id.clone(),
                 target: route.spec.target.clone(),
-                response: response.clone(),
+                response: Box::new(response.clone()),
             });
         }
-        let (_total, _held, first) = self.admit_hold(route)?;
+        let (_total, _held, first) = match (self.admit_hold(route), cold_response) {
+            // Held up to the cap; only the overflow gets the placeholder.
+            (Err(ProxyError::Overloaded { .. }), Some(response)) => {
+                self.provider.wake(&route.spec.target);
+                return Err(ProxyError::Waking {
+                    route: route.spec.id.clone(),
+                    target: route.spec.target.clone(),
+                    response: Box::new(response.clone()),
+                });
+            }
+            (other, _) => other?,
+        };
         self.provider.wake(&route.spec.target);
         if first {
             route.awaiting_ready.store(true, Ordering::Relaxed);
@@ -925,6 +987,39 @@ fn upstream_request(
         host.as_ref(),
     );
     (Request::from_parts(parts, body), watch)
+}
+
+/// Methods whose requests may be sent twice (RFC 9110 §9.2.2).
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Whether an upstream request failed because the connection closed before a response began
+/// (not a connect failure, and not a response that broke off).
+fn closed_before_response(err: &hyper_util::client::legacy::Error) -> bool {
+    use std::error::Error as _;
+    if err.is_connect() {
+        return false;
+    }
+    let mut source = err.source();
+    while let Some(e) = source {
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() {
+                return true;
+            }
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// A client builder with the proxy's pool settings; HTTP/2 targets get HTTP/2 only.

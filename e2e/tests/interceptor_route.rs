@@ -1,0 +1,316 @@
+//! End to end, InterceptorRoutes (`http.keda.sh/v1beta1`), the add-on's current API:
+//!
+//! - KEDA mode: the user's own ScaledObject with an `interceptorRoute` trigger; this test plays
+//!   KEDA with the generated gRPC client: no metric spec before the route exists, both metrics
+//!   once it does, `true` pushed when a request is held at zero, the metric values, and an
+//!   edited `targetValue` streamed by `StreamMetricSpec` (the add-on's TestMetricUpdate).
+//! - Standalone mode: the `wakegate.dev/scale-target-ref` annotation names the workload, a
+//!   request at zero wakes it through several OR'd rules, a same-named HTTPScaledObject is
+//!   shadowed and says so, and an invalid InterceptorRoute is rejected in its status.
+
+#![allow(clippy::unwrap_used)] // a panic is how a test reports failure
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use kube::api::Api;
+use wakegate_controller::proto::external_scaler_client::ExternalScalerClient;
+use wakegate_controller::proto::{GetMetricsRequest, ScaledObjectRef};
+use wakegate_crds::{HTTPScaledObject, InterceptorRoute};
+use wakegate_e2e::{eventually, Cluster, Controller, Http, Interceptor};
+
+fn route_yaml(name: &str, concurrency: i32, extra_metadata: &str) -> String {
+    format!(
+        r#"apiVersion: http.keda.sh/v1beta1
+kind: InterceptorRoute
+metadata:
+  name: {name}
+{extra_metadata}spec:
+  target:
+    service: {name}
+    port: 8080
+  rules:
+    - hosts: [{name}.example]
+      paths: [{{value: /api}}]
+    - hosts: [{name}.example.org]
+  scalingMetric:
+    concurrency:
+      targetValue: {concurrency}
+    requestRate:
+      targetValue: 20
+"#
+    )
+}
+
+async fn ready(cluster: &Cluster, name: &str) -> Option<(String, String, String)> {
+    let api: Api<InterceptorRoute> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    let obj = api.get(name).await.ok()?;
+    let c = obj
+        .status?
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")?;
+    Some((c.status, c.reason, c.message))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keda_scales_an_interceptor_route_through_the_users_scaled_object() {
+    let cluster = Cluster::start(true, env!("CARGO_BIN_EXE_wakegate-e2e-backend")).await;
+    if !cluster.simulated() && std::env::var("WAKEGATE_E2E_KEDA").is_err() {
+        eprintln!("skipped: set WAKEGATE_E2E_KEDA=1 when the real cluster has KEDA's CRDs");
+        cluster.cleanup().await;
+        return;
+    }
+    cluster.apply(&cluster.app_yaml("shop")).await;
+    let interceptor = Interceptor::start(&cluster).await;
+    let controller = Controller::start(&cluster, "keda", interceptor.admin).await;
+    let mut keda = ExternalScalerClient::connect(format!("http://{}", controller.grpc))
+        .await
+        .unwrap();
+    // The trigger metadata of the user's ScaledObject.
+    let sref = ScaledObjectRef {
+        name: "shop".into(),
+        namespace: cluster.namespace.clone(),
+        scaler_metadata: HashMap::from([
+            (
+                "scalerAddress".to_owned(),
+                "wakegate-controller.wakegate:9090".to_owned(),
+            ),
+            ("interceptorRoute".to_owned(), "shop".to_owned()),
+        ]),
+    };
+
+    // Before the route exists: no metric spec (KEDA falls back to CPU), not an error.
+    let spec = keda
+        .get_metric_spec(sref.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(spec.metric_specs.is_empty(), "{spec:?}");
+
+    cluster.apply(&route_yaml("shop", 10, "")).await;
+    eventually("shop Ready=True", Duration::from_secs(20), || async {
+        ready(&cluster, "shop")
+            .await
+            .is_some_and(|(s, r, _)| s == "True" && r == "Reconciled")
+    })
+    .await;
+    let (_, _, message) = ready(&cluster, "shop").await.unwrap();
+    assert!(message.contains("interceptorRoute: shop"), "{message}");
+
+    // Both metrics, as floats.
+    let spec = keda
+        .get_metric_spec(sref.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let specs: Vec<(&str, f64)> = spec
+        .metric_specs
+        .iter()
+        .map(|m| (m.metric_name.as_str(), m.target_size_float))
+        .collect();
+    assert_eq!(
+        specs,
+        [("http_shop_concurrency", 10.0), ("http_shop_rate", 20.0)]
+    );
+
+    // The edited targetValue reaches KEDA through StreamMetricSpec, nothing recreated.
+    let mut spec_stream = keda
+        .stream_metric_spec(sref.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let first = spec_stream.message().await.unwrap().unwrap();
+    assert_eq!(first.metric_specs[0].target_size_float, 10.0);
+    cluster.apply(&route_yaml("shop", 25, "")).await;
+    let updated = tokio::time::timeout(Duration::from_secs(20), spec_stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(updated.metric_specs[0].metric_name, "http_shop_concurrency");
+    assert_eq!(updated.metric_specs[0].target_size_float, 25.0);
+    let again = keda
+        .get_metric_spec(sref.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, updated, "GetMetricSpec agrees with the stream");
+
+    // A request at zero through the second rule: held, and `true` is pushed.
+    let mut active = keda
+        .stream_is_active(sref.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!active.message().await.unwrap().unwrap().result);
+    let proxy = interceptor.proxy;
+    let request =
+        tokio::spawn(async move { Http::default().get(proxy, "shop.example.org", "/").await });
+    let pushed = tokio::time::timeout(Duration::from_secs(5), active.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(pushed.result);
+    eventually(
+        "GetMetrics counts the held request",
+        Duration::from_secs(10),
+        || {
+            let mut keda = keda.clone();
+            let sref = sref.clone();
+            async move {
+                let values = keda
+                    .get_metrics(GetMetricsRequest {
+                        scaled_object_ref: Some(sref),
+                        metric_name: "http_shop_concurrency".into(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .metric_values;
+                values.len() == 1
+                    && values[0].metric_name == "http_shop_concurrency"
+                    && values[0].metric_value_float >= 1.0
+            }
+        },
+    )
+    .await;
+    // KEDA scales 0 -> 1 (the test does what KEDA would), and the held request is served.
+    let deploys: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    deploys
+        .patch_scale(
+            "shop",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"spec": {"replicas": 1}})),
+        )
+        .await
+        .unwrap();
+    let (status, headers, body) = request.await.unwrap().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers["x-keda-http-cold-start"], "true");
+    // The rules are OR'd, host AND path within one: the first rule needs /api.
+    let (status, _, _) = Http::default()
+        .get(proxy, "shop.example", "/api/items")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let (status, _, _) = Http::default()
+        .get(proxy, "shop.example", "/other")
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+
+    drop(controller);
+    drop(interceptor);
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_scales_an_annotated_route_and_it_shadows_a_same_named_httpscaledobject() {
+    let cluster = Cluster::start(false, env!("CARGO_BIN_EXE_wakegate-e2e-backend")).await;
+    cluster.apply(&cluster.app_yaml("web")).await;
+    // The HTTPScaledObject an add-on user had before migrating.
+    cluster
+        .apply(
+            r#"apiVersion: http.keda.sh/v1alpha1
+kind: HTTPScaledObject
+metadata:
+  name: web
+spec:
+  hosts: [old.example]
+  scaleTargetRef: {name: web, service: web, port: 8080}
+  replicas: {min: 0, max: 3}
+"#,
+        )
+        .await;
+    let interceptor = Interceptor::start(&cluster).await;
+    let _controller = Controller::start(&cluster, "standalone", interceptor.admin).await;
+    let hso: Api<HTTPScaledObject> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    let hso_ready = || async {
+        let c = hso.get("web").await.ok()?.status?.conditions;
+        c.into_iter()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| (c.status, c.reason))
+    };
+    eventually(
+        "web HTTPScaledObject Ready",
+        Duration::from_secs(20),
+        || async { hso_ready().await == Some(("True".into(), "Reconciled".into())) },
+    )
+    .await;
+
+    // The InterceptorRoute of the same name, with the workload named for standalone mode.
+    let annotations = "  annotations:\n    wakegate.dev/scale-target-ref: Deployment/web\n    wakegate.dev/max-replicas: \"3\"\n";
+    cluster.apply(&route_yaml("web", 5, annotations)).await;
+    eventually(
+        "web InterceptorRoute Ready",
+        Duration::from_secs(20),
+        || async {
+            ready(&cluster, "web")
+                .await
+                .is_some_and(|(s, r, _)| s == "True" && r == "Reconciled")
+        },
+    )
+    .await;
+    eventually(
+        "the HTTPScaledObject says it is shadowed",
+        Duration::from_secs(20),
+        || async {
+            hso_ready().await == Some(("False".into(), "ShadowedByInterceptorRoute".into()))
+        },
+    )
+    .await;
+    let (_, _, message) = ready(&cluster, "web").await.unwrap();
+    assert!(
+        message.contains("scaling apps/v1/Deployment/web between 0 and 3"),
+        "{message}"
+    );
+
+    // The route in effect is the InterceptorRoute's: the old host is gone, the new rules wake
+    // the workload from zero.
+    let http = Http::default();
+    eventually(
+        "old host no longer routed",
+        Duration::from_secs(10),
+        || async {
+            http.get(interceptor.proxy, "old.example", "/")
+                .await
+                .is_ok_and(|(s, _, _)| s == 404)
+        },
+    )
+    .await;
+    assert_eq!(cluster.replicas("web").await, 0);
+    let (status, headers, body) = http
+        .get(interceptor.proxy, "web.example", "/api/x")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers["x-keda-http-cold-start"], "true");
+    assert_eq!(cluster.replicas("web").await, 1);
+
+    // An invalid InterceptorRoute is rejected in its status and disturbs nothing.
+    cluster
+        .apply(&route_yaml("bad", 0, "").replace("port: 8080", "port: 8080\n    portName: http"))
+        .await;
+    eventually("bad Ready=False", Duration::from_secs(20), || async {
+        ready(&cluster, "bad")
+            .await
+            .is_some_and(|(s, r, _)| s == "False" && r == "InvalidSpec")
+    })
+    .await;
+    let (_, _, message) = ready(&cluster, "bad").await.unwrap();
+    assert!(
+        message.contains("spec.target: set exactly one of port and portName"),
+        "{message}"
+    );
+    let (status, _, _) = http
+        .get(interceptor.proxy, "web.example.org", "/")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+
+    drop(interceptor);
+    cluster.cleanup().await;
+}
