@@ -88,6 +88,18 @@ pub struct Args {
     /// Log format.
     #[arg(long, env = "WAKEGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// A one-off command instead of running the controller.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// One-off commands.
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum Command {
+    /// Print, for every HTTPScaledObject in a manifest, the equivalent InterceptorRoute, the
+    /// ScaledObject with an `interceptorRoute` trigger, and the migration steps.
+    Migrate(crate::migrate::MigrateArgs),
 }
 
 /// `--log-format`.

@@ -9,6 +9,7 @@ pub mod interceptors;
 pub mod keda;
 pub mod leader;
 pub mod metrics;
+pub mod migrate;
 pub mod reconcile;
 pub mod reflect;
 pub mod routes;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use wakegate_controller::cli::{Args, LogFormat};
+use wakegate_controller::cli::{Args, Command, LogFormat};
 
 fn main() -> ExitCode {
     let args = match Args::try_parse() {
@@ -18,6 +18,9 @@ fn main() -> ExitCode {
             };
         }
     };
+    if let Some(Command::Migrate(m)) = &args.command {
+        return migrate(m);
+    }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Colour only for a terminal, as the interceptor does: redirected logs stay plain text.
     let fmt = tracing_subscriber::fmt()
@@ -41,6 +44,36 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("wakegate-controller: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `migrate`: reads the manifest, prints the migration, exits 1 with a message on a problem.
+fn migrate(m: &wakegate_controller::migrate::MigrateArgs) -> ExitCode {
+    let text = if m.file.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map(|_| text)
+    } else {
+        std::fs::read_to_string(&m.file)
+    };
+    let text = match text {
+        Ok(text) => text,
+        Err(err) => {
+            eprintln!(
+                "wakegate-controller migrate: cannot read {}: {err}",
+                m.file.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    match wakegate_controller::migrate::migrate(&text, &m.scaler_address, m.standalone) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("wakegate-controller migrate: {}: {err}", m.file.display());
             ExitCode::FAILURE
         }
     }

@@ -157,8 +157,12 @@ async fn apply(obj: &HTTPScaledObject, ctx: &Context) -> Result<Action, Error> {
     };
     if ctx.routes.shadowed(&route) {
         // Mid-migration: the InterceptorRoute routes, and whatever scales it is the user's.
-        // This object's ScaledObject is left as it is (the add-on's guide orphans it first).
+        // This object's ScaledObject is no longer synced; the orphan annotation still lets it
+        // outlive this object, whichever order the guide's steps were done in.
         ctx.routes.upsert(entry(None));
+        if ctx.mode == ScalerMode::Keda {
+            orphan_if_asked(ctx, obj).await?;
+        }
         let message = format!(
             "the InterceptorRoute {route} is in effect instead: this HTTPScaledObject neither routes nor scales; delete it once the migration is done"
         );
@@ -310,6 +314,41 @@ async fn sync_scaled_object(
         spec.target_workload(),
         ctx.scaler_address
     ))
+}
+
+/// With the orphan annotation, drops this object's owner reference from its ScaledObject.
+async fn orphan_if_asked(ctx: &Context, obj: &HTTPScaledObject) -> Result<(), kube::Error> {
+    let orphan = obj
+        .annotations()
+        .get(ORPHAN_SCALEDOBJECT_ANNOTATION)
+        .is_some_and(|v| v == "true");
+    if !orphan {
+        return Ok(());
+    }
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        ctx.client.clone(),
+        &obj.namespace().unwrap_or_default(),
+        &scaled_object_resource(),
+    );
+    let name = obj.name_any();
+    let Some(existing) = api.get_opt(&name).await? else {
+        return Ok(());
+    };
+    let kept: Vec<_> = existing
+        .owner_references()
+        .iter()
+        .filter(|r| Some(&r.uid) != obj.uid().as_ref())
+        .cloned()
+        .collect();
+    if kept.len() != existing.owner_references().len() {
+        api.patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"ownerReferences": kept}})),
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// An HPA or a ScaledObject (not ours) that targets the same workload.

@@ -314,3 +314,117 @@ spec:
     drop(interceptor);
     cluster.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_output_moves_an_httpscaledobject_over_and_its_scaled_object_survives() {
+    use kube::api::{DeleteParams, DynamicObject};
+    use wakegate_controller::reconcile::scaled_object_resource;
+    let cluster = Cluster::start(true, env!("CARGO_BIN_EXE_wakegate-e2e-backend")).await;
+    if !cluster.simulated() && std::env::var("WAKEGATE_E2E_KEDA").is_err() {
+        eprintln!("skipped: set WAKEGATE_E2E_KEDA=1 when the real cluster has KEDA's CRDs");
+        cluster.cleanup().await;
+        return;
+    }
+    let before = wakegate_e2e::ADDON_EXAMPLE;
+    cluster.apply(&cluster.app_yaml("xkcd")).await;
+    cluster.apply(before).await;
+    let interceptor = Interceptor::start(&cluster).await;
+    let controller = Controller::start(&cluster, "keda", interceptor.admin).await;
+    let sos: Api<DynamicObject> = Api::namespaced_with(
+        cluster.client.clone(),
+        &cluster.namespace,
+        &scaled_object_resource(),
+    );
+    let owners = || async {
+        sos.get_opt("xkcd")
+            .await
+            .unwrap()
+            .map(|so| so.metadata.owner_references.unwrap_or_default().len())
+    };
+    eventually(
+        "the generated ScaledObject",
+        Duration::from_secs(20),
+        || async { owners().await == Some(1) },
+    )
+    .await;
+
+    let steps =
+        wakegate_controller::migrate::migrate(before, "wakegate-controller.wakegate:9090", false)
+            .unwrap();
+    // Step 1: the orphan annotation.
+    cluster
+        .apply(&before.replace(
+            "    name: xkcd\nspec",
+            "    name: xkcd\n    annotations:\n        httpscaledobject.keda.sh/orphan-scaledobject: \"true\"\nspec",
+        ))
+        .await;
+    eventually(
+        "the ScaledObject is orphaned",
+        Duration::from_secs(20),
+        || async { owners().await == Some(0) },
+    )
+    .await;
+    // Step 2: the InterceptorRoute and the ScaledObject `migrate` printed.
+    cluster.apply(&steps).await;
+    eventually(
+        "the InterceptorRoute is Ready",
+        Duration::from_secs(20),
+        || async {
+            ready(&cluster, "xkcd")
+                .await
+                .is_some_and(|(s, _, _)| s == "True")
+        },
+    )
+    .await;
+    let hso: Api<HTTPScaledObject> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    eventually(
+        "the HTTPScaledObject is shadowed",
+        Duration::from_secs(20),
+        || async {
+            hso.get("xkcd")
+                .await
+                .ok()
+                .and_then(|o| o.status)
+                .is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.reason == "ShadowedByInterceptorRoute")
+                })
+        },
+    )
+    .await;
+    // Step 3: delete the HTTPScaledObject; the ScaledObject stays, as the user's.
+    hso.delete("xkcd", &DeleteParams::default()).await.unwrap();
+    eventually(
+        "the HTTPScaledObject is gone",
+        Duration::from_secs(20),
+        || async { hso.get_opt("xkcd").await.unwrap().is_none() },
+    )
+    .await;
+    let so = sos.get("xkcd").await.unwrap();
+    assert_eq!(
+        so.data["spec"]["triggers"][0]["metadata"]["interceptorRoute"],
+        "xkcd"
+    );
+    assert_eq!(so.data["spec"]["minReplicaCount"], 5);
+    // KEDA, following the repointed trigger, gets the route's metric.
+    let mut keda = ExternalScalerClient::connect(format!("http://{}", controller.grpc))
+        .await
+        .unwrap();
+    let spec = keda
+        .get_metric_spec(ScaledObjectRef {
+            name: "xkcd".into(),
+            namespace: cluster.namespace.clone(),
+            scaler_metadata: HashMap::from([("interceptorRoute".to_owned(), "xkcd".to_owned())]),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(spec.metric_specs.len(), 1);
+    assert_eq!(spec.metric_specs[0].metric_name, "http_xkcd_rate");
+    assert_eq!(spec.metric_specs[0].target_size_float, 100.0);
+
+    drop(controller);
+    drop(interceptor);
+    cluster.cleanup().await;
+}
