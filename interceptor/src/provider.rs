@@ -12,7 +12,7 @@ use std::time::Duration;
 use http::uri::Authority;
 use tokio::sync::watch;
 
-use crate::routing::RouteMatch;
+use crate::routing::{HeaderMatch, RouteMatch};
 pub use crate::tls::upstream::{Trust, UpstreamTls};
 
 /// A route's identity, `namespace/name` in Kubernetes and the route name in local mode. It keys
@@ -49,6 +49,9 @@ pub struct RouteSpec {
     pub failover: Option<FailoverSpec>,
     /// What a request for a cold target gets instead of being held, if anything.
     pub cold_response: Option<ColdResponse>,
+    /// Requests the interceptor answers itself (an InterceptorRoute's `staticRoutes`), first
+    /// match wins; they are never counted and never wake the target.
+    pub static_routes: Vec<StaticRoute>,
     /// The protocol spoken to the target.
     pub protocol: UpstreamProtocol,
     /// Whether, and how, the target is reached over TLS.
@@ -86,6 +89,18 @@ pub enum ColdResponse {
         /// More headers (one named Content-Type replaces `content_type`).
         headers: http::HeaderMap,
     },
+}
+
+/// A request the route answers itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StaticRoute {
+    /// Rules, OR'd, checked against requests that matched the route.
+    pub rules: Vec<RouteMatch>,
+    /// The answer (a [`ColdResponse::Placeholder`]).
+    pub response: ColdResponse,
+    /// Answer even while the target has ready endpoints (`responseMode: Always`); otherwise
+    /// only while it has none, and forward (uncounted) when it has.
+    pub always: bool,
 }
 
 /// A failover destination: another target, used after a request has been held `after`.
@@ -166,6 +181,54 @@ pub trait Provider: Send + Sync + 'static {
     fn status(&self) -> serde_json::Value {
         serde_json::Value::Null
     }
+}
+
+/// The core's form of a route's rules (validated, so `None` is unreachable in practice).
+pub(crate) fn rule_matchers(rules: &[wakegate_crds::Rule]) -> Option<Vec<RouteMatch>> {
+    rules
+        .iter()
+        .map(|rule| {
+            let headers = rule
+                .headers
+                .iter()
+                .map(|h| {
+                    Some(HeaderMatch {
+                        name: http::HeaderName::from_bytes(h.name.as_bytes()).ok()?,
+                        value: match &h.value {
+                            Some(v) => Some(http::HeaderValue::from_str(v).ok()?),
+                            None => None,
+                        },
+                    })
+                })
+                .collect::<Option<Vec<_>>>()?;
+            Some(RouteMatch {
+                hosts: rule.hosts.clone(),
+                path_prefixes: rule.paths.clone(),
+                headers,
+            })
+        })
+        .collect()
+}
+
+/// The core's form of an InterceptorRoute's static response (a placeholder or a static route's).
+/// A body from a ConfigMap is not served yet: the response then has an empty body.
+pub(crate) fn static_response(r: &wakegate_crds::Response) -> Option<ColdResponse> {
+    let mut headers = http::HeaderMap::new();
+    for (name, value) in &r.headers {
+        headers.insert(
+            http::HeaderName::from_bytes(name.as_bytes()).ok()?,
+            http::HeaderValue::from_str(value).ok()?,
+        );
+    }
+    Some(ColdResponse::Placeholder {
+        status: http::StatusCode::from_u16(r.status).ok()?,
+        content_type: http::HeaderValue::from_static("text/plain; charset=utf-8"),
+        body: match &r.body {
+            wakegate_crds::ResponseBody::Inline(text) => bytes::Bytes::from(text.clone()),
+            wakegate_crds::ResponseBody::ConfigMap { .. } => bytes::Bytes::new(),
+        },
+        headers,
+    })
 }
 
 /// A receiver whose set stays empty forever, for targets a provider does not know.

@@ -77,6 +77,7 @@ fn route(id: &str, host: &str) -> RouteSpec {
         max_in_flight_per_endpoint: None,
         max_held: None,
         cold_response_on_overflow: false,
+        static_routes: Vec::new(),
         failover: None,
         cold_response: None,
         protocol: Default::default(),

@@ -12,21 +12,18 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use http::uri::Authority;
-use http::{HeaderName, HeaderValue};
+use http::HeaderValue;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use wakegate_crds::{
-    ColdStart, PortRef, Response, ResponseBody, RouteKind, RouteObject, SpecError, ValidRoute,
-};
+use wakegate_crds::{ColdStart, PortRef, RouteKind, RouteObject, SpecError, ValidRoute};
 
 use crate::provider::{
-    ColdResponse, Endpoint, FailoverSpec, ReadyEndpoints, RouteSpec, Trust, UpstreamProtocol,
-    UpstreamTls,
+    rule_matchers, static_response, ColdResponse, Endpoint, FailoverSpec, ReadyEndpoints,
+    RouteSpec, StaticRoute, Trust, UpstreamProtocol, UpstreamTls,
 };
 
 /// The suffix of a route's failover target id.
 const FAILOVER_SUFFIX: &str = "#failover";
-use crate::routing::{HeaderMatch, RouteMatch};
 
 /// Where held requests are sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -170,27 +167,6 @@ fn cold_response(option: &ColdStart) -> Option<ColdResponse> {
             body: bytes::Bytes::from(body.clone()),
             headers: http::HeaderMap::new(),
         },
-    })
-}
-
-/// The core's form of an InterceptorRoute's placeholder. A body from a ConfigMap is not served
-/// as a placeholder yet: the placeholder then has an empty body.
-fn placeholder_response(r: &Response) -> Option<ColdResponse> {
-    let mut headers = http::HeaderMap::new();
-    for (name, value) in &r.headers {
-        headers.insert(
-            HeaderName::from_bytes(name.as_bytes()).ok()?,
-            HeaderValue::from_str(value).ok()?,
-        );
-    }
-    Some(ColdResponse::Placeholder {
-        status: http::StatusCode::from_u16(r.status).ok()?,
-        content_type: HeaderValue::from_static("text/plain; charset=utf-8"),
-        body: match &r.body {
-            ResponseBody::Inline(text) => bytes::Bytes::from(text.clone()),
-            ResponseBody::ConfigMap { .. } => bytes::Bytes::new(),
-        },
-        headers,
     })
 }
 
@@ -512,33 +488,21 @@ impl ClusterIndex {
 
     fn route_spec(&self, ns: &str, name: &str, spec: &ValidRoute) -> Option<RouteSpec> {
         let id: Arc<str> = format!("{ns}/{name}").into();
-        let rules = spec
-            .rules
+        let rules = rule_matchers(&spec.rules)?;
+        let static_routes = spec
+            .static_routes
             .iter()
-            .map(|rule| {
-                let headers = rule
-                    .headers
-                    .iter()
-                    .map(|h| {
-                        Some(HeaderMatch {
-                            name: HeaderName::from_bytes(h.name.as_bytes()).ok()?,
-                            value: match &h.value {
-                                Some(v) => Some(HeaderValue::from_str(v).ok()?),
-                                None => None,
-                            },
-                        })
-                    })
-                    .collect::<Option<Vec<_>>>()?;
-                Some(RouteMatch {
-                    hosts: rule.hosts.clone(),
-                    path_prefixes: rule.paths.clone(),
-                    headers,
+            .map(|s| {
+                Some(StaticRoute {
+                    rules: rule_matchers(&s.rules)?,
+                    response: static_response(&s.response)?,
+                    always: s.always,
                 })
             })
             .collect::<Option<Vec<_>>>()?;
         // The add-on's fields win over Wakegate's annotations for the same thing.
         let cold = &spec.cold_start;
-        let placeholder = cold.placeholder.as_ref().and_then(placeholder_response);
+        let placeholder = cold.placeholder.as_ref().and_then(static_response);
         let cold_response =
             placeholder.or_else(|| spec.options.cold_start.as_ref().and_then(cold_response));
         Some(RouteSpec {
@@ -554,6 +518,7 @@ impl ClusterIndex {
                 && cold.overflow_placeholder
                 && cold.max_pending.is_some(),
             cold_response,
+            static_routes,
             protocol: self.protocol(ns, &spec.service, &spec.port),
             upstream_tls: self.upstream_tls(ns, &spec.service, &spec.port),
             failover: cold.fallback.as_ref().map(|_| FailoverSpec {
@@ -1072,7 +1037,11 @@ mod tests {
                     "maxPendingRequests": 5,
                     "overflow": "Placeholder"
                 },
-                "timeouts": {"readiness": "0s", "request": "1m", "responseHeader": "5s"}
+                "timeouts": {"readiness": "0s", "request": "1m", "responseHeader": "5s"},
+                "staticRoutes": [
+                    {"rules": [{"paths": [{"value": "/healthz"}]}], "response": {"body": "ok"}},
+                    {"rules": [{"hosts": ["a.example"]}], "response": {"statusCode": 410}, "responseMode": "Always"}
+                ]
             }),
         ));
         let specs = index.route_specs();
@@ -1097,6 +1066,16 @@ mod tests {
         assert_eq!(&body[..], b"soon");
         assert_eq!(headers["retry-after"], "3");
         assert_eq!(spec.readiness_timeout, Some(std::time::Duration::ZERO));
+        assert_eq!(spec.static_routes.len(), 2);
+        assert!(!spec.static_routes[0].always && spec.static_routes[1].always);
+        assert!(matches!(
+            spec.static_routes[1].response,
+            ColdResponse::Placeholder { status, .. } if status == 410
+        ));
+        assert!(matches!(
+            &spec.static_routes[0].response,
+            ColdResponse::Placeholder { status, body, .. } if *status == 200 && &body[..] == b"ok"
+        ));
         assert_eq!(
             spec.request_timeout,
             Some(std::time::Duration::from_secs(60))

@@ -197,6 +197,12 @@ struct RawRoute {
     max_held_requests: Option<NonZeroUsize>,
     failover: Option<RawFailover>,
     cold_start: Option<RawColdStart>,
+    /// An InterceptorRoute's `rules` (instead of `hosts`/`pathPrefixes`/`headers`).
+    #[serde(default)]
+    rules: Vec<wakegate_crds::interceptor_route::RoutingRule>,
+    /// An InterceptorRoute's `staticRoutes`.
+    #[serde(default)]
+    static_routes: Vec<wakegate_crds::interceptor_route::StaticRoute>,
 }
 
 /// What requests for a cold target get instead of being held.
@@ -205,6 +211,10 @@ struct RawRoute {
 struct RawColdStart {
     waiting_page: Option<RawWaitingPage>,
     placeholder: Option<RawPlaceholder>,
+    /// An InterceptorRoute's: most requests held at once (the route's `maxHeldRequests`).
+    max_pending_requests: Option<NonZeroUsize>,
+    /// An InterceptorRoute's: what the overflow past `maxPendingRequests` gets.
+    overflow: Option<wakegate_crds::interceptor_route::Overflow>,
 }
 
 #[derive(Deserialize)]
@@ -218,7 +228,9 @@ struct RawWaitingPage {
 struct RawPlaceholder {
     status: Option<u16>,
     content_type: Option<String>,
-    body: String,
+    body: Option<String>,
+    /// An InterceptorRoute's form: `response: {statusCode, body, headers}`.
+    response: Option<wakegate_crds::interceptor_route::StaticResponse>,
 }
 
 /// Where held requests go after `timeout` (the add-on's `coldStartTimeoutFailoverRef`).
@@ -319,7 +331,150 @@ impl<'de> Deserialize<'de> for DurationValue {
     }
 }
 
+impl RawPlaceholder {
+    /// The old form (`status`, `contentType`, `body`) or the add-on's (`response`).
+    fn validate(&self, key: &str) -> Result<ColdResponse, Problem> {
+        if let Some(response) = &self.response {
+            if self.status.is_some() || self.content_type.is_some() || self.body.is_some() {
+                return Err(invalid(
+                    key,
+                    "give `response` (the InterceptorRoute form) or `status`/`contentType`/`body`, not both",
+                ));
+            }
+            return local_response(&format!("{key}.response"), response, 503);
+        }
+        let status = http::StatusCode::from_u16(self.status.unwrap_or(503))
+            .ok()
+            .filter(|s| s.as_u16() >= 200)
+            .ok_or_else(|| {
+                invalid(
+                    &format!("{key}.status"),
+                    "is not an HTTP status from 200 to 999",
+                )
+            })?;
+        let content_type = HeaderValue::from_str(
+            self.content_type
+                .as_deref()
+                .unwrap_or("text/plain; charset=utf-8"),
+        )
+        .map_err(|_| invalid(&format!("{key}.contentType"), "is not a valid header value"))?;
+        Ok(ColdResponse::Placeholder {
+            status,
+            content_type,
+            body: bytes::Bytes::from(self.body.clone().unwrap_or_default()),
+            headers: http::HeaderMap::new(),
+        })
+    }
+}
+
+/// An InterceptorRoute-shaped response, checked by the CRD's own rules. Local mode has no
+/// ConfigMaps: a body must be given inline.
+fn local_response(
+    key: &str,
+    response: &wakegate_crds::interceptor_route::StaticResponse,
+    default_status: i32,
+) -> Result<ColdResponse, Problem> {
+    if response.body_from_config_map.is_some() {
+        return Err(invalid(
+            &format!("{key}.bodyFromConfigMap"),
+            "needs a cluster; in local mode give `body`",
+        ));
+    }
+    let spec = checker(
+        Vec::new(),
+        vec![wakegate_crds::interceptor_route::StaticRoute {
+            rules: vec![Default::default()],
+            response: wakegate_crds::interceptor_route::StaticResponse {
+                status_code: response.status_code.or(Some(default_status)),
+                ..response.clone()
+            },
+            response_mode: None,
+        }],
+    );
+    let valid = spec.validate().map_err(|e| {
+        let field = e.field.trim_start_matches("staticRoutes[0].response");
+        invalid(&format!("{key}{field}"), &e.problem)
+    })?;
+    valid
+        .static_routes
+        .first()
+        .and_then(|s| crate::provider::static_response(&s.response))
+        .ok_or_else(|| invalid(key, "is not a valid response"))
+}
+
+/// An InterceptorRoute spec holding only `rules` and `staticRoutes`, so local mode checks them
+/// by exactly the CRD's rules.
+fn checker(
+    rules: Vec<wakegate_crds::interceptor_route::RoutingRule>,
+    static_routes: Vec<wakegate_crds::interceptor_route::StaticRoute>,
+) -> wakegate_crds::InterceptorRouteSpec {
+    wakegate_crds::InterceptorRouteSpec {
+        target: wakegate_crds::interceptor_route::TargetRef {
+            service: "local".into(),
+            port: Some(1),
+            port_name: None,
+        },
+        rules,
+        scaling_metric: wakegate_crds::interceptor_route::ScalingMetricSpec {
+            concurrency: Some(wakegate_crds::interceptor_route::ConcurrencyTarget {
+                target_value: 1,
+            }),
+            request_rate: None,
+        },
+        static_routes,
+        ..Default::default()
+    }
+}
+
 impl RawRoute {
+    /// The route's rules (its `rules`, or the one rule its `hosts`/`pathPrefixes`/`headers`
+    /// make) and its static routes.
+    fn checked_rules(
+        &self,
+        key: &str,
+        single: RouteMatch,
+    ) -> Result<(Vec<RouteMatch>, Vec<crate::provider::StaticRoute>), Problem> {
+        let single_given = !(single.hosts.is_empty()
+            && single.path_prefixes.is_empty()
+            && single.headers.is_empty());
+        if single_given && !self.rules.is_empty() {
+            return Err(invalid(
+                &format!("{key}.rules"),
+                "give `rules` or `hosts`/`pathPrefixes`/`headers`, not both",
+            ));
+        }
+        for (i, s) in self.static_routes.iter().enumerate() {
+            if s.response.body_from_config_map.is_some() {
+                return Err(invalid(
+                    &format!("{key}.staticRoutes[{i}].response.bodyFromConfigMap"),
+                    "needs a cluster; in local mode give `body`",
+                ));
+            }
+        }
+        let valid = checker(self.rules.clone(), self.static_routes.clone())
+            .validate()
+            .map_err(|e| invalid(&format!("{key}.{}", e.field), &e.problem))?;
+        let converted = || invalid(key, "has a rule that cannot be used");
+        let rules = if self.rules.is_empty() {
+            vec![single]
+        } else {
+            crate::provider::rule_matchers(&valid.rules).ok_or_else(converted)?
+        };
+        let static_routes = valid
+            .static_routes
+            .iter()
+            .map(|s| {
+                Some(crate::provider::StaticRoute {
+                    rules: crate::provider::rule_matchers(&s.rules)?,
+                    response: crate::provider::static_response(&s.response)?,
+                    always: s.always,
+                })
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(converted)?;
+        Ok((rules, static_routes))
+    }
+
     fn validate(self, key: &str) -> Result<LocalRoute, Problem> {
         if self.name.is_empty() || self.name.chars().any(|c| c.is_whitespace() || c == '"') {
             return Err(invalid(
@@ -389,15 +544,25 @@ impl RawRoute {
                 "probes in plain HTTP, so it cannot check a `tls` target; use `tcpSocket: {}`",
             ));
         }
+        let (rules, static_routes) = self.checked_rules(
+            key,
+            RouteMatch {
+                hosts: self.hosts.clone(),
+                path_prefixes: self.path_prefixes.clone(),
+                headers,
+            },
+        )?;
         let target = self.target.validate(&format!("{key}.target"))?;
+        let cold_key = format!("{key}.coldStart");
         let cold_response = match &self.cold_start {
             None => None,
             Some(RawColdStart {
                 waiting_page: Some(_),
                 placeholder: Some(_),
+                ..
             }) => {
                 return Err(invalid(
-                    &format!("{key}.coldStart"),
+                    &cold_key,
                     "give either `waitingPage` or `placeholder`, not both",
                 ))
             }
@@ -410,41 +575,34 @@ impl RawRoute {
             Some(RawColdStart {
                 placeholder: Some(p),
                 ..
-            }) => {
-                let status = http::StatusCode::from_u16(p.status.unwrap_or(503))
-                    .ok()
-                    .filter(|s| s.as_u16() >= 200)
-                    .ok_or_else(|| {
-                        invalid(
-                            &format!("{key}.coldStart.placeholder.status"),
-                            "is not an HTTP status from 200 to 999",
-                        )
-                    })?;
-                let content_type = HeaderValue::from_str(
-                    p.content_type
-                        .as_deref()
-                        .unwrap_or("text/plain; charset=utf-8"),
-                )
-                .map_err(|_| {
-                    invalid(
-                        &format!("{key}.coldStart.placeholder.contentType"),
-                        "is not a valid header value",
-                    )
-                })?;
-                Some(ColdResponse::Placeholder {
-                    status,
-                    content_type,
-                    body: bytes::Bytes::from(p.body.clone()),
-                    headers: http::HeaderMap::new(),
-                })
-            }
+            }) => Some(p.validate(&format!("{cold_key}.placeholder"))?),
+            Some(RawColdStart {
+                max_pending_requests: Some(_),
+                ..
+            }) => None,
             Some(_) => {
                 return Err(invalid(
-                    &format!("{key}.coldStart"),
-                    "give `waitingPage` or `placeholder`",
+                    &cold_key,
+                    "give `waitingPage`, `placeholder` or `maxPendingRequests`",
                 ))
             }
         };
+        let cold = self.cold_start.as_ref();
+        let max_pending = cold.and_then(|c| c.max_pending_requests);
+        let overflow_placeholder = cold.and_then(|c| c.overflow)
+            == Some(wakegate_crds::interceptor_route::Overflow::Placeholder);
+        if overflow_placeholder && cold.is_none_or(|c| c.placeholder.is_none()) {
+            return Err(invalid(
+                &format!("{cold_key}.overflow"),
+                "Placeholder needs coldStart.placeholder",
+            ));
+        }
+        if max_pending.is_some() && self.max_held_requests.is_some() {
+            return Err(invalid(
+                &format!("{cold_key}.maxPendingRequests"),
+                "give it or the route's maxHeldRequests, not both",
+            ));
+        }
         let failover = self
             .failover
             .as_ref()
@@ -461,18 +619,15 @@ impl RawRoute {
             spec: RouteSpec {
                 target: id.clone(),
                 id,
-                rules: vec![RouteMatch {
-                    hosts: self.hosts,
-                    path_prefixes: self.path_prefixes,
-                    headers,
-                }],
+                rules,
                 readiness_timeout: self.timeouts.readiness.map(|d| d.0),
                 response_header_timeout: self.timeouts.response_header.map(|d| d.0),
                 request_timeout: self.timeouts.request.map(|d| d.0),
                 max_in_flight_per_endpoint: self.max_in_flight_per_endpoint,
-                max_held: self.max_held_requests,
+                max_held: max_pending.or(self.max_held_requests),
+                cold_response_on_overflow: overflow_placeholder && max_pending.is_some(),
                 cold_response,
-                cold_response_on_overflow: false,
+                static_routes,
                 protocol,
                 upstream_tls,
                 failover: failover.as_ref().map(|(_, after)| FailoverSpec {

@@ -87,6 +87,15 @@ pub enum ProxyError {
         response: Box<crate::provider::ColdResponse>,
     },
 
+    /// A static route of the route answered.
+    #[error("route {route}: answered by a static route")]
+    Static {
+        /// The route that matched.
+        route: RouteId,
+        /// The answer (boxed: it is much larger than the other variants).
+        response: Box<crate::provider::ColdResponse>,
+    },
+
     /// The request was held, and no endpoint of its target became ready in time.
     #[error("route {route}: target {target} had no ready endpoint after waiting {}", humantime::format_duration(*.waited))]
     ReadinessTimeout {
@@ -191,6 +200,7 @@ impl ProxyError {
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::Overloaded { .. } => "overloaded",
             Self::Waking { .. } => "waking",
+            Self::Static { .. } => "static",
             Self::ReadinessTimeout { .. } => "readiness_timeout",
             Self::CapacityTimeout { .. } => "capacity_timeout",
             Self::ClientGone { .. } => "client_gone",
@@ -241,7 +251,7 @@ impl ProxyError {
             Self::NoRoute { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Waking { response, .. } => match **response {
+            Self::Waking { response, .. } | Self::Static { response, .. } => match **response {
                 crate::provider::ColdResponse::Placeholder { status, .. } => status,
                 crate::provider::ColdResponse::WaitingPage { .. } => {
                     StatusCode::SERVICE_UNAVAILABLE
@@ -283,7 +293,7 @@ impl ProxyError {
     /// The response a client sees: the status and a one-line plain-text body saying what
     /// happened. Upstream addresses and causes are logged, not sent.
     pub fn to_response(&self) -> Response<ProxyBody> {
-        if let Self::Waking { response, .. } = self {
+        if let Self::Waking { response, .. } | Self::Static { response, .. } = self {
             return waking_response(response, self.status());
         }
         let text = format!("{}\n", self.public_text());

@@ -81,6 +81,8 @@ pub struct RouteState {
     /// Set when a wake is published, cleared (and a ready event published) when the first held
     /// request is released.
     awaiting_ready: AtomicBool,
+    /// The static routes, in order: each one's rules as a table, its answer, and `Always`.
+    statics: Vec<(RouteTable<()>, Box<crate::provider::ColdResponse>, bool)>,
 }
 
 /// A pooled upstream client. Every client can speak TLS; only `https` URIs do.
@@ -255,7 +257,19 @@ impl Proxy {
                 Duration::ZERO => NO_DEADLINE,
                 t => t,
             };
+            let statics = spec
+                .static_routes
+                .iter()
+                .map(|s| {
+                    (
+                        RouteTable::build_rules([(s.rules.clone(), ())]),
+                        Box::new(s.response.clone()),
+                        s.always,
+                    )
+                })
+                .collect();
             let state = RouteState {
+                statics,
                 client: self.client_for(&mut clients, spec.protocol, spec.upstream_tls.as_ref()),
                 awaiting_ready: AtomicBool::new(false),
                 load: self.loads.get(&spec.id),
@@ -337,15 +351,30 @@ impl Proxy {
                 .request("", req.method(), err.status(), start.elapsed());
             return err.to_response();
         };
+        // A static route answers without counting or waking: always, or (WhenUnavailable) while
+        // no endpoint is ready; otherwise the request is forwarded, still uncounted.
+        let static_match = route.static_for(authority.as_str(), req.uri().path(), req.headers());
+        if let Some((response, always)) = static_match {
+            if always || route.endpoints.borrow().is_empty() {
+                let err = ProxyError::Static {
+                    route: route.spec.id.clone(),
+                    response: Box::new(response.clone()),
+                };
+                self.metrics
+                    .request(&route.spec.id, req.method(), err.status(), start.elapsed());
+                return err.to_response();
+            }
+        }
         let span = tracing::debug_span!("request", route = %route.spec.id, method = %req.method(), path = req.uri().path());
         let mut done = Completion {
+            uncounted: static_match.map(|(response, _)| Box::new(response.clone())),
             proxy: self.clone(),
             method: req.method().clone(),
             // Every path that answers sets the code; a future dropped before that means the
             // client went away.
             code: error::CLIENT_CLOSED_REQUEST,
             start,
-            _in_flight: route.load.start_request(),
+            _in_flight: static_match.is_none().then(|| route.load.start_request()),
             _lease: None,
             route,
         };
@@ -388,7 +417,9 @@ impl Proxy {
                     tracing::debug!(error = %err, "client error");
                 } else if matches!(
                     err,
-                    ProxyError::ClientGone { .. } | ProxyError::Waking { .. }
+                    ProxyError::ClientGone { .. }
+                        | ProxyError::Waking { .. }
+                        | ProxyError::Static { .. }
                 ) {
                     tracing::debug!(error = %err, "answered without forwarding");
                 } else {
@@ -428,32 +459,54 @@ impl Proxy {
             .iter()
             .any(|v| v.to_str().is_ok_and(|v| v.contains("text/html")));
         let watched = watch_client.then_some(client);
-        let acquired = match self.acquire(&route, hold_until, watched, wants_html).await {
-            Err(ProxyError::ReadinessTimeout { .. } | ProxyError::CapacityTimeout { .. })
-                if route.failover.is_some() =>
+        let uncounted = done.uncounted.clone();
+        let acquired = if let Some(response) = uncounted {
+            // Let through by a static route: forwarded only to an endpoint ready now.
+            let ready = route.endpoints.borrow().clone();
+            match route
+                .load
+                .pick(&ready, route.spec.max_in_flight_per_endpoint)
             {
-                // Waited long enough: the failover target answers instead of a 504.
-                let picked = route
-                    .failover
-                    .as_ref()
-                    .and_then(|(ready, _)| route.load.pick(&ready.borrow(), None));
-                let Some((endpoint, _)) = picked else {
-                    return Err(ProxyError::ReadinessTimeout {
-                        route: route.spec.id.clone(),
-                        target: route.spec.target.clone(),
-                        waited: round_to_ms(done.start.elapsed()),
-                    });
-                };
-                failed_over = true;
-                self.metrics.failover(&route.spec.id);
-                tracing::info!(endpoint = %endpoint, "failing over after the cold-start timeout");
-                Acquired {
+                Some((endpoint, lease)) => Acquired {
                     endpoint,
-                    lease: None,
+                    lease,
                     waited: None,
+                },
+                None => {
+                    return Err(ProxyError::Static {
+                        route: route.spec.id.clone(),
+                        response,
+                    })
                 }
             }
-            other => other?,
+        } else {
+            match self.acquire(&route, hold_until, watched, wants_html).await {
+                Err(ProxyError::ReadinessTimeout { .. } | ProxyError::CapacityTimeout { .. })
+                    if route.failover.is_some() =>
+                {
+                    // Waited long enough: the failover target answers instead of a 504.
+                    let picked = route
+                        .failover
+                        .as_ref()
+                        .and_then(|(ready, _)| route.load.pick(&ready.borrow(), None));
+                    let Some((endpoint, _)) = picked else {
+                        return Err(ProxyError::ReadinessTimeout {
+                            route: route.spec.id.clone(),
+                            target: route.spec.target.clone(),
+                            waited: round_to_ms(done.start.elapsed()),
+                        });
+                    };
+                    failed_over = true;
+                    self.metrics.failover(&route.spec.id);
+                    tracing::info!(endpoint = %endpoint, "failing over after the cold-start timeout");
+                    Acquired {
+                        endpoint,
+                        lease: None,
+                        waited: None,
+                    }
+                }
+                other => other?,
+            }
         };
         done._lease = acquired.lease;
         let cold = acquired.waited.is_some() || failed_over;
@@ -740,6 +793,19 @@ fn round_to_ms(d: Duration) -> Duration {
 }
 
 impl RouteState {
+    /// The first static route matching the request: its answer, and whether it is `Always`.
+    fn static_for(
+        &self,
+        host: &str,
+        path: &str,
+        headers: &http::HeaderMap,
+    ) -> Option<(&crate::provider::ColdResponse, bool)> {
+        self.statics
+            .iter()
+            .find(|(table, _, _)| table.lookup(host, path, headers).is_some())
+            .map(|(_, response, always)| (&**response, *always))
+    }
+
     /// The answer a request gets at once while the target is cold, if the route has one.
     fn cold_response_for(&self, wants_html: bool) -> Option<&crate::provider::ColdResponse> {
         use crate::provider::ColdResponse;
@@ -1041,8 +1107,12 @@ pub struct Completion {
     method: Method,
     code: StatusCode,
     start: Instant,
-    _in_flight: InFlight,
+    /// `None` for a request a static route lets through: it is not counted.
+    _in_flight: Option<InFlight>,
     _lease: Option<EndpointLease>,
+    /// A static route's answer, for a request it let through uncounted: if no endpoint is
+    /// ready after all, this is the answer instead of holding (which would count and wake).
+    uncounted: Option<Box<crate::provider::ColdResponse>>,
 }
 
 impl Completion {
