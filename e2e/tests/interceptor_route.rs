@@ -428,3 +428,112 @@ async fn migrate_output_moves_an_httpscaledobject_over_and_its_scaled_object_sur
     drop(interceptor);
     cluster.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_come_from_labelled_config_maps_by_key_or_by_request_path() {
+    let cluster = Cluster::start(false, env!("CARGO_BIN_EXE_wakegate-e2e-backend")).await;
+    cluster.apply(&cluster.app_yaml("docs")).await;
+    cluster
+        .apply(
+            r#"apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: site
+  labels: {http.keda.sh/response-body: "true"}
+data:
+  index.html: "<h1>asleep</h1>"
+  app.js: "console.log(1)"
+  busy: "starting up"
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: unlabelled
+data:
+  busy: "never served"
+---
+apiVersion: http.keda.sh/v1beta1
+kind: InterceptorRoute
+metadata:
+  name: docs
+spec:
+  target: {service: docs, port: 8080}
+  rules: [{hosts: [docs.example]}]
+  scalingMetric: {concurrency: {targetValue: 1}}
+  staticRoutes:
+    - rules: [{}]
+      response: {bodyFromConfigMap: {name: site}}
+      responseMode: Always
+---
+apiVersion: http.keda.sh/v1beta1
+kind: InterceptorRoute
+metadata:
+  name: wait
+spec:
+  target: {service: docs, port: 8080}
+  rules: [{hosts: [wait.example]}]
+  scalingMetric: {concurrency: {targetValue: 1}}
+  coldStart:
+    placeholder: {response: {bodyFromConfigMap: {name: site, key: busy}}}
+---
+apiVersion: http.keda.sh/v1beta1
+kind: InterceptorRoute
+metadata:
+  name: broken
+spec:
+  target: {service: docs, port: 8080}
+  rules: [{hosts: [broken.example]}]
+  scalingMetric: {concurrency: {targetValue: 1}}
+  coldStart:
+    placeholder: {response: {bodyFromConfigMap: {name: unlabelled, key: busy}}}
+"#,
+        )
+        .await;
+    let interceptor = Interceptor::start(&cluster).await;
+    let http = Http::default();
+    let proxy = interceptor.proxy;
+    eventually("the routes are in", Duration::from_secs(10), || async {
+        http.get(proxy, "docs.example", "/")
+            .await
+            .is_ok_and(|(s, _, _)| s == 200)
+    })
+    .await;
+    // No key: the request path names it, and its extension the content type.
+    let (status, headers, body) = http.get(proxy, "docs.example", "/").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "<h1>asleep</h1>"));
+    assert!(headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    let (status, headers, body) = http.get(proxy, "docs.example", "/app.js").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "console.log(1)"));
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .unwrap()
+            .contains("javascript"),
+        "{headers:?}"
+    );
+    // A derived key the ConfigMap lacks: an empty body.
+    let (status, _, body) = http.get(proxy, "docs.example", "/none.css").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, ""));
+    // A named key: the placeholder's body, served at once while the target is cold.
+    let (status, _, body) = http.get(proxy, "wait.example", "/").await.unwrap();
+    assert_eq!((status, body.as_str()), (503, "starting up"));
+    // A ConfigMap without the label is never read: 500, naming no internals.
+    let (status, _, body) = http.get(proxy, "broken.example", "/").await.unwrap();
+    assert_eq!(status, 500, "{body}");
+    assert!(!body.contains("never served"), "{body}");
+    assert!(body.contains("missing from its ConfigMap"), "{body}");
+    // Nothing served statically was counted.
+    let (_, _, queue) = http
+        .get(interceptor.admin, "admin", "/queue")
+        .await
+        .unwrap();
+    let queue: serde_json::Value = serde_json::from_str(&queue).unwrap();
+    let docs_key = format!("{}/docs", cluster.namespace);
+    assert_eq!(queue[&docs_key]["RequestCount"], 0, "{queue}");
+
+    drop(interceptor);
+    cluster.cleanup().await;
+}

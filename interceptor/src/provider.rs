@@ -71,6 +71,7 @@ pub enum UpstreamProtocol {
 
 /// An answer given at once while the target wakes, instead of holding the request.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)] // one per route, built with the route table
 pub enum ColdResponse {
     /// Browsers (Accept includes text/html) get a small page that refreshes itself every
     /// `refresh`; other clients are still held.
@@ -88,7 +89,31 @@ pub enum ColdResponse {
         body: bytes::Bytes,
         /// More headers (one named Content-Type replaces `content_type`).
         headers: http::HeaderMap,
+        /// The body comes from a labelled ConfigMap instead, looked up per request.
+        config_map: Option<ConfigMapBody>,
     },
+}
+
+/// A response body kept in a ConfigMap (`bodyFromConfigMap`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigMapBody {
+    /// The route's namespace.
+    pub namespace: Arc<str>,
+    /// The ConfigMap.
+    pub name: Arc<str>,
+    /// The key; `None` takes it from the request path (`/` is `index.html`).
+    pub key: Option<Arc<str>>,
+}
+
+/// What a ConfigMap lookup found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConfigMapValue {
+    /// No such (labelled) ConfigMap.
+    NoConfigMap,
+    /// The ConfigMap has no such key.
+    NoKey,
+    /// The value.
+    Value(bytes::Bytes),
 }
 
 /// A request the route answers itself.
@@ -177,6 +202,13 @@ pub trait Provider: Send + Sync + 'static {
     /// request; providers deduplicate.
     fn wake(&self, target: &TargetId);
 
+    /// A value of a ConfigMap labelled `http.keda.sh/response-body: "true"`, for static
+    /// response bodies. Providers without ConfigMaps find none.
+    fn config_map_value(&self, namespace: &str, name: &str, key: &str) -> ConfigMapValue {
+        let _ = (namespace, name, key);
+        ConfigMapValue::NoConfigMap
+    }
+
     /// A JSON description of the targets' state, for the admin `/status` endpoint.
     fn status(&self) -> serde_json::Value {
         serde_json::Value::Null
@@ -210,9 +242,12 @@ pub(crate) fn rule_matchers(rules: &[wakegate_crds::Rule]) -> Option<Vec<RouteMa
         .collect()
 }
 
-/// The core's form of an InterceptorRoute's static response (a placeholder or a static route's).
-/// A body from a ConfigMap is not served yet: the response then has an empty body.
-pub(crate) fn static_response(r: &wakegate_crds::Response) -> Option<ColdResponse> {
+/// The core's form of an InterceptorRoute's static response (a placeholder or a static route's),
+/// in `namespace`, where its body's ConfigMap lives.
+pub(crate) fn static_response(
+    r: &wakegate_crds::Response,
+    namespace: &str,
+) -> Option<ColdResponse> {
     let mut headers = http::HeaderMap::new();
     for (name, value) in &r.headers {
         headers.insert(
@@ -228,6 +263,14 @@ pub(crate) fn static_response(r: &wakegate_crds::Response) -> Option<ColdRespons
             wakegate_crds::ResponseBody::ConfigMap { .. } => bytes::Bytes::new(),
         },
         headers,
+        config_map: match &r.body {
+            wakegate_crds::ResponseBody::Inline(_) => None,
+            wakegate_crds::ResponseBody::ConfigMap { name, key } => Some(ConfigMapBody {
+                namespace: namespace.into(),
+                name: name.as_str().into(),
+                key: key.as_deref().map(Arc::from),
+            }),
+        },
     })
 }
 

@@ -86,6 +86,7 @@ impl ResourceDef {
                 .short_name("svc"),
             Self::new("", "v1", "Pod", "pods", true).with_status(),
             Self::new("", "v1", "Event", "events", true),
+            Self::new("", "v1", "ConfigMap", "configmaps", true).short_name("cm"),
             Self::new("apps", "v1", "Deployment", "deployments", true)
                 .with_status()
                 .with_scale()

@@ -13,13 +13,13 @@ use std::sync::Arc;
 
 use http::uri::Authority;
 use http::HeaderValue;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use wakegate_crds::{ColdStart, PortRef, RouteKind, RouteObject, SpecError, ValidRoute};
 
 use crate::provider::{
-    rule_matchers, static_response, ColdResponse, Endpoint, FailoverSpec, ReadyEndpoints,
-    RouteSpec, StaticRoute, Trust, UpstreamProtocol, UpstreamTls,
+    rule_matchers, static_response, ColdResponse, ConfigMapValue, Endpoint, FailoverSpec,
+    ReadyEndpoints, RouteSpec, StaticRoute, Trust, UpstreamProtocol, UpstreamTls,
 };
 
 /// The suffix of a route's failover target id.
@@ -107,6 +107,8 @@ pub struct ClusterIndex {
     targets_by_service: HashMap<Key, Vec<Arc<str>>>,
     /// What upstream certificates are checked against, for Service ports that speak TLS.
     upstream_trust: Trust,
+    /// ConfigMaps labelled `http.keda.sh/response-body: "true"`: their values, by key.
+    config_maps: HashMap<Key, HashMap<String, bytes::Bytes>>,
 }
 
 /// What a change touched, so that only that is republished.
@@ -166,6 +168,7 @@ fn cold_response(option: &ColdStart) -> Option<ColdResponse> {
             content_type: HeaderValue::from_str(content_type).ok()?,
             body: bytes::Bytes::from(body.clone()),
             headers: http::HeaderMap::new(),
+            config_map: None,
         },
     })
 }
@@ -264,6 +267,49 @@ impl ClusterIndex {
         self.routes.retain(|_, slot| !slot.is_empty());
         self.reindex_targets();
         Touched::routes()
+    }
+
+    /// Adds or replaces a labelled ConfigMap (its `data` and `binaryData`). Bodies are looked
+    /// up per request, so nothing is republished.
+    pub fn apply_config_map(&mut self, cm: &ConfigMap) -> Touched {
+        let Some(k) = key(cm.metadata.namespace.as_ref(), cm.metadata.name.as_ref()) else {
+            return Touched::nothing();
+        };
+        let mut values: HashMap<String, bytes::Bytes> = cm
+            .data
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), bytes::Bytes::from(v.clone())))
+            .collect();
+        for (k, v) in cm.binary_data.iter().flatten() {
+            values.insert(k.clone(), bytes::Bytes::from(v.0.clone()));
+        }
+        self.config_maps.insert(k, values);
+        Touched::nothing()
+    }
+
+    /// Removes a ConfigMap.
+    pub fn delete_config_map(&mut self, cm: &ConfigMap) -> Touched {
+        if let Some(k) = key(cm.metadata.namespace.as_ref(), cm.metadata.name.as_ref()) {
+            self.config_maps.remove(&k);
+        }
+        Touched::nothing()
+    }
+
+    /// After a relist: drops the ConfigMaps it did not list.
+    pub fn prune_config_maps(&mut self, listed: &std::collections::HashSet<Key>) -> Touched {
+        self.config_maps.retain(|k, _| listed.contains(k));
+        Touched::nothing()
+    }
+
+    /// A value of a labelled ConfigMap.
+    pub fn config_map_value(&self, ns: &str, name: &str, key: &str) -> ConfigMapValue {
+        match self.config_maps.get(&(ns.to_owned(), name.to_owned())) {
+            None => ConfigMapValue::NoConfigMap,
+            Some(values) => values
+                .get(key)
+                .map_or(ConfigMapValue::NoKey, |v| ConfigMapValue::Value(v.clone())),
+        }
     }
 
     /// After a relist: drops the Services it did not list.
@@ -495,14 +541,17 @@ impl ClusterIndex {
             .map(|s| {
                 Some(StaticRoute {
                     rules: rule_matchers(&s.rules)?,
-                    response: static_response(&s.response)?,
+                    response: static_response(&s.response, ns)?,
                     always: s.always,
                 })
             })
             .collect::<Option<Vec<_>>>()?;
         // The add-on's fields win over Wakegate's annotations for the same thing.
         let cold = &spec.cold_start;
-        let placeholder = cold.placeholder.as_ref().and_then(static_response);
+        let placeholder = cold
+            .placeholder
+            .as_ref()
+            .and_then(|p| static_response(p, ns));
         let cold_response =
             placeholder.or_else(|| spec.options.cold_start.as_ref().and_then(cold_response));
         Some(RouteSpec {

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
@@ -28,13 +28,22 @@ use tokio_util::sync::CancellationToken;
 use wakegate_crds::{HTTPScaledObject, InterceptorRoute, RouteKind};
 
 pub use self::index::{ClusterIndex, EndpointMode, Touched};
-use crate::provider::{Provider, ReadyEndpoints, RouteSpec, TargetId, Trust};
+use crate::provider::{ConfigMapValue, Provider, ReadyEndpoints, RouteSpec, TargetId, Trust};
 
 const ROUTES_SYNCED: u8 = 1;
 const SERVICES_SYNCED: u8 = 2;
 const SLICES_SYNCED: u8 = 4;
 const INTERCEPTOR_ROUTES_SYNCED: u8 = 8;
-const ALL_SYNCED: u8 = ROUTES_SYNCED | SERVICES_SYNCED | SLICES_SYNCED | INTERCEPTOR_ROUTES_SYNCED;
+const CONFIG_MAPS_SYNCED: u8 = 16;
+const ALL_SYNCED: u8 = ROUTES_SYNCED
+    | SERVICES_SYNCED
+    | SLICES_SYNCED
+    | INTERCEPTOR_ROUTES_SYNCED
+    | CONFIG_MAPS_SYNCED;
+/// Watches that may be unserved or forbidden without holding routing back.
+const OPTIONAL: u8 = INTERCEPTOR_ROUTES_SYNCED | CONFIG_MAPS_SYNCED;
+/// The label a ConfigMap needs for its values to be served as response bodies.
+pub const RESPONSE_BODY_LABEL: &str = "http.keda.sh/response-body";
 
 /// Whether a watch error says the API server does not serve (404) or does not grant (403) the
 /// resource.
@@ -80,6 +89,7 @@ impl KubeProvider {
         let services: Api<Service> = api(&client, namespace);
         let slices: Api<EndpointSlice> = api(&client, namespace);
         let interceptor_routes: Api<InterceptorRoute> = api(&client, namespace);
+        let config_maps: Api<ConfigMap> = api(&client, namespace);
         tokio::spawn(
             provider.clone().follow(
                 routes,
@@ -100,6 +110,17 @@ impl KubeProvider {
                 Change::Apply(o) => ix.apply_route(o),
                 Change::Delete(o) => ix.delete_route(o),
                 Change::Prune(listed) => ix.prune_routes(RouteKind::InterceptorRoute, listed),
+            },
+        ));
+        tokio::spawn(provider.clone().follow_with(
+            config_maps,
+            watcher::Config::default().labels(&format!("{RESPONSE_BODY_LABEL}=true")),
+            CONFIG_MAPS_SYNCED,
+            stop.clone(),
+            |ix, change| match change {
+                Change::Apply(o) => ix.apply_config_map(o),
+                Change::Delete(o) => ix.delete_config_map(o),
+                Change::Prune(listed) => ix.prune_config_maps(listed),
             },
         ));
         tokio::spawn(provider.clone().follow(
@@ -135,13 +156,26 @@ impl KubeProvider {
     ) where
         K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     {
+        self.follow_with(api, watcher::Config::default(), synced_bit, stop, apply)
+            .await;
+    }
+
+    /// [`Self::follow`] with a watch configuration (a label selector).
+    async fn follow_with<K>(
+        self: Arc<Self>,
+        api: Api<K>,
+        config: watcher::Config,
+        synced_bit: u8,
+        stop: CancellationToken,
+        apply: impl Fn(&mut ClusterIndex, Change<'_, K>) -> Touched + Send + 'static,
+    ) where
+        K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    {
         let kind = std::any::type_name::<K>()
             .rsplit("::")
             .next()
             .unwrap_or("object");
-        let mut stream = watcher::watcher(api, watcher::Config::default())
-            .default_backoff()
-            .boxed();
+        let mut stream = watcher::watcher(api, config).default_backoff().boxed();
         // A relist is applied object by object as pages arrive, not buffered whole (20,000
         // parsed EndpointSlices would be tens of MiB at once); what it did not list is dropped
         // at its end.
@@ -157,12 +191,12 @@ impl KubeProvider {
                 Ok(event) => event,
                 Err(err) => {
                     // The watcher retries with backoff; what was known keeps serving.
-                    let not_served = synced_bit == INTERCEPTOR_ROUTES_SYNCED && not_served(&err);
+                    let not_served = synced_bit & OPTIONAL != 0 && not_served(&err);
                     let before = self.synced.load(Ordering::Acquire);
                     if not_served && before & synced_bit == 0 {
                         // Not installed, or not granted yet: nothing to route from it, and
                         // no reason to keep the HTTPScaledObjects waiting.
-                        tracing::warn!(kind, error = %err, "InterceptorRoutes cannot be listed (is the CRD installed, and the RBAC of deploy/ applied?); routing without them, and retrying");
+                        tracing::warn!(kind, error = %err, "cannot be listed (is the CRD installed, and the RBAC of deploy/ applied?); routing without them, and retrying");
                         self.synced.fetch_or(synced_bit, Ordering::AcqRel);
                         self.publish(&Touched::everything());
                     } else {
@@ -192,7 +226,13 @@ impl KubeProvider {
                         if before & synced_bit == 0 {
                             tracing::info!(kind, "initial list done");
                         }
-                        touched
+                        if before != ALL_SYNCED && before | synced_bit == ALL_SYNCED {
+                            // The last first list: whatever it touched, everything is
+                            // published now for the first time.
+                            Touched::everything()
+                        } else {
+                            touched
+                        }
                     }
                 }
             };
@@ -296,6 +336,13 @@ where
 impl Provider for KubeProvider {
     fn routes(&self) -> watch::Receiver<Option<Arc<[RouteSpec]>>> {
         self.routes.subscribe()
+    }
+
+    fn config_map_value(&self, namespace: &str, name: &str, key: &str) -> ConfigMapValue {
+        self.index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .config_map_value(namespace, name, key)
     }
 
     fn endpoints(&self, target: &TargetId) -> watch::Receiver<ReadyEndpoints> {

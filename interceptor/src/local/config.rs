@@ -363,6 +363,7 @@ impl RawPlaceholder {
             content_type,
             body: bytes::Bytes::from(self.body.clone().unwrap_or_default()),
             headers: http::HeaderMap::new(),
+            config_map: None,
         })
     }
 }
@@ -398,7 +399,7 @@ fn local_response(
     valid
         .static_routes
         .first()
-        .and_then(|s| crate::provider::static_response(&s.response))
+        .and_then(|s| crate::provider::static_response(&s.response, ""))
         .ok_or_else(|| invalid(key, "is not a valid response"))
 }
 
@@ -466,7 +467,7 @@ impl RawRoute {
             .map(|s| {
                 Some(crate::provider::StaticRoute {
                     rules: crate::provider::rule_matchers(&s.rules)?,
-                    response: crate::provider::static_response(&s.response)?,
+                    response: crate::provider::static_response(&s.response, "")?,
                     always: s.always,
                 })
             })

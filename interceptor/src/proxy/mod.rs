@@ -83,6 +83,8 @@ pub struct RouteState {
     awaiting_ready: AtomicBool,
     /// The static routes, in order: each one's rules as a table, its answer, and `Always`.
     statics: Vec<(RouteTable<()>, Box<crate::provider::ColdResponse>, bool)>,
+    /// Whether a static route's or the placeholder's body comes from a ConfigMap.
+    config_map_bodies: bool,
 }
 
 /// A pooled upstream client. Every client can speak TLS; only `https` URIs do.
@@ -268,7 +270,22 @@ impl Proxy {
                     )
                 })
                 .collect();
+            let has_config_map = |r: &crate::provider::ColdResponse| {
+                matches!(
+                    r,
+                    crate::provider::ColdResponse::Placeholder {
+                        config_map: Some(_),
+                        ..
+                    }
+                )
+            };
+            let config_map_bodies = spec.cold_response.as_ref().is_some_and(has_config_map)
+                || spec
+                    .static_routes
+                    .iter()
+                    .any(|s| has_config_map(&s.response));
             let state = RouteState {
+                config_map_bodies,
                 statics,
                 client: self.client_for(&mut clients, spec.protocol, spec.upstream_tls.as_ref()),
                 awaiting_ready: AtomicBool::new(false),
@@ -317,6 +334,74 @@ impl Proxy {
         }
     }
 
+    /// A static response with its body looked up, if it comes from a ConfigMap: the key it
+    /// names, or (with none) the request path without its leading `/` (`index.html` for `/`),
+    /// whose extension then gives the content type unless the response's headers set one. A
+    /// missing ConfigMap or named key is a 500; a missing path-derived key, an empty body.
+    fn with_body(
+        &self,
+        route: &crate::provider::RouteId,
+        response: &crate::provider::ColdResponse,
+        path: &str,
+    ) -> crate::provider::ColdResponse {
+        use crate::provider::{ColdResponse, ConfigMapValue};
+        let ColdResponse::Placeholder {
+            status,
+            content_type,
+            headers,
+            config_map: Some(cm),
+            ..
+        } = response
+        else {
+            return response.clone();
+        };
+        let key = match &cm.key {
+            Some(key) => &**key,
+            None => match path.trim_start_matches('/') {
+                "" => "index.html",
+                derived => derived,
+            },
+        };
+        let found = |body: bytes::Bytes, content_type: HeaderValue| ColdResponse::Placeholder {
+            status: *status,
+            content_type,
+            body,
+            headers: headers.clone(),
+            config_map: None,
+        };
+        match self.provider.config_map_value(&cm.namespace, &cm.name, key) {
+            ConfigMapValue::Value(body) => {
+                let guessed = cm
+                    .key
+                    .is_none()
+                    .then(|| mime_guess::from_path(key).first_raw())
+                    .flatten()
+                    .map(HeaderValue::from_static);
+                found(body, guessed.unwrap_or_else(|| content_type.clone()))
+            }
+            ConfigMapValue::NoKey if cm.key.is_none() => {
+                found(bytes::Bytes::new(), content_type.clone())
+            }
+            missing => {
+                let what = if missing == ConfigMapValue::NoConfigMap {
+                    "is not there (or lacks the label http.keda.sh/response-body: \"true\")"
+                } else {
+                    "has no such key"
+                };
+                tracing::warn!(%route, config_map = %cm.name, key, "the response body's ConfigMap {what}");
+                ColdResponse::Placeholder {
+                    status: StatusCode::INTERNAL_SERVER_ERROR,
+                    content_type: HeaderValue::from_static("text/plain; charset=utf-8"),
+                    body: bytes::Bytes::from(format!(
+                        "route {route}: the response body is missing from its ConfigMap\n"
+                    )),
+                    headers: http::HeaderMap::new(),
+                    config_map: None,
+                }
+            }
+        }
+    }
+
     /// Handles one request from `client`. Never fails: errors become responses here.
     pub async fn handle(
         self: &Arc<Self>,
@@ -358,13 +443,15 @@ impl Proxy {
             if always || route.endpoints.borrow().is_empty() {
                 let err = ProxyError::Static {
                     route: route.spec.id.clone(),
-                    response: Box::new(response.clone()),
+                    response: Box::new(self.with_body(&route.spec.id, response, req.uri().path())),
                 };
                 self.metrics
                     .request(&route.spec.id, req.method(), err.status(), start.elapsed());
                 return err.to_response();
             }
         }
+        // A body kept in a ConfigMap may be named by the request path: kept only for those.
+        let path = route.config_map_bodies.then(|| req.uri().path().to_owned());
         let span = tracing::debug_span!("request", route = %route.spec.id, method = %req.method(), path = req.uri().path());
         let mut done = Completion {
             uncounted: static_match.map(|(response, _)| Box::new(response.clone())),
@@ -407,7 +494,17 @@ impl Proxy {
                 let cut_at = deadline.map(|(at, _)| at);
                 Response::from_parts(parts, ProxyBody::upstream(body, done, cut_at))
             }
-            Err(err) => {
+            Err(mut err) => {
+                if let (
+                    ProxyError::Waking {
+                        route, response, ..
+                    }
+                    | ProxyError::Static { route, response },
+                    Some(path),
+                ) = (&mut err, &path)
+                {
+                    **response = self.with_body(route, response, path);
+                }
                 done.code = err.status();
                 if err.is_upstream() {
                     self.metrics.upstream_error(&done.route.spec.id, err.kind());
