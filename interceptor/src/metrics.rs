@@ -19,9 +19,20 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
-/// Counters and histograms the proxy updates per request.
+/// The KEDA HTTP Add-on's request-duration buckets, kept so its dashboards read ours.
+const ADDON_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
+
+/// Counters and histograms the proxy updates per request: Wakegate's own (`wakegate_*`, keyed by
+/// the route id) and, for add-on users' dashboards and alerts, the KEDA HTTP Add-on's
+/// (`interceptor_*`, keyed by `route_name` and `route_namespace`).
 #[derive(Clone, Debug)]
 pub struct ProxyMetrics {
+    addon_requests: IntCounterVec,
+    addon_duration: HistogramVec,
+    addon_rejections: IntCounterVec,
+    addon_cold_start: HistogramVec,
     requests: IntCounterVec,
     duration: HistogramVec,
     cold_starts: IntCounterVec,
@@ -34,7 +45,44 @@ pub struct ProxyMetrics {
 impl ProxyMetrics {
     /// Creates the metrics and registers them, plus the load gauges, into `registry`.
     pub fn register(registry: &Registry, loads: Arc<Loads>) -> prometheus::Result<Self> {
+        let addon = [
+            "code",
+            "method",
+            "route_name",
+            "route_namespace",
+            "cold_start",
+        ];
         let metrics = Self {
+            addon_requests: IntCounterVec::new(
+                Opts::new(
+                    "interceptor_request_count_total",
+                    "Requests answered (the KEDA HTTP Add-on's metric)",
+                ),
+                &addon,
+            )?,
+            addon_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "interceptor_request_duration_seconds",
+                    "Time from request arrival to the end of the response (the KEDA HTTP Add-on's metric)",
+                )
+                .buckets(ADDON_BUCKETS.to_vec()),
+                &addon,
+            )?,
+            addon_rejections: IntCounterVec::new(
+                Opts::new(
+                    "interceptor_cold_start_rejections_total",
+                    "Requests turned away at a cold start because the hold cap was reached (the KEDA HTTP Add-on's metric)",
+                ),
+                &["route_name", "route_namespace"],
+            )?,
+            addon_cold_start: HistogramVec::new(
+                HistogramOpts::new(
+                    "interceptor_cold_start_duration_seconds",
+                    "Time a request waited for a ready endpoint, by outcome: warm, waited, timeout, cancelled (the KEDA HTTP Add-on's 0.16 metric)",
+                )
+                .buckets(ADDON_BUCKETS.to_vec()),
+                &["route_name", "route_namespace", "outcome"],
+            )?,
             requests: IntCounterVec::new(
                 Opts::new(
                     "wakegate_requests_total",
@@ -87,6 +135,10 @@ impl ProxyMetrics {
                 &["route", "kind"],
             )?,
         };
+        registry.register(Box::new(metrics.addon_requests.clone()))?;
+        registry.register(Box::new(metrics.addon_duration.clone()))?;
+        registry.register(Box::new(metrics.addon_rejections.clone()))?;
+        registry.register(Box::new(metrics.addon_cold_start.clone()))?;
         registry.register(Box::new(metrics.requests.clone()))?;
         registry.register(Box::new(metrics.client_errors.clone()))?;
         registry.register(Box::new(metrics.duration.clone()))?;
@@ -98,8 +150,15 @@ impl ProxyMetrics {
         Ok(metrics)
     }
 
-    /// Records one answered request.
-    pub fn request(&self, route: &str, method: &Method, code: StatusCode, elapsed: Duration) {
+    /// Records one answered request; `cold` when it waited for a cold start.
+    pub fn request(
+        &self,
+        route: &str,
+        method: &Method,
+        code: StatusCode,
+        elapsed: Duration,
+        cold: bool,
+    ) {
         self.requests
             .with_label_values(&[route, method_label(method), code.as_str()])
             .inc();
@@ -108,6 +167,35 @@ impl ProxyMetrics {
                 .with_label_values(&[route])
                 .observe(elapsed.as_secs_f64());
         }
+        let (namespace, name) = addon_route(route);
+        let labels = [
+            code.as_str(),
+            addon_method(method),
+            name,
+            namespace,
+            if cold { "true" } else { "false" },
+        ];
+        self.addon_requests.with_label_values(&labels).inc();
+        self.addon_duration
+            .with_label_values(&labels)
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Records how a request's wait for an endpoint ended: `warm` (none needed), `waited`,
+    /// `timeout` or `cancelled`.
+    pub fn cold_start_outcome(&self, route: &str, outcome: &'static str, waited: Duration) {
+        let (namespace, name) = addon_route(route);
+        self.addon_cold_start
+            .with_label_values(&[name, namespace, outcome])
+            .observe(waited.as_secs_f64());
+    }
+
+    /// Records a request turned away by a hold cap.
+    pub fn cold_start_rejection(&self, route: &str) {
+        let (namespace, name) = addon_route(route);
+        self.addon_rejections
+            .with_label_values(&[name, namespace])
+            .inc();
     }
 
     /// Records a request that was held and then got an endpoint.
@@ -134,6 +222,20 @@ impl ProxyMetrics {
     }
 }
 
+/// `(route_namespace, route_name)` of a route id: `namespace/name` in Kubernetes, a bare name
+/// (no namespace) in local mode.
+fn addon_route(route: &str) -> (&str, &str) {
+    route.split_once('/').unwrap_or(("", route))
+}
+
+/// The add-on's method label: the standard methods, anything else `_OTHER`.
+fn addon_method(method: &Method) -> &'static str {
+    match method_label(method) {
+        "other" => "_OTHER",
+        known => known,
+    }
+}
+
 fn method_label(method: &Method) -> &'static str {
     match *method {
         Method::GET => "GET",
@@ -154,6 +256,8 @@ struct LoadCollector {
     loads: Arc<Loads>,
     in_flight: IntGaugeVec,
     held: IntGaugeVec,
+    /// The add-on's `interceptor_request_concurrency`.
+    concurrency: IntGaugeVec,
     descs: Vec<Desc>,
 }
 
@@ -173,16 +277,25 @@ impl LoadCollector {
             ),
             &["route"],
         )?;
+        let concurrency = IntGaugeVec::new(
+            Opts::new(
+                "interceptor_request_concurrency",
+                "Requests in flight now, held ones included (the KEDA HTTP Add-on's metric)",
+            ),
+            &["route_name", "route_namespace"],
+        )?;
         let descs = in_flight
             .desc()
             .into_iter()
             .chain(held.desc())
+            .chain(concurrency.desc())
             .cloned()
             .collect();
         Ok(Self {
             loads,
             in_flight,
             held,
+            concurrency,
             descs,
         })
     }
@@ -196,6 +309,7 @@ impl Collector for LoadCollector {
     fn collect(&self) -> Vec<MetricFamily> {
         self.in_flight.reset();
         self.held.reset();
+        self.concurrency.reset();
         self.loads.for_each(|route, load| {
             let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
             self.in_flight
@@ -204,9 +318,14 @@ impl Collector for LoadCollector {
             self.held
                 .with_label_values(&[route.as_ref()])
                 .set(gauge(load.held()));
+            let (namespace, name) = addon_route(route);
+            self.concurrency
+                .with_label_values(&[name, namespace])
+                .set(gauge(load.in_flight()));
         });
         let mut families = self.in_flight.collect();
         families.extend(self.held.collect());
+        families.extend(self.concurrency.collect());
         families
     }
 }

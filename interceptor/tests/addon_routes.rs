@@ -129,6 +129,29 @@ async fn the_overflow_is_rejected_by_default_and_a_placeholder_alone_answers_at_
     );
     std::fs::write(&gate_file, b"").unwrap();
     assert_eq!(held.await.unwrap().unwrap().status, StatusCode::OK);
+
+    // The add-on's metric names and labels, beside Wakegate's own.
+    let method = http::Request::builder()
+        .method("PURGE")
+        .uri(format!("http://{}/", ic.proxy))
+        .header("host", "b.test")
+        .body(http_body_util::Full::default())
+        .unwrap();
+    Http::default().send(method).await.unwrap();
+    let metrics = ic.metrics().await;
+    for line in [
+        r#"interceptor_cold_start_rejections_total{route_name="rej",route_namespace=""} 1"#,
+        r#"interceptor_request_count_total{code="200",cold_start="true",method="GET",route_name="rej",route_namespace=""} 1"#,
+        r#"interceptor_request_count_total{code="503",cold_start="false",method="GET",route_name="rej",route_namespace=""} 1"#,
+        r#"interceptor_request_count_total{code="200",cold_start="false",method="_OTHER",route_name="rej",route_namespace=""} 1"#,
+        r#"interceptor_request_duration_seconds_bucket{code="200",cold_start="true",method="GET",route_name="rej",route_namespace="",le="0.075"}"#,
+        r#"interceptor_request_concurrency{route_name="rej",route_namespace=""} 0"#,
+        r#"interceptor_cold_start_duration_seconds_count{outcome="waited",route_name="rej",route_namespace=""} 1"#,
+        r#"interceptor_cold_start_duration_seconds_count{outcome="warm",route_name="rej",route_namespace=""} 1"#,
+        r#"wakegate_requests_total{code="200",method="GET",route="rej"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} not in:\n{metrics}");
+    }
     eventually(
         "the placeholder's wake went on",
         Duration::from_secs(5),

@@ -46,8 +46,19 @@ async fn ten_thousand_held_requests_are_all_answered_in_bounded_memory() {
     );
     // 10,000 connects at once: under emulation (qemu runs these tests for aarch64) reading
     // every head takes longer than the default 10 s from accept, which would cut connections
-    // the interceptor itself was too slow to read. The deadline is not what is tested here.
-    let ic = Interceptor::start_with(&config, &["--header-read-timeout", "120s"]).await;
+    // the interceptor itself was too slow to read; and the emulated backend, given 512 requests
+    // at a time, can take longer than the default 30 s to answer some (seen: 342 of 10,000
+    // on a loaded machine). Neither deadline is what is tested here.
+    let ic = Interceptor::start_with(
+        &config,
+        &[
+            "--header-read-timeout",
+            "120s",
+            "--response-header-timeout",
+            "300s",
+        ],
+    )
+    .await;
     let idle = rss_kib(ic.pid(), "VmRSS:");
     let started = Instant::now();
     let mut clients = tokio::task::JoinSet::new();

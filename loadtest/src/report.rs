@@ -54,8 +54,11 @@ pub struct Report {
 #[derive(Clone, Debug, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Counts {
-    /// Sent.
+    /// Sent, answered or not.
     pub sent: u64,
+    /// Sent but neither answered nor failed when the run ended (an interrupted run's requests
+    /// still in flight).
+    pub unfinished: u64,
     /// Got 2xx or 3xx.
     pub ok: u64,
     /// Got another status, or no response.
@@ -182,10 +185,13 @@ impl ProcessReport {
 }
 
 impl Counts {
-    /// Counts from the records and error tallies.
-    pub fn from(records: &[RequestRecord], errors: BTreeMap<String, u64>) -> Self {
+    /// Counts from the records and error tallies, of `sent` requests (some may have no record
+    /// yet when the run was interrupted).
+    pub fn from(records: &[RequestRecord], errors: BTreeMap<String, u64>, sent: u64) -> Self {
+        let done = records.len() as u64;
         let mut counts = Self {
-            sent: records.len() as u64,
+            sent: sent.max(done),
+            unfinished: sent.saturating_sub(done),
             errors,
             ..Self::default()
         };
@@ -245,8 +251,16 @@ impl Report {
         let secs = self.duration_us as f64 / 1e6;
         let _ = writeln!(
             out,
-            "  ran {secs:.2} s; sent {}, ok {}, failed {}; {:.1} answered/s",
-            self.requests.sent, self.requests.ok, self.requests.failed, self.throughput
+            "  ran {secs:.2} s; sent {}, ok {}, failed {}{}; {:.1} answered/s",
+            self.requests.sent,
+            self.requests.ok,
+            self.requests.failed,
+            if self.requests.unfinished > 0 {
+                format!(", unfinished {}", self.requests.unfinished)
+            } else {
+                String::new()
+            },
+            self.throughput
         );
         if !self.requests.by_status.is_empty() {
             let statuses: Vec<String> = self

@@ -130,8 +130,12 @@ impl Session {
         self.background.cancel();
         self.progress.finish();
         let duration_us = self.clock.now_us();
+        let sent = self
+            .recorder
+            .sent
+            .load(std::sync::atomic::Ordering::Relaxed);
         let (records, errors) = self.recorder.take();
-        let requests = Counts::from(&records, errors);
+        let requests = Counts::from(&records, errors, sent);
         let latency = Percentiles::of(
             records
                 .iter()

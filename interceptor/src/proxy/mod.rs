@@ -417,7 +417,7 @@ impl Proxy {
                     self.metrics.client_error("", err.kind());
                 }
                 self.metrics
-                    .request("", req.method(), err.status(), start.elapsed());
+                    .request("", req.method(), err.status(), start.elapsed(), false);
                 return err.to_response();
             }
         };
@@ -433,7 +433,7 @@ impl Proxy {
             };
             tracing::debug!(method = %req.method(), path = req.uri().path(), error = %err, "no route");
             self.metrics
-                .request("", req.method(), err.status(), start.elapsed());
+                .request("", req.method(), err.status(), start.elapsed(), false);
             return err.to_response();
         };
         // A static route answers without counting or waking: always, or (WhenUnavailable) while
@@ -445,8 +445,13 @@ impl Proxy {
                     route: route.spec.id.clone(),
                     response: Box::new(self.with_body(&route.spec.id, response, req.uri().path())),
                 };
-                self.metrics
-                    .request(&route.spec.id, req.method(), err.status(), start.elapsed());
+                self.metrics.request(
+                    &route.spec.id,
+                    req.method(),
+                    err.status(),
+                    start.elapsed(),
+                    false,
+                );
                 return err.to_response();
             }
         }
@@ -455,6 +460,7 @@ impl Proxy {
         let span = tracing::debug_span!("request", route = %route.spec.id, method = %req.method(), path = req.uri().path());
         let mut done = Completion {
             uncounted: static_match.map(|(response, _)| Box::new(response.clone())),
+            cold: false,
             proxy: self.clone(),
             method: req.method().clone(),
             // Every path that answers sets the code; a future dropped before that means the
@@ -607,6 +613,7 @@ impl Proxy {
         };
         done._lease = acquired.lease;
         let cold = acquired.waited.is_some() || failed_over;
+        done.cold = cold;
         if let Some(waited) = acquired.waited {
             // The endpoint was only just reported ready: let connects retry until the deadline.
             self.fresh.mark(
@@ -777,6 +784,8 @@ impl Proxy {
     ) -> Result<Acquired, ProxyError> {
         let cap = route.spec.max_in_flight_per_endpoint;
         if let Some((endpoint, lease)) = route.load.pick(&route.endpoints.borrow(), cap) {
+            self.metrics
+                .cold_start_outcome(&route.spec.id, "warm", Duration::ZERO);
             return Ok(Acquired {
                 endpoint,
                 lease,
@@ -805,6 +814,10 @@ impl Proxy {
                     target: route.spec.target.clone(),
                     response: Box::new(response.clone()),
                 });
+            }
+            (Err(err @ ProxyError::Overloaded { .. }), None) => {
+                self.metrics.cold_start_rejection(&route.spec.id);
+                return Err(err);
             }
             (other, _) => other?,
         };
@@ -846,6 +859,8 @@ impl Proxy {
         let outcome = tokio::select! {
             outcome = tokio::time::timeout_at(deadline, wait) => outcome,
             () = client_gone => {
+                self.metrics
+                    .cold_start_outcome(&route.spec.id, "cancelled", held_at.elapsed());
                 return Err(ProxyError::ClientGone {
                     route: route.spec.id.clone(),
                     waited: round_to_ms(held_at.elapsed()),
@@ -857,6 +872,8 @@ impl Proxy {
                 if route.awaiting_ready.swap(false, Ordering::Relaxed) {
                     self.wakes.publish_ready(&route.spec.id, &route.spec.target);
                 }
+                self.metrics
+                    .cold_start_outcome(&route.spec.id, "waited", held_at.elapsed());
                 Ok(Acquired {
                     endpoint,
                     lease,
@@ -866,6 +883,8 @@ impl Proxy {
             Err(_elapsed) => {
                 let ready = route.endpoints.borrow().as_slice().len();
                 let waited = round_to_ms(held_at.elapsed());
+                self.metrics
+                    .cold_start_outcome(&route.spec.id, "timeout", held_at.elapsed());
                 Err(match cap {
                     Some(cap) if ready > 0 => ProxyError::CapacityTimeout {
                         route: route.spec.id.clone(),
@@ -1210,6 +1229,8 @@ pub struct Completion {
     /// A static route's answer, for a request it let through uncounted: if no endpoint is
     /// ready after all, this is the answer instead of holding (which would count and wake).
     uncounted: Option<Box<crate::provider::ColdResponse>>,
+    /// The request waited for a cold start (or failed over after one).
+    cold: bool,
 }
 
 impl Completion {
@@ -1235,6 +1256,7 @@ impl Drop for Completion {
             &self.method,
             self.code,
             self.start.elapsed(),
+            self.cold,
         );
     }
 }
