@@ -537,3 +537,183 @@ spec:
     drop(interceptor);
     cluster.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_persistence_pins_a_client_to_a_pod_and_repins_when_it_goes() {
+    use k8s_openapi::api::core::v1::Pod;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use kube::api::DeleteParams;
+    use wakegate_interceptor::provider::{session_id, Endpoint, SessionAffinity};
+
+    let cluster = Cluster::start(false, env!("CARGO_BIN_EXE_wakegate-e2e-backend")).await;
+    cluster
+        .apply(
+            &cluster
+                .app_yaml("sticky")
+                .replace("replicas: 0", "replicas: 3"),
+        )
+        .await;
+    cluster
+        .apply(
+            r#"apiVersion: http.keda.sh/v1beta1
+kind: InterceptorRoute
+metadata:
+  name: sticky
+spec:
+  target: {service: sticky, port: 8080}
+  rules: [{hosts: [sticky.example]}]
+  scalingMetric: {concurrency: {targetValue: 10}}
+  sessionPersistence: {type: Cookie}
+"#,
+        )
+        .await;
+    let slices: Api<EndpointSlice> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    // The ready pods' addresses, with their pod names, as the EndpointSlices list them.
+    let ready_pods = || async {
+        let list = slices.list(&Default::default()).await.unwrap();
+        let mut pods = Vec::new();
+        for slice in list.items {
+            let Some(port) = slice
+                .ports
+                .as_ref()
+                .and_then(|p| p.first())
+                .and_then(|p| p.port)
+            else {
+                continue;
+            };
+            for ep in slice.endpoints {
+                let ready = ep
+                    .conditions
+                    .as_ref()
+                    .and_then(|c| c.ready)
+                    .unwrap_or(false);
+                if let (true, Some(name)) = (ready, ep.target_ref.and_then(|r| r.name)) {
+                    for addr in &ep.addresses {
+                        pods.push((format!("{addr}:{port}"), name.clone()));
+                    }
+                }
+            }
+        }
+        pods
+    };
+    eventually("three pods ready", Duration::from_secs(60), || async {
+        ready_pods().await.len() == 3
+    })
+    .await;
+    let interceptor = Interceptor::start(&cluster).await;
+    let http = Http::default();
+    let proxy = interceptor.proxy;
+    eventually("the route is in", Duration::from_secs(10), || async {
+        http.get(proxy, "sticky.example", "/")
+            .await
+            .is_ok_and(|(s, _, _)| s == 200)
+    })
+    .await;
+    let cookie_name = SessionAffinity::default_cookie(&format!("{}/sticky", cluster.namespace));
+
+    // The first answer sets the cookie; the next 20 with it all reach the same pod and get no
+    // new cookie.
+    let pin = |headers: &http::HeaderMap| -> String {
+        let set = headers["set-cookie"].to_str().unwrap().to_owned();
+        assert!(set.starts_with(&format!("{cookie_name}=")), "{set}");
+        assert!(set.contains("; Path=/; HttpOnly; SameSite=Lax"), "{set}");
+        assert!(!set.contains("Secure"), "plain HTTP: {set}");
+        set.split(';').next().unwrap().to_owned()
+    };
+    let (_, headers, _) = http.get(proxy, "sticky.example", "/").await.unwrap();
+    let cookie = pin(&headers);
+    let mut pids = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let (status, headers, _) = http
+            .get_with(proxy, "sticky.example", "/", &[("cookie", cookie.as_str())])
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        assert!(
+            !headers.contains_key("set-cookie"),
+            "an established session"
+        );
+        pids.insert(headers["x-backend-pid"].to_str().unwrap().to_owned());
+    }
+    assert_eq!(pids.len(), 1, "pinned to one pod: {pids:?}");
+    // Without the cookie, the three pods share the load.
+    let mut spread = std::collections::BTreeSet::new();
+    for _ in 0..9 {
+        let (_, headers, _) = http.get(proxy, "sticky.example", "/").await.unwrap();
+        spread.insert(headers["x-backend-pid"].to_str().unwrap().to_owned());
+    }
+    assert_eq!(spread.len(), 3, "{spread:?}");
+
+    // Delete the pinned pod: the session moves to a ready pod with a new cookie, and stays.
+    let id = cookie
+        .split_once('=')
+        .unwrap()
+        .1
+        .split('.')
+        .next()
+        .unwrap()
+        .to_owned();
+    let pinned = ready_pods()
+        .await
+        .into_iter()
+        .find(|(addr, _)| session_id(&Endpoint::new(addr.parse().unwrap())) == id)
+        .map(|(_, pod)| pod)
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    pods.delete(&pinned, &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "the pinned pod is no longer ready",
+        Duration::from_secs(60),
+        || async { !ready_pods().await.iter().any(|(_, pod)| *pod == pinned) },
+    )
+    .await;
+    eventually(
+        "the session is repinned",
+        Duration::from_secs(10),
+        || async {
+            let (status, headers, _) = http
+                .get_with(proxy, "sticky.example", "/", &[("cookie", cookie.as_str())])
+                .await
+                .unwrap();
+            status == 200 && headers.contains_key("set-cookie")
+        },
+    )
+    .await;
+    let (_, headers, _) = http
+        .get_with(proxy, "sticky.example", "/", &[("cookie", cookie.as_str())])
+        .await
+        .unwrap();
+    let repinned = pin(&headers);
+    assert_ne!(repinned, cookie);
+    let mut pids = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let (_, headers, _) = http
+            .get_with(
+                proxy,
+                "sticky.example",
+                "/",
+                &[("cookie", repinned.as_str())],
+            )
+            .await
+            .unwrap();
+        assert!(!headers.contains_key("set-cookie"));
+        pids.insert(headers["x-backend-pid"].to_str().unwrap().to_owned());
+    }
+    assert_eq!(pids.len(), 1, "the new pin is stable: {pids:?}");
+    // A malformed cookie is replaced too.
+    let (_, headers, _) = http
+        .get_with(
+            proxy,
+            "sticky.example",
+            "/",
+            &[("cookie", &format!("{cookie_name}=garbage"))],
+        )
+        .await
+        .unwrap();
+    pin(&headers);
+
+    drop(interceptor);
+    cluster.cleanup().await;
+}

@@ -52,6 +52,8 @@ pub struct RouteSpec {
     /// Requests the interceptor answers itself (an InterceptorRoute's `staticRoutes`), first
     /// match wins; they are never counted and never wake the target.
     pub static_routes: Vec<StaticRoute>,
+    /// Cookie affinity to one endpoint (an InterceptorRoute's `sessionPersistence`).
+    pub session: Option<SessionAffinity>,
     /// The protocol spoken to the target.
     pub protocol: UpstreamProtocol,
     /// Whether, and how, the target is reached over TLS.
@@ -114,6 +116,45 @@ pub enum ConfigMapValue {
     NoKey,
     /// The value.
     Value(bytes::Bytes),
+}
+
+/// Cookie affinity: a client's requests go to the endpoint its cookie names while that
+/// endpoint is ready.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionAffinity {
+    /// The cookie's name.
+    pub cookie: Arc<str>,
+    /// How long after it was issued a cookie is honoured; `None`: as long as its endpoint.
+    pub absolute_timeout: Option<Duration>,
+}
+
+impl SessionAffinity {
+    /// The add-on's default cookie name for route `namespace/name`: `keda-session-` and the
+    /// first 4 bytes of its SHA-256 in hex, so routes sharing a host do not clash.
+    pub fn default_cookie(route: &str) -> String {
+        format!(
+            "keda-session-{}",
+            hex(&sha256(route.as_bytes()).as_ref()[..4])
+        )
+    }
+}
+
+/// The opaque id an endpoint has in session cookies: 8 bytes of the SHA-256 of its address, in
+/// hex. The same on every interceptor replica, and it reveals no address.
+pub fn session_id(endpoint: &Endpoint) -> String {
+    hex(&sha256(endpoint.authority().as_str().as_bytes()).as_ref()[..8])
+}
+
+fn sha256(data: &[u8]) -> ring::digest::Digest {
+    ring::digest::digest(&ring::digest::SHA256, data)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 /// A request the route answers itself.

@@ -78,6 +78,7 @@ fn route(id: &str, host: &str) -> RouteSpec {
         max_held: None,
         cold_response_on_overflow: false,
         static_routes: Vec::new(),
+        session: None,
         failover: None,
         cold_response: None,
         protocol: Default::default(),

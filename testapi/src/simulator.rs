@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::resources::ResourceDef;
 use crate::server::ApiServer;
-use crate::store::{Part, Store};
+use crate::store::{EventType, Part, Store};
 
 /// How simulated pods run.
 #[derive(Clone, Debug)]
@@ -68,6 +68,9 @@ struct Sim {
     deployments: ResourceDef,
     services: ResourceDef,
     slices: ResourceDef,
+    /// Pod objects, one per simulated pod: deleting one stops its process, and the Deployment
+    /// gets a new pod, as the ReplicaSet controller would.
+    pod_objects: ResourceDef,
     pods: HashMap<(String, String), Vec<Pod>>,
     ready_tx: mpsc::UnboundedSender<(String, String, String)>,
     next: u64,
@@ -91,6 +94,7 @@ impl PodSimulator {
             deployments: def("deployments", "apps")?,
             services: def("services", "")?,
             slices: def("endpointslices", "discovery.k8s.io")?,
+            pod_objects: def("pods", "")?,
             pods: HashMap::new(),
             ready_tx,
             next: 0,
@@ -114,6 +118,10 @@ impl Sim {
                 () = stop.cancelled() => break,
                 event = events.recv() => match event {
                     Ok(e) if e.resource == "deployments.apps" || e.resource == "services." => self.sync_all(),
+                    Ok(e) if e.resource == "pods." && e.kind == EventType::Deleted => {
+                        let name = e.object["metadata"]["name"].as_str().unwrap_or("");
+                        self.pod_deleted(&e.namespace, name);
+                    }
                     Ok(_) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => self.sync_all(),
                     Err(_) => break,
@@ -155,11 +163,46 @@ impl Sim {
         }
     }
 
+    /// A Pod object was deleted: its process stops, and its Deployment is brought back to its
+    /// replica count with a new pod.
+    fn pod_deleted(&mut self, ns: &str, name: &str) {
+        let Some((key, index)) = self.pods.iter().find_map(|(key, pods)| {
+            (key.0 == ns)
+                .then(|| pods.iter().position(|p| p.name == name))
+                .flatten()
+                .map(|i| (key.clone(), i))
+        }) else {
+            return;
+        };
+        if let Some(pods) = self.pods.get_mut(&key) {
+            let mut pod = pods.remove(index);
+            if let (Some(pid), Ok(mut pids)) = (pod.child.id(), self.pids.lock()) {
+                pids.remove(&pid);
+            }
+            stop_pod(&mut pod.child);
+        }
+        self.sync_all();
+        self.publish(&key.0, &key.1);
+    }
+
     fn scale(&mut self, ns: &str, deploy: &str, desired: usize) {
         let key = (ns.to_owned(), deploy.to_owned());
         let mut pods = self.pods.remove(&key).unwrap_or_default();
         // Pods whose process died are gone, as a crashed container would be until restarted.
-        pods.retain_mut(|p| matches!(p.child.try_wait(), Ok(None)));
+        let store = self.store.clone();
+        let pod_objects = self.pod_objects.clone();
+        pods.retain_mut(|p| {
+            let alive = matches!(p.child.try_wait(), Ok(None));
+            if !alive {
+                let _ = store.delete(&pod_objects, ns, &p.name);
+            }
+            alive
+        });
+        let deployment_labels = self
+            .store
+            .get(&self.deployments, ns, deploy)
+            .map(|d| d["spec"]["template"]["metadata"]["labels"].clone())
+            .unwrap_or(Value::Null);
         let mut changed = false;
         while pods.len() > desired {
             if let Some(mut pod) = pods.pop() {
@@ -167,6 +210,7 @@ impl Sim {
                     pids.remove(&pid);
                 }
                 stop_pod(&mut pod.child);
+                let _ = self.store.delete(&self.pod_objects, ns, &pod.name);
                 changed = true;
             }
         }
@@ -216,6 +260,14 @@ impl Sim {
             if let (Some(pid), Ok(mut pids)) = (child.id(), self.pids.lock()) {
                 pids.insert(pid);
             }
+            let _ = self.store.create(
+                &self.pod_objects,
+                ns,
+                json!({
+                    "metadata": {"name": pod_name, "labels": deployment_labels.clone()},
+                    "status": {"podIP": "127.0.0.1"},
+                }),
+            );
             pods.push(Pod {
                 name: pod_name,
                 port,

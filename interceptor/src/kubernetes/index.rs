@@ -19,7 +19,7 @@ use wakegate_crds::{ColdStart, PortRef, RouteKind, RouteObject, SpecError, Valid
 
 use crate::provider::{
     rule_matchers, static_response, ColdResponse, ConfigMapValue, Endpoint, FailoverSpec,
-    ReadyEndpoints, RouteSpec, StaticRoute, Trust, UpstreamProtocol, UpstreamTls,
+    ReadyEndpoints, RouteSpec, SessionAffinity, StaticRoute, Trust, UpstreamProtocol, UpstreamTls,
 };
 
 /// The suffix of a route's failover target id.
@@ -568,6 +568,14 @@ impl ClusterIndex {
                 && cold.max_pending.is_some(),
             cold_response,
             static_routes,
+            session: spec.session.as_ref().map(|s| SessionAffinity {
+                cookie: s
+                    .cookie_name
+                    .clone()
+                    .unwrap_or_else(|| SessionAffinity::default_cookie(&format!("{ns}/{name}")))
+                    .into(),
+                absolute_timeout: s.absolute_timeout,
+            }),
             protocol: self.protocol(ns, &spec.service, &spec.port),
             upstream_tls: self.upstream_tls(ns, &spec.service, &spec.port),
             failover: cold.fallback.as_ref().map(|_| FailoverSpec {

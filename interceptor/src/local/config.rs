@@ -629,6 +629,8 @@ impl RawRoute {
                 cold_response_on_overflow: overflow_placeholder && max_pending.is_some(),
                 cold_response,
                 static_routes,
+                // One command is one endpoint: nothing to be affine to.
+                session: None,
                 protocol,
                 upstream_tls,
                 failover: failover.as_ref().map(|(_, after)| FailoverSpec {

@@ -562,8 +562,19 @@ impl Proxy {
             .iter()
             .any(|v| v.to_str().is_ok_and(|v| v.contains("text/html")));
         let watched = watch_client.then_some(client);
+        // Session affinity: a valid cookie naming a ready endpoint pins the request to it.
+        let session = route.spec.session.as_ref();
+        let pinned = session.and_then(|s| pinned_endpoint(s, req.headers(), &route.endpoints));
         let uncounted = done.uncounted.clone();
-        let acquired = if let Some(response) = uncounted {
+        let acquired = if let Some(endpoint) = pinned.clone() {
+            self.metrics
+                .cold_start_outcome(&route.spec.id, "warm", Duration::ZERO);
+            Acquired {
+                endpoint,
+                lease: None,
+                waited: None,
+            }
+        } else if let Some(response) = uncounted {
             // Let through by a static route: forwarded only to an endpoint ready now.
             let ready = route.endpoints.borrow().clone();
             match route
@@ -627,6 +638,11 @@ impl Proxy {
 
         let tls = route.spec.upstream_tls.is_some() && !failed_over;
         let trusted = self.is_trusted(client);
+        let forwarded_https = session.is_some()
+            && req
+                .headers()
+                .get("x-forwarded-proto")
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
         let (mut req, body_watch) = upstream_request(
             req,
             &authority,
@@ -766,6 +782,13 @@ impl Proxy {
             COLD_START_HEADER,
             HeaderValue::from_static(if cold { "true" } else { "false" }),
         );
+        if let (Some(s), None, false) = (session, &pinned, failed_over) {
+            // A new (or replaced) session: the endpoint this request went to.
+            let https = client.is_tls() || (trusted && forwarded_https);
+            if let Ok(cookie) = HeaderValue::try_from(session_cookie(s, &endpoint, https)) {
+                rsp.headers_mut().append(header::SET_COOKIE, cookie);
+            }
+        }
         if failed_over {
             rsp.headers_mut()
                 .insert(FAILOVER_HEADER, HeaderValue::from_static("true"));
@@ -1169,6 +1192,58 @@ fn upstream_request(
         host.as_ref(),
     );
     (Request::from_parts(parts, body), watch)
+}
+
+/// The ready endpoint a request's session cookie names, if the cookie is well formed, not past
+/// the route's absolute timeout, and its endpoint is still ready.
+fn pinned_endpoint(
+    session: &crate::provider::SessionAffinity,
+    headers: &http::HeaderMap,
+    ready: &watch::Receiver<ReadyEndpoints>,
+) -> Option<Endpoint> {
+    let value = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == &*session.cookie)
+        .map(|(_, value)| value.trim_matches('"'))?;
+    let (id, issued) = value.split_once('.')?;
+    let issued: u64 = issued.parse().ok()?;
+    if let Some(timeout) = session.absolute_timeout {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_secs();
+        if now.saturating_sub(issued) > timeout.as_secs() {
+            return None;
+        }
+    }
+    ready
+        .borrow()
+        .as_slice()
+        .iter()
+        .find(|e| crate::provider::session_id(e) == id)
+        .cloned()
+}
+
+/// The Set-Cookie value pinning a session to `endpoint`: `<endpoint id>.<issued unix seconds>`,
+/// HttpOnly, SameSite=Lax, Path=/, and Secure when the client's connection is HTTPS.
+fn session_cookie(
+    session: &crate::provider::SessionAffinity,
+    endpoint: &Endpoint,
+    https: bool,
+) -> String {
+    let issued = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!(
+        "{}={}.{issued}; Path=/; HttpOnly; SameSite=Lax{}",
+        session.cookie,
+        crate::provider::session_id(endpoint),
+        if https { "; Secure" } else { "" }
+    )
 }
 
 /// Methods whose requests may be sent twice (RFC 9110 §9.2.2).
