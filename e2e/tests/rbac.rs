@@ -223,3 +223,72 @@ spec:
     interceptor.stop().await;
     cluster.cleanup().await;
 }
+
+const INTERCEPTOR_SA: &str = "system:serviceaccount:wakegate:wakegate-interceptor";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_interceptor_routes_both_kinds_and_serves_config_map_bodies_under_its_own_rbac() {
+    let cluster = Cluster::start(false, env!("CARGO_BIN_EXE_wakegate-e2e-backend")).await;
+    if !cluster.simulated() && std::env::var("WAKEGATE_E2E_RBAC").is_err() {
+        eprintln!("skipped: set WAKEGATE_E2E_RBAC=1 to apply the overlay's cluster RBAC to the real cluster");
+        cluster.cleanup().await;
+        return;
+    }
+    cluster.apply(&to_yaml(&overlay_rbac())).await;
+    cluster
+        .apply(
+            &cluster
+                .app_yaml("site")
+                .replace("replicas: 0", "replicas: 1"),
+        )
+        .await;
+    cluster
+        .apply(
+            r#"apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: pages
+  labels: {http.keda.sh/response-body: "true"}
+data:
+  index.html: "<p>static</p>"
+---
+apiVersion: http.keda.sh/v1beta1
+kind: InterceptorRoute
+metadata:
+  name: pages
+spec:
+  target: {service: site, port: 8080}
+  rules: [{hosts: [pages.example]}]
+  scalingMetric: {concurrency: {targetValue: 1}}
+  staticRoutes:
+    - rules: [{}]
+      response: {bodyFromConfigMap: {name: pages}}
+      responseMode: Always
+---
+apiVersion: http.keda.sh/v1alpha1
+kind: HTTPScaledObject
+metadata:
+  name: site
+spec:
+  hosts: [site.example]
+  scaleTargetRef: {name: site, service: site, port: 8080}
+"#,
+        )
+        .await;
+    let interceptor =
+        Interceptor::start_with(&cluster.kubeconfig_as(INTERCEPTOR_SA), &cluster.namespace).await;
+    let http = Http::default();
+    eventually(
+        "both kinds routed, the body read from the ConfigMap",
+        Duration::from_secs(60),
+        || async {
+            let page = http.get(interceptor.proxy, "pages.example", "/").await;
+            let app = http.get(interceptor.proxy, "site.example", "/").await;
+            page.is_ok_and(|(s, _, b)| s == 200 && b == "<p>static</p>")
+                && app.is_ok_and(|(s, _, b)| s == 200 && b.starts_with("hello from site"))
+        },
+    )
+    .await;
+    interceptor.stop().await;
+    cluster.cleanup().await;
+}

@@ -168,6 +168,13 @@ pub struct ServeArgs {
     #[arg(long, env = "WAKEGATE_MAX_HELD_REQUESTS", default_value_t = 20_000)]
     pub max_held_requests: usize,
 
+    /// Most requests held at once per route, for routes that set no cap of their own (an
+    /// InterceptorRoute's `coldStart.maxPendingRequests`, `wakegate.dev/max-held-requests`, or a
+    /// local route's `maxHeldRequests`); past it, 503 or the route's overflow placeholder.
+    /// Counted per interceptor replica. Unset: no per-route default.
+    #[arg(long, env = "WAKEGATE_MAX_PENDING_REQUESTS")]
+    pub max_pending_requests: Option<std::num::NonZeroUsize>,
+
     /// Largest request header block accepted (bytes); larger ones get 431. At least 8192.
     #[arg(long, env = "WAKEGATE_MAX_HEADER_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(8192..))]
     pub max_header_bytes: u32,

@@ -169,6 +169,7 @@ pub async fn run_until(
         response_header: args.response_header_timeout,
         request: Some(args.request_timeout).filter(|t| !t.is_zero()),
         max_held_total: args.max_held_requests,
+        default_max_held: args.max_pending_requests,
         trusted_proxies: args.trusted_proxies.iter().filter_map(|t| t.0).collect(),
         min_body_rate: (args.min_request_body_rate > 0).then_some(proxy::MinRate {
             bytes_per_second: args.min_request_body_rate,

@@ -161,6 +161,45 @@ async fn the_overflow_is_rejected_by_default_and_a_placeholder_alone_answers_at_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_global_max_pending_requests_caps_routes_without_a_cap_of_their_own() {
+    let (port, other_port) = (free_port_below_ephemeral(), free_port_below_ephemeral());
+    let gate = tempfile::tempdir().unwrap();
+    let gate_file = gate.path().join("open");
+    let config = format!(
+        "routes:\n{}{}",
+        route("dflt", port, &gate_file, ""),
+        gated_backend_route(
+            "own",
+            "own.test",
+            other_port,
+            &gate_file,
+            "    coldStart:\n      placeholder: { response: { body: full } }\n      overflow: Placeholder\n      maxPendingRequests: 2\n"
+        )
+    );
+    let ic = Interceptor::start_with(&config, &["--max-pending-requests", "1"]).await;
+    let held = ic.spawn_get("b.test", "/");
+    ic.wait_concurrency("dflt", 1).await;
+    assert_eq!(
+        ic.get("b.test", "/").await.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "past the default cap"
+    );
+    // A route's own cap wins over the default.
+    let own: Vec<_> = (0..2).map(|_| ic.spawn_get("own.test", "/")).collect();
+    ic.wait_concurrency("own", 2).await;
+    let overflow = ic.get("own.test", "/").await;
+    assert_eq!(
+        (overflow.status, overflow.text().as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "full")
+    );
+    std::fs::write(&gate_file, b"").unwrap();
+    assert_eq!(held.await.unwrap().unwrap().status, StatusCode::OK);
+    for h in own {
+        assert_eq!(h.await.unwrap().unwrap().status, StatusCode::OK);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn addon_shaped_mistakes_name_the_key() {
     let cases = [
         (

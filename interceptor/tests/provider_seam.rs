@@ -94,6 +94,7 @@ async fn start(provider: Arc<ManualProvider>) -> (SocketAddr, Arc<Proxy>, Cancel
         response_header: Duration::from_secs(10),
         request: None,
         max_held_total: 10_000,
+        default_max_held: None,
         trusted_proxies: Vec::new().into(),
         min_body_rate: None,
     };

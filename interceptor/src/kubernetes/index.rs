@@ -563,9 +563,7 @@ impl ClusterIndex {
             request_timeout: spec.timeouts.request,
             max_in_flight_per_endpoint: spec.options.max_in_flight_per_endpoint,
             max_held: cold.max_pending.or(spec.options.max_held_requests),
-            cold_response_on_overflow: cold.placeholder.is_some()
-                && cold.overflow_placeholder
-                && cold.max_pending.is_some(),
+            cold_response_on_overflow: cold.placeholder.is_some() && cold.overflow_placeholder,
             cold_response,
             static_routes,
             session: spec.session.as_ref().map(|s| SessionAffinity {

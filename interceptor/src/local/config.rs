@@ -626,7 +626,7 @@ impl RawRoute {
                 request_timeout: self.timeouts.request.map(|d| d.0),
                 max_in_flight_per_endpoint: self.max_in_flight_per_endpoint,
                 max_held: max_pending.or(self.max_held_requests),
-                cold_response_on_overflow: overflow_placeholder && max_pending.is_some(),
+                cold_response_on_overflow: overflow_placeholder,
                 cold_response,
                 static_routes,
                 // One command is one endpoint: nothing to be affine to.

@@ -58,6 +58,8 @@ pub struct ProxySettings {
     pub request: Option<Duration>,
     /// Most requests held at once, over all routes.
     pub max_held_total: usize,
+    /// Most requests held at once per route, for routes that set no cap (`--max-pending-requests`).
+    pub default_max_held: Option<std::num::NonZeroUsize>,
     /// Peers whose `X-Forwarded-*` headers are believed.
     pub trusted_proxies: Arc<[ipnet::IpNet]>,
     /// The rate a request body must keep; `None` for no minimum.
@@ -818,7 +820,15 @@ impl Proxy {
 
         let held_at = Instant::now();
         let cold_response = route.cold_response_for(wants_html);
-        if let (Some(response), false) = (cold_response, route.spec.cold_response_on_overflow) {
+        // `overflow: Placeholder` holds up to a cap and answers only the overflow; without any
+        // cap there is no overflow, and the placeholder answers at once.
+        let on_overflow = route.spec.cold_response_on_overflow
+            && route
+                .spec
+                .max_held
+                .or(self.settings.default_max_held)
+                .is_some();
+        if let (Some(response), false) = (cold_response, on_overflow) {
             // Answer at once, but the wake goes on.
             self.provider.wake(&route.spec.target);
             self.wakes.publish(&route.spec.id, &route.spec.target);
@@ -1012,7 +1022,7 @@ impl Proxy {
         };
         // Counted first, then checked: concurrent requests cannot both slip under a cap.
         let (held, before) = route.load.hold();
-        if let Some(cap) = route.spec.max_held {
+        if let Some(cap) = route.spec.max_held.or(self.settings.default_max_held) {
             if before >= cap.get() as u64 {
                 return Err(overloaded(format!("route cap {cap}")));
             }
