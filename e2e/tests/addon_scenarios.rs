@@ -284,3 +284,69 @@ async fn concurrency_scaling_follows_requests_in_flight() {
     drop(interceptor);
     cluster.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_upgrade_and_a_graceful_shutdown_through_an_interceptor_route() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = Cluster::start(false, env!("CARGO_BIN_EXE_wakegate-e2e-backend")).await;
+    cluster
+        .apply(&cluster.app_yaml("ws").replace("replicas: 0", "replicas: 1"))
+        .await;
+    cluster
+        .apply(&route("ws", "ws", "[{hosts: [ws.example]}]", ""))
+        .await;
+    let interceptor = Interceptor::start(&cluster).await;
+    let (http, proxy) = (Http::default(), interceptor.proxy);
+    eventually("ws is up", Duration::from_secs(60), || async {
+        who(&http, proxy, "ws.example", "/", &[]).await == "ws"
+    })
+    .await;
+
+    // WebSocket: the upgrade is routed by the route's rules and the bytes echo both ways.
+    let mut conn = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    conn.write_all(
+        b"GET /upgrade-echo HTTP/1.1\r\nHost: ws.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        conn.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    conn.write_all(b"ping over the tunnel").await.unwrap();
+    let mut echo = [0u8; 20];
+    tokio::time::timeout(Duration::from_secs(10), conn.read_exact(&mut echo))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echo, b"ping over the tunnel");
+    drop(conn);
+
+    // Graceful shutdown: a request in flight when the interceptor is told to stop is answered.
+    let slow = tokio::spawn(async move {
+        Http::default()
+            .get(proxy, "ws.example", "/sleep?ms=1500")
+            .await
+    });
+    eventually(
+        "the request is in flight",
+        Duration::from_secs(10),
+        || async {
+            let (_, _, queue) = Http::default()
+                .get(interceptor.admin, "admin", "/queue")
+                .await
+                .unwrap();
+            queue.contains("\"Concurrency\":1")
+        },
+    )
+    .await;
+    interceptor.stop().await;
+    let (status, _, _) = slow.await.unwrap().unwrap();
+    assert_eq!(status, 200, "drained, not cut");
+    cluster.cleanup().await;
+}

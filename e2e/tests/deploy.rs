@@ -277,6 +277,55 @@ fn check_overlay(dir: &str, scaler: &str) -> Vec<Value> {
             &format!("ClusterRole {}", name(r).1),
         );
     }
+    // What each component reads and writes of the add-on's kinds, exactly.
+    let grants = |role: &str, group: &str, resource: &str| -> BTreeSet<String> {
+        of_kind(&objs, "ClusterRole")
+            .into_iter()
+            .filter(|r| name(r).1 == role)
+            .flat_map(|r| typed::<ClusterRole>(r).rules.unwrap_or_default())
+            .filter(|rule| {
+                rule.api_groups
+                    .as_deref()
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|g| g == group)
+                    && rule
+                        .resources
+                        .as_deref()
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|r| r == resource)
+            })
+            .flat_map(|rule| rule.verbs)
+            .collect()
+    };
+    let read: BTreeSet<String> = ["get", "list", "watch"].map(String::from).into();
+    for resource in ["httpscaledobjects", "interceptorroutes"] {
+        assert_eq!(
+            grants("wakegate-interceptor", "http.keda.sh", resource),
+            read,
+            "{dir}: interceptor {resource}"
+        );
+    }
+    assert_eq!(
+        grants("wakegate-interceptor", "", "configmaps"),
+        read,
+        "{dir}: interceptor configmaps"
+    );
+    assert_eq!(
+        grants("wakegate-controller", "http.keda.sh", "interceptorroutes"),
+        read,
+        "{dir}: controller interceptorroutes"
+    );
+    assert_eq!(
+        grants(
+            "wakegate-controller",
+            "http.keda.sh",
+            "interceptorroutes/status"
+        ),
+        ["get", "patch", "update"].map(String::from).into(),
+        "{dir}: controller interceptorroutes/status"
+    );
     for r in of_kind(&objs, "Role") {
         let role: Role = typed(r);
         no_wildcards(
