@@ -200,9 +200,15 @@ impl ExternalScaler for KedaScaler {
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<IsActiveResponse>, Status> {
         let target = self.route(request.get_ref())?;
-        Ok(Response::new(IsActiveResponse {
-            result: self.active(&target.key),
-        }))
+        // An interceptorRoute trigger is also active while any of its metrics is above 0 (the
+        // add-on's rule: a request rate over a window longer than the activity window counts).
+        let result = self.active(&target.key)
+            || (target.interceptor_route
+                && target
+                    .metrics()
+                    .iter()
+                    .any(|(_, m)| self.value(&target.key, m) > 0.0));
+        Ok(Response::new(IsActiveResponse { result }))
     }
 
     type StreamIsActiveStream = ActiveStream;
