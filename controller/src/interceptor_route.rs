@@ -21,7 +21,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::{json, Value};
 use wakegate_crds::{InterceptorRoute, RouteKind, ScalingMetric, ValidRoute};
 
-use crate::reconcile::{condition_in, find_other_owner, Context, Error, ScalerMode};
+use crate::reconcile::{condition_in, find_other_owner, scaling, Context, Error, ScalerMode};
 use crate::routes::RouteEntry;
 
 /// Reconciles one InterceptorRoute.
@@ -119,11 +119,9 @@ async fn apply(obj: &InterceptorRoute, ctx: &Context) -> Result<Action, Error> {
                 workload.max_replicas
             );
             conditions.push(condition("Ready", true, "Reconciled", &message));
-            conditions.push(match (&other_owner, owners.forbidden.as_slice()) {
-                (Some(owner), _) => condition("Scaling", false, "ScaledByAnotherOwner", &format!("{owner} already scales {}; Wakegate routes and holds requests but leaves its replicas alone", workload.target_workload())),
-                (None, []) => condition("Scaling", true, "Standalone", "Wakegate scales this workload through its /scale subresource"),
-                (None, forbidden) => condition("Scaling", true, "OwnerCheckForbidden", &format!("Wakegate scales this workload, but could not check whether {} also scale it: listing them is forbidden to the controller's service account (grant get and list)", forbidden.join(" or "))),
-            });
+            let (ok, reason, message) =
+                scaling(other_owner.as_deref(), &owners.forbidden, workload);
+            conditions.push(condition("Scaling", ok, reason, &message));
         }
     }
     ctx.routes.upsert(RouteEntry {

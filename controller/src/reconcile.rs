@@ -204,11 +204,9 @@ async fn apply(obj: &HTTPScaledObject, ctx: &Context) -> Result<Action, Error> {
                 workload.max_replicas
             );
             conditions.push(condition(obj, "Ready", true, "Reconciled", &routing));
-            match (&other_owner, owners.forbidden.as_slice()) {
-                (Some(owner), _) => conditions.push(condition(obj, "Scaling", false, "ScaledByAnotherOwner", &format!("{owner} already scales {}; Wakegate routes and holds requests but leaves its replicas alone", workload.target_workload()))),
-                (None, []) => conditions.push(condition(obj, "Scaling", true, "Standalone", "Wakegate scales this workload through its /scale subresource")),
-                (None, forbidden) => conditions.push(condition(obj, "Scaling", true, "OwnerCheckForbidden", &format!("Wakegate scales this workload, but could not check whether {} also scale it: listing them is forbidden to the controller's service account (grant get and list)", forbidden.join(" or ")))),
-            }
+            let (ok, reason, message) =
+                scaling(other_owner.as_deref(), &owners.forbidden, &workload);
+            conditions.push(condition(obj, "Scaling", ok, reason, &message));
         }
     }
     ctx.routes.upsert(entry(other_owner));
@@ -431,6 +429,20 @@ async fn list_other_owners(
         }
     }
     Ok(found)
+}
+
+/// The standalone `Scaling` condition's status, reason and message: whether Wakegate scales
+/// `workload`, given the other owner found (if any) and the lookups that were forbidden.
+pub(crate) fn scaling(
+    other_owner: Option<&str>,
+    forbidden: &[&str],
+    workload: &Workload,
+) -> (bool, &'static str, String) {
+    match (other_owner, forbidden) {
+        (Some(owner), _) => (false, "ScaledByAnotherOwner", format!("{owner} already scales {}; Wakegate routes and holds requests but leaves its replicas alone", workload.target_workload())),
+        (None, []) => (true, "Standalone", "Wakegate scales this workload through its /scale subresource".into()),
+        (None, forbidden) => (true, "OwnerCheckForbidden", format!("Wakegate scales this workload, but could not check whether {} also scale it: listing them is forbidden to the controller's service account (grant get and list)", forbidden.join(" or "))),
+    }
 }
 
 /// A condition, keeping the existing transition time when the status is unchanged.

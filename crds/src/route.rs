@@ -13,7 +13,7 @@ use crate::interceptor_route::{
 };
 use crate::options::{self, RouteOptions};
 use crate::validate::{
-    bad, check_header_name, check_host, check_path, duration, port_ref, rate_window,
+    bad, check_header_name, check_host, check_path, duration, is_token, port_ref, rate_window,
 };
 use crate::{HeaderMatch, PortRef, ScalingMetric, SpecError};
 
@@ -472,11 +472,7 @@ impl InterceptorRouteSpec {
             .map(|s| {
                 let cookie_name = s.cookie.as_ref().and_then(|c| c.name.clone());
                 if let Some(name) = &cookie_name {
-                    let token = !name.is_empty()
-                        && name
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-                    if !token {
+                    if !is_token(name) {
                         return Err(bad(
                             "sessionPersistence.cookie.name",
                             format!("{name:?} is not a cookie name"),

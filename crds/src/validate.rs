@@ -164,12 +164,16 @@ pub(crate) fn check_path(field: &str, prefix: &str) -> Result<(), SpecError> {
     Ok(())
 }
 
-pub(crate) fn check_header_name(field: &str, name: &str) -> Result<(), SpecError> {
-    let valid = !name.is_empty()
+/// An HTTP token (RFC 9110 §5.6.2): what header and cookie names are made of.
+pub(crate) fn is_token(name: &str) -> bool {
+    !name.is_empty()
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-    if valid {
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+pub(crate) fn check_header_name(field: &str, name: &str) -> Result<(), SpecError> {
+    if is_token(name) {
         Ok(())
     } else {
         Err(bad(field, format!("{name:?} is not a header name")))
