@@ -41,3 +41,67 @@ wait_port() {
 machine() {
     echo "$(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -sr), rustc $(rustc --version | cut -d' ' -f2)"
 }
+
+# install_pkg COMMAND PACKAGE...: apt-get install the first package that installs, unless
+# COMMAND is already there. Keeps a package from starting a system service (nginx on port 80).
+install_pkg() {
+    local cmd=$1; shift
+    command -v "$cmd" >/dev/null && return 0
+    echo "==> installing $*" >&2
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    local ok=1
+    for pkg in "$@"; do
+        if DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$pkg" >/dev/null 2>&1; then ok=0; break; fi
+    done
+    rm -f /usr/sbin/policy-rc.d
+    return $ok
+}
+
+# The reference proxies, built or installed on demand: the minimal hyper proxy (bench/hyper-proxy,
+# the floor of the library Wakegate is built on), nginx, and Go's httputil.ReverseProxy (the
+# add-on's engine; skipped when golang-go cannot be installed).
+build_references() {
+    (cd "$ROOT" && cargo build --release --locked -p wakegate-bench-hyper-proxy >&2)
+    install_pkg nginx nginx-light nginx
+    GO_PROXY=""
+    if install_pkg go golang-go; then
+        GO_PROXY="$WORK/go-proxy"
+        (cd "$ROOT/bench/go-proxy" && HOME="${HOME:-/root}" GOCACHE="$WORK/gocache" GO111MODULE=off \
+            go build -o "$GO_PROXY" main.go >&2) || GO_PROXY=""
+    fi
+    [ -n "$GO_PROXY" ] || echo "==> golang-go unavailable: the Go reference is skipped" >&2
+}
+
+# nginx_conf DIR LISTEN_PORT BACKEND_PORT [LISTEN_FLAGS]: nginx as the references run it: one
+# worker, upstream keepalive, HTTP/1.1 upstream, no access log.
+nginx_conf() {
+    local dir=$1 port=$2 backend=$3 flags=${4:-}
+    mkdir -p "$dir"
+    cat > "$dir/nginx.conf" <<CONF
+worker_processes 1;
+worker_rlimit_nofile 65536;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 32768; }
+http {
+    access_log off;
+    client_body_temp_path $dir/body;
+    proxy_temp_path $dir/proxy;
+    proxy_read_timeout 300s;
+    upstream backend { server 127.0.0.1:$backend; keepalive 64; }
+    server {
+        listen 127.0.0.1:$port $flags;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$host;
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+        }
+    }
+}
+CONF
+}
+
+rss_kib() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }

@@ -1,30 +1,34 @@
 #!/usr/bin/env bash
-# Proxy overhead on loopback: direct to the backend, through Wakegate, and through nginx
-# (1 worker, upstream keepalive), interleaved over rounds in one run.
+# Proxy overhead on loopback: direct to the backend, through Wakegate, through the minimal
+# hyper proxy (bench/hyper-proxy, Wakegate's floor), through nginx (1 worker, upstream
+# keepalive) and through Go's httputil.ReverseProxy (the add-on's engine), interleaved over
+# rounds in one run.
 #
 #   bench/proxy-overhead.sh [ROUNDS] [SECONDS] [CONNECTIONS]
 #
-# The load generator (wakegate-loadtest, closed loop, one thread) is pinned to core 0; the
-# proxy and the backend share core 1. The proxy's CPU time per request comes from /proc.
-# Installs nginx with apt-get when it is missing (needs root).
+#   BENCH_PATH=/bytes?n=16384   the request path (default `/`: a 60-byte answer)
+#   BENCH_H2C=1                 clients speak h2c (prior knowledge, one stream per connection,
+#                               h2load from nghttp2-client); every upstream stays HTTP/1.1
+#
+# The load generator (one thread) is pinned to core 0; the proxy and the backend share core 1,
+# each single-threaded. A proxy's CPU time per request comes from /proc around each run.
+# Installs nginx, golang-go and (for h2c) nghttp2-client with apt-get when missing (needs root).
 source "$(dirname "$0")/common.sh"
 
 ROUNDS="${1:-5}"
 SECONDS_PER_RUN="${2:-5}"
 CONNECTIONS="${3:-32}"
+REQ_PATH="${BENCH_PATH:-/}"
+H2C="${BENCH_H2C:-}"
 [ "$(nproc)" -ge 2 ] || { echo "needs at least 2 cores" >&2; exit 1; }
+ulimit -n 65536 2>/dev/null || true
 
-if ! command -v nginx >/dev/null; then
-    echo "==> installing nginx" >&2
-    # Keep the package from starting a system nginx on port 80.
-    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light >/dev/null 2>&1 \
-        || DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx >/dev/null
-    rm -f /usr/sbin/policy-rc.d
-fi
 build
+build_references
+[ -z "$H2C" ] || install_pkg h2load nghttp2-client
 
-BACKEND_PORT=$(free_port); WG_PORT=$(free_port); WG_ADMIN=$(free_port); NGINX_PORT=$(free_port)
+BACKEND_PORT=$(free_port); WG_PORT=$(free_port); WG_ADMIN=$(free_port)
+HYPER_PORT=$(free_port); NGINX_PORT=$(free_port); GO_PORT=$(free_port)
 
 # The backend: Wakegate's example backend (hyper), one worker thread, on core 1.
 TOKIO_WORKER_THREADS=1 taskset -c 1 "$BIN/wakegate-interceptor" backend --port "$BACKEND_PORT" >/dev/null 2>&1 &
@@ -40,92 +44,97 @@ TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 1 "$BIN/wakegate-interceptor" --
     --proxy-addr "127.0.0.1:$WG_PORT" --admin-addr "127.0.0.1:$WG_ADMIN" >"$WORK/wakegate.log" 2>&1 &
 WG_PID=$!; PIDS+=($WG_PID)
 
-# nginx: 1 worker, upstream keepalive, no access log, on core 1.
-mkdir -p "$WORK/nginx"
-cat > "$WORK/nginx/nginx.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/nginx/body;
-    proxy_temp_path $WORK/nginx/proxy;
-    upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 64; }
-    server {
-        listen 127.0.0.1:$NGINX_PORT;
-        location / {
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host \$host;
-            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-        }
-    }
-}
-CONF
+TOKIO_WORKER_THREADS=1 taskset -c 1 "$BIN/hyper-proxy" "127.0.0.1:$HYPER_PORT" "127.0.0.1:$BACKEND_PORT" &
+HYPER_PID=$!; PIDS+=($HYPER_PID)
+
+nginx_conf "$WORK/nginx" "$NGINX_PORT" "$BACKEND_PORT" "${H2C:+http2}"
 taskset -c 1 nginx -c "$WORK/nginx/nginx.conf" &
 NGINX_MASTER=$!; PIDS+=($NGINX_MASTER)
 
-wait_port "$BACKEND_PORT"; wait_port "$WG_PORT"; wait_port "$NGINX_PORT"
+TARGETS=(direct wakegate hyper nginx)
+if [ -n "$GO_PROXY" ] && [ -z "$H2C" ]; then
+    # h2c needs golang.org/x/net/http2/h2c, outside the standard library: HTTP/1.1 only.
+    GOMAXPROCS=1 taskset -c 1 "$GO_PROXY" "127.0.0.1:$GO_PORT" "127.0.0.1:$BACKEND_PORT" &
+    GO_PID=$!; PIDS+=($GO_PID); TARGETS+=(go)
+fi
+
+wait_port "$BACKEND_PORT"; wait_port "$WG_PORT"; wait_port "$HYPER_PORT"; wait_port "$NGINX_PORT"
+[ -z "${GO_PID:-}" ] || wait_port "$GO_PORT"
 NGINX_WORKER=$(pgrep -P "$NGINX_MASTER" | head -1)
 
-run() { # name port pid...
-    local name=$1 port=$2; shift 2
-    local pids=()
-    for p in "$@"; do pids+=(--pid "$p"); done
-    taskset -c 0 "$BIN/wakegate-loadtest" rate --rate max --connections "$CONNECTIONS" \
-        --duration "${SECONDS_PER_RUN}s" --single-thread --no-admin --no-progress-bar \
-        --url "http://127.0.0.1:$port/" --host bench.local "${pids[@]}" \
-        --json "$WORK/$name-$round.json" >/dev/null 2>"$WORK/$name-$round.err"
+port_of() { case $1 in direct) echo "$BACKEND_PORT";; wakegate) echo "$WG_PORT";; hyper) echo "$HYPER_PORT";; nginx) echo "$NGINX_PORT";; go) echo "$GO_PORT";; esac; }
+pid_of() { case $1 in direct) echo "";; wakegate) echo "$WG_PID";; hyper) echo "$HYPER_PID";; nginx) echo "$NGINX_WORKER";; go) echo "$GO_PID";; esac; }
+ticks() { [ -n "$1" ] && awk '{print $14 + $15}' "/proc/$1/stat" || echo 0; }
+
+run() { # name output-file
+    local name=$1 out=$2 port pid before after
+    port=$(port_of "$name"); pid=$(pid_of "$name")
+    before=$(ticks "$pid")
+    if [ -n "$H2C" ]; then
+        taskset -c 0 h2load -D "$SECONDS_PER_RUN" -c "$CONNECTIONS" -m 1 -t 1 \
+            "http://127.0.0.1:$port$REQ_PATH" > "$out.h2load" 2>&1 || true
+    else
+        taskset -c 0 "$BIN/wakegate-loadtest" rate --rate max --connections "$CONNECTIONS" \
+            --duration "${SECONDS_PER_RUN}s" --single-thread --no-admin --no-progress-bar \
+            --url "http://127.0.0.1:$port$REQ_PATH" --host bench.local \
+            --json "$out.json" >/dev/null 2>"$out.err"
+    fi
+    after=$(ticks "$pid")
+    echo "$(( after - before ))" > "$out.ticks"
 }
 
-echo "==> $ROUNDS rounds of ${SECONDS_PER_RUN}s each, $CONNECTIONS connections, interleaved" >&2
+echo "==> $ROUNDS rounds of ${SECONDS_PER_RUN}s each, $CONNECTIONS connections, ${H2C:+h2c, }path $REQ_PATH: ${TARGETS[*]}" >&2
+N=${#TARGETS[@]}
 for round in $(seq 1 "$ROUNDS"); do
     # A short warm-up fills the pools, then the measured runs, in a rotating order.
-    for name in direct wakegate nginx; do
-        case $name in
-            direct) run warm "$BACKEND_PORT" ;;
-            wakegate) run warm "$WG_PORT" "$WG_PID" ;;
-            nginx) run warm "$NGINX_PORT" "$NGINX_WORKER" ;;
-        esac
-    done
-    order=(direct wakegate nginx)
-    for i in 0 1 2; do
-        name=${order[$(( (i + round) % 3 ))]}
-        case $name in
-            direct) run direct "$BACKEND_PORT" ;;
-            wakegate) run wakegate "$WG_PORT" "$WG_PID" ;;
-            nginx) run nginx "$NGINX_PORT" "$NGINX_WORKER" ;;
-        esac
+    for name in "${TARGETS[@]}"; do run "$name" "$WORK/warm"; done
+    for i in $(seq 0 $(( N - 1 ))); do
+        name=${TARGETS[$(( (i + round) % N ))]}
+        run "$name" "$WORK/$name-$round"
         echo "round $round: $name done" >&2
     done
 done
 
-python3 - "$WORK" "$ROUNDS" "$(machine)" "$CONNECTIONS" "$SECONDS_PER_RUN" <<'PY' | tee "$OUT/proxy-overhead.txt"
-import json, statistics, sys
-work, rounds, machine, conns, secs = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
-rows = {}
-for name in ("direct", "wakegate", "nginx"):
-    runs = [json.load(open(f"{work}/{name}-{r}.json")) for r in range(1, rounds + 1)]
-    rows[name] = {
-        "rps": [r["throughput"] for r in runs],
-        "p50": [r["latency"]["p50"] / 1000 for r in runs],
-        "p99": [r["latency"]["p99"] / 1000 for r in runs],
-        "cpu": [r["processes"][0]["cpuUsPerRequest"] for r in runs] if runs[0]["processes"] else None,
-        "failed": sum(r["requests"]["failed"] for r in runs),
-    }
+python3 - "$WORK" "$ROUNDS" "$(machine)" "$CONNECTIONS" "$SECONDS_PER_RUN" "$REQ_PATH" "${H2C:-}" "$(getconf CLK_TCK)" "${TARGETS[@]}" <<'PY' | tee "$OUT/proxy-overhead${H2C:+-h2c}$( [ "$REQ_PATH" = / ] || echo -body).txt"
+import json, re, statistics, sys
+work, rounds, machine, conns, secs, path, h2c, hz = sys.argv[1:9]
+rounds, hz = int(rounds), int(hz)
+targets = sys.argv[9:]
 med = statistics.median
+
+def load(name, r):
+    base = f"{work}/{name}-{r}"
+    ticks = int(open(base + ".ticks").read())
+    if h2c:
+        text = open(base + ".h2load").read()
+        rps = float(re.search(r"finished in [\d.]+s, ([\d.]+) req/s", text).group(1))
+        m = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded", text)
+        done, ok = int(m.group(2)), int(m.group(3))
+        lat = re.search(r"time for request:\s+([\d.]+)(us|ms)\s+([\d.]+)(us|ms)\s+([\d.]+)(us|ms)", text)
+        to_ms = lambda v, u: float(v) / (1000 if u == "us" else 1)
+        mean = to_ms(lat.group(5), lat.group(6)) if lat else float("nan")
+        return rps, mean, float("nan"), ticks, done, done - ok
+    j = json.load(open(base + ".json"))
+    done = j["requests"]["sent"] if "sent" in j["requests"] else j["requests"]["succeeded"]
+    return j["throughput"], j["latency"]["p50"] / 1000, j["latency"]["p99"] / 1000, ticks, j["requests"]["succeeded"], j["requests"]["failed"]
+
+rows = {}
+for name in targets:
+    runs = [load(name, r) for r in range(1, rounds + 1)]
+    rows[name] = {
+        "rps": [x[0] for x in runs], "p50": [x[1] for x in runs], "p99": [x[2] for x in runs],
+        "cpu": [x[3] * 1e6 / hz / max(x[4], 1) for x in runs], "failed": sum(x[5] for x in runs),
+    }
 print(f"machine: {machine}")
-print(f"{rounds} rounds x {secs}s, {conns} connections, closed loop; load on core 0, proxy + backend on core 1")
-print(f"{'target':<10} {'req/s (median)':>15} {'min..max':>17} {'p50 ms':>8} {'p99 ms':>8} {'proxy CPU us/req':>17} {'failed':>7}")
+print(f"{rounds} rounds x {secs}s, {conns} connections, closed loop, {'h2c' if h2c else 'HTTP/1.1'} clients, path {path}; load on core 0, proxy + backend on core 1")
+lat = "mean ms" if h2c else "p50 ms"
+print(f"{'target':<10} {'req/s (median)':>15} {'min..max':>17} {lat:>8} {'p99 ms':>8} {'proxy CPU us/req':>17} {'failed':>7}")
 for name, r in rows.items():
-    cpu = f"{med(r['cpu']):.1f}" if r["cpu"] else "-"
+    cpu = f"{med(r['cpu']):.1f}" if name != "direct" else "-"
     print(f"{name:<10} {med(r['rps']):>15.0f} {min(r['rps']):>8.0f}..{max(r['rps']):<8.0f} {med(r['p50']):>8.3f} {med(r['p99']):>8.3f} {cpu:>17} {r['failed']:>7}")
-w, n = rows["wakegate"], rows["nginx"]
-ratios = [a / b for a, b in zip(w["rps"], n["rps"])]
-print(f"throughput wakegate/nginx per round: {', '.join(f'{x:.2f}' for x in ratios)}; median {med(ratios):.2f}")
-cpu_ratio = med(n["cpu"]) / med(w["cpu"])
-print(f"proxy CPU per request nginx/wakegate: {cpu_ratio:.2f} (above 1: Wakegate spends less)")
+w = rows["wakegate"]
+for ref in [t for t in targets if t not in ("direct", "wakegate")]:
+    ratios = [a / b for a, b in zip(w["rps"], rows[ref]["rps"])]
+    print(f"throughput wakegate/{ref} per round: {', '.join(f'{x:.2f}' for x in ratios)}; median {med(ratios):.2f}"
+          f"; CPU per request {ref}/wakegate {med(rows[ref]['cpu']) / med(w['cpu']):.2f}")
 PY

@@ -4,8 +4,8 @@
 //!
 //! Paths: `/healthz`; `/echo` streams the request body back; `/upgrade-echo` accepts any
 //! HTTP/1.1 upgrade (WebSocket included) and echoes the raw bytes; `/headers` lists the request
-//! headers; `/sleep?ms=N` answers after N ms; `/exit` ends the process mid-request; anything
-//! else says hello. Every response carries `X-Backend-Pid`.
+//! headers; `/sleep?ms=N` answers after N ms; `/bytes?n=N` answers N bytes (at most 16 MiB);
+//! `/exit` ends the process mid-request; anything else says hello. Every response carries `X-Backend-Pid`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -124,6 +124,19 @@ async fn handle(mut req: Request<Incoming>, name: std::sync::Arc<str>) -> Respon
             tokio::time::sleep(Duration::from_millis(ms)).await;
             text(StatusCode::OK, format!("slept {ms} ms\n"))
         }
+        "/bytes" => {
+            let n = query_u64(&req, "n").unwrap_or(1024).min(MAX_BYTES) as usize;
+            let mut rsp = Response::new(
+                Full::new(Bytes::from(vec![b'x'; n]))
+                    .map_err(|n| match n {})
+                    .boxed(),
+            );
+            rsp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            rsp
+        }
         "/exit" => {
             tracing::warn!("exiting on request to /exit");
             std::process::exit(3);
@@ -137,6 +150,9 @@ async fn handle(mut req: Request<Incoming>, name: std::sync::Arc<str>) -> Respon
         .insert("x-backend-pid", HeaderValue::from(std::process::id()));
     rsp
 }
+
+/// The largest `/bytes` answer.
+const MAX_BYTES: u64 = 16 << 20;
 
 fn query_u64<B>(req: &Request<B>, key: &str) -> Option<u64> {
     req.uri()

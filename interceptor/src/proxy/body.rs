@@ -23,6 +23,7 @@ use hyper::body::Incoming;
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
+use super::upstream::Http1Conn;
 use super::Completion;
 
 /// How a client failed while its request body was being sent.
@@ -288,6 +289,8 @@ pin_project_lite::pin_project! {
         Upstream {
             #[pin]
             body: Incoming,
+            // The upstream connection, when the body drives it (the route's own HTTP/1 pool).
+            conn: Option<Http1Conn>,
             done: Option<Completion>,
             deadline: Option<Pin<Box<Sleep>>>,
         },
@@ -313,9 +316,15 @@ impl ProxyBody {
         }
     }
 
-    pub(super) fn upstream(body: Incoming, done: Completion, deadline: Option<Instant>) -> Self {
+    pub(super) fn upstream(
+        body: Incoming,
+        conn: Option<Http1Conn>,
+        done: Completion,
+        deadline: Option<Instant>,
+    ) -> Self {
         Self::Upstream {
             body,
+            conn,
             done: Some(done),
             deadline: deadline.map(|at| Box::pin(tokio::time::sleep_until(at))),
         }
@@ -332,7 +341,8 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
         match self.project() {
             Proj::Upstream {
-                body,
+                mut body,
+                conn,
                 done,
                 deadline,
             } => {
@@ -344,7 +354,19 @@ impl Body for ProxyBody {
                         return Poll::Ready(Some(Err(Box::new(CutByRequestTimeout))));
                     }
                 }
-                let frame = ready!(body.poll_frame(cx));
+                if let Some(conn) = conn.as_mut() {
+                    conn.poll(cx);
+                }
+                let frame = ready!(body.as_mut().poll_frame(cx));
+                // A body of known length ends with its last frame (hyper then asks no more):
+                // the connection goes back to the pool now, not when hyper drops the body.
+                if frame.is_none()
+                    || (frame.as_ref().is_some_and(Result::is_ok) && body.is_end_stream())
+                {
+                    if let Some(mut conn) = conn.take() {
+                        conn.body_ended();
+                    }
+                }
                 match &frame {
                     None => drop(done.take()),
                     Some(Err(_)) => {

@@ -164,7 +164,7 @@ pub enum ProxyError {
         endpoint: String,
         /// The connect failure.
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: super::upstream::BoxError,
     },
 
     /// The upstream failed after the connection was made (closed early, sent garbage).
@@ -176,7 +176,7 @@ pub enum ProxyError {
         endpoint: String,
         /// The failure.
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: super::upstream::BoxError,
     },
 }
 

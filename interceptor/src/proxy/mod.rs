@@ -1,12 +1,20 @@
 //! The proxy core: route a request, count it, hold it while its target has no ready endpoint,
 //! forward it, and account for it when its response ends.
 //!
+//! A request's way through: [`Proxy::handle`] routes it (and answers static routes), `hold`
+//! gets it an endpoint (waking the target and waiting when none is ready), `upstream` rewrites
+//! and sends it, and [`Completion`] accounts for it when its response ends. `session` reads and
+//! writes the cookie that pins a client to an endpoint.
+//!
 //! Everything here talks to targets through [`Provider`] only, so local mode and Kubernetes share
 //! this path unchanged.
 
 mod body;
 mod error;
 mod headers;
+mod hold;
+mod session;
+mod upstream;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,27 +22,26 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::uri::{PathAndQuery, Scheme};
-use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
-use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use rustls_pki_types::ServerName;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument;
 
 pub use self::body::{ClientFault, MinRate, ProxyBody, RequestBody};
 pub use self::error::ProxyError;
+use self::hold::{round_to_ms, Acquired};
+use self::session::{pinned_endpoint, session_cookie};
+use self::upstream::{
+    idempotent, upstream_request, ClientKey, Http1Conn, Http1Pool, SendError, Upstream,
+    UpstreamClient,
+};
 use crate::client_conn::ClientConn;
 use crate::connect::{FreshEndpoints, RetryingConnector};
 use crate::events::WakeEvents;
 use crate::load::{EndpointLease, InFlight, Loads, RouteLoad};
 use crate::metrics::ProxyMetrics;
-use crate::provider::{
-    Endpoint, Provider, ReadyEndpoints, RouteSpec, Trust, UpstreamProtocol, UpstreamTls,
-};
+use crate::provider::{Endpoint, Provider, ReadyEndpoints, RouteSpec, UpstreamProtocol};
 use crate::routing::RouteTable;
 
 /// The response header telling whether the request waited for a cold start.
@@ -80,6 +87,8 @@ pub struct RouteState {
     failover: Option<(watch::Receiver<ReadyEndpoints>, Duration)>,
     /// The pooled client for the target (shared by every route with the same protocol and TLS).
     client: UpstreamClient,
+    /// The route's own plaintext HTTP/1.1 connections, by endpoint.
+    http1: Arc<Http1Pool>,
     /// Set when a wake is published, cleared (and a ready event published) when the first held
     /// request is released.
     awaiting_ready: AtomicBool,
@@ -88,12 +97,6 @@ pub struct RouteState {
     /// Whether a static route's or the placeholder's body comes from a ConfigMap.
     config_map_bodies: bool,
 }
-
-/// A pooled upstream client. Every client can speak TLS; only `https` URIs do.
-type UpstreamClient = Client<HttpsConnector<RetryingConnector>, RequestBody>;
-
-/// What keys a pooled client: the protocol, and the TLS settings if any.
-type ClientKey = (UpstreamProtocol, Option<UpstreamTls>);
 
 /// The proxy: a routing table swapped whole on change, and a pooled upstream client.
 pub struct Proxy {
@@ -109,6 +112,8 @@ pub struct Proxy {
     /// request, so a `DashMap`.
     h2_clients: dashmap::DashMap<(ClientKey, Endpoint), UpstreamClient>,
     fresh: FreshEndpoints,
+    /// Dials the route pools' connections (with retries for fresh endpoints).
+    connector: RetryingConnector,
     loads: Arc<Loads>,
     metrics: ProxyMetrics,
     settings: ProxySettings,
@@ -135,13 +140,15 @@ impl Proxy {
         settings: ProxySettings,
         wakes: WakeEvents,
     ) -> Arc<Self> {
+        let fresh = FreshEndpoints::default();
         Arc::new(Self {
             table: ArcSwap::from_pointee(RouteTable::default()),
             loaded: AtomicBool::new(false),
             provider,
             clients: std::sync::Mutex::default(),
             h2_clients: dashmap::DashMap::new(),
-            fresh: FreshEndpoints::default(),
+            connector: RetryingConnector::new(fresh.clone()),
+            fresh,
             loads,
             metrics,
             settings,
@@ -164,83 +171,6 @@ impl Proxy {
         self.loaded.load(Ordering::Acquire)
     }
 
-    /// The pooled client for `protocol` and `tls`, made on first use.
-    fn client_for(
-        &self,
-        clients: &mut HashMap<ClientKey, UpstreamClient>,
-        protocol: UpstreamProtocol,
-        tls: Option<&UpstreamTls>,
-    ) -> UpstreamClient {
-        let key = (protocol, tls.cloned());
-        if let Some(client) = clients.get(&key) {
-            return client.clone();
-        }
-        let client = self.build_client(protocol, tls, None);
-        clients.insert(key, client.clone());
-        client
-    }
-
-    /// The HTTP/2 client for `endpoint`, made on first use.
-    fn h2_client_for(&self, tls: Option<&UpstreamTls>, endpoint: &Endpoint) -> UpstreamClient {
-        let key = ((UpstreamProtocol::H2c, tls.cloned()), endpoint.clone());
-        if let Some(client) = self.h2_clients.get(&key) {
-            return client.clone();
-        }
-        if self.h2_clients.len() >= 4096 {
-            // Endpoints come and go with pods: forget them all now and then (requests in flight
-            // hold their own clients; idle connections close on their own).
-            self.h2_clients.clear();
-        }
-        let client = self.build_client(UpstreamProtocol::H2c, tls, Some(endpoint));
-        self.h2_clients.insert(key, client.clone());
-        client
-    }
-
-    fn build_client(
-        &self,
-        protocol: UpstreamProtocol,
-        tls: Option<&UpstreamTls>,
-        pin: Option<&Endpoint>,
-    ) -> UpstreamClient {
-        let default_tls = UpstreamTls {
-            server_name: None,
-            trust: Trust::PublicRoots,
-        };
-        let connector = match crate::tls::upstream::client_config(tls.unwrap_or(&default_tls))
-        {
-            Ok(config) => HttpsConnectorBuilder::new().with_tls_config(config),
-            Err(err) => {
-                // Only reachable through a rustls bug (versions and provider are fixed):
-                // fail closed, verifying against the public roots.
-                tracing::error!(error = %err, "upstream TLS settings unusable; verifying against the public roots");
-                HttpsConnectorBuilder::new().with_webpki_roots()
-            }
-        }
-        .https_or_http();
-        // The name checked is the configured one, else the upstream's host: for a pinned
-        // client that is the endpoint's, not the routed authority its URIs carry.
-        let name = tls
-            .and_then(|t| t.server_name.as_deref())
-            .or_else(|| pin.map(|e| e.authority().host()));
-        let connector = match name.map(|n| ServerName::try_from(n.to_owned())) {
-            Some(Ok(name)) => {
-                connector.with_server_name_resolver(FixedServerNameResolver::new(name))
-            }
-            _ => connector,
-        };
-        let tcp = match pin {
-            Some(endpoint) => {
-                RetryingConnector::pinned(self.fresh.clone(), endpoint.authority().clone())
-            }
-            None => RetryingConnector::new(self.fresh.clone()),
-        };
-        let connector = match protocol {
-            UpstreamProtocol::Http1 => connector.enable_http1().wrap_connector(tcp),
-            UpstreamProtocol::H2c => connector.enable_http2().wrap_connector(tcp),
-        };
-        pooled(protocol).build(connector)
-    }
-
     /// Replaces the routing table with one built from `specs` (oldest first).
     pub fn apply_routes(&self, specs: &[RouteSpec]) {
         let mut clients = self
@@ -253,6 +183,12 @@ impl Proxy {
                     .iter()
                     .any(|s| s.protocol == *protocol && s.upstream_tls == *tls)
         });
+        let pools: HashMap<_, _> = self
+            .table
+            .load()
+            .values()
+            .map(|r| (r.spec.id.clone(), r.http1.clone()))
+            .collect();
         let table = RouteTable::build_rules(specs.iter().map(|spec| {
             // A route's `0s` turns the wait's deadline off: the request is held until it is
             // served, the client leaves, or the request timeout passes.
@@ -290,6 +226,8 @@ impl Proxy {
                 config_map_bodies,
                 statics,
                 client: self.client_for(&mut clients, spec.protocol, spec.upstream_tls.as_ref()),
+                // A route keeps its idle connections across table rebuilds.
+                http1: pools.get(&spec.id).cloned().unwrap_or_default(),
                 awaiting_ready: AtomicBool::new(false),
                 load: self.loads.get(&spec.id),
                 endpoints: self.provider.endpoints(&spec.target),
@@ -323,15 +261,28 @@ impl Proxy {
     }
 
     /// Applies every route set the provider publishes, until the provider goes away.
+    /// Idle upstream connections past their idle timeout are closed as this goes.
     pub async fn follow_routes(self: Arc<Self>) {
         let mut rx = self.provider.routes();
+        let mut sweep = tokio::time::interval(Duration::from_secs(30));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let specs = rx.borrow_and_update().clone();
             if let Some(specs) = specs {
                 self.apply_routes(&specs);
             }
-            if rx.changed().await.is_err() {
-                return;
+            loop {
+                tokio::select! {
+                    changed = rx.changed() => match changed {
+                        Ok(()) => break,
+                        Err(_) => return,
+                    },
+                    _ = sweep.tick() => {
+                        for route in self.table.load().values() {
+                            route.http1.sweep();
+                        }
+                    }
+                }
             }
         }
     }
@@ -489,18 +440,18 @@ impl Proxy {
             },
         };
         match outcome {
-            Ok((rsp, Some(tunnel))) => {
+            Ok((rsp, Some(tunnel), _)) => {
                 let (parts, _) = rsp.into_parts();
                 done.code = parts.status;
                 // The tunnel is in flight until either side closes it: it keeps the route awake.
                 tokio::spawn(tunnel.run(done));
                 Response::from_parts(parts, ProxyBody::default())
             }
-            Ok((rsp, None)) => {
+            Ok((rsp, None, conn)) => {
                 let (parts, body) = rsp.into_parts();
                 done.code = parts.status;
                 let cut_at = deadline.map(|(at, _)| at);
-                Response::from_parts(parts, ProxyBody::upstream(body, done, cut_at))
+                Response::from_parts(parts, ProxyBody::upstream(body, conn, done, cut_at))
             }
             Err(mut err) => {
                 if let (
@@ -541,7 +492,7 @@ impl Proxy {
         authority: RoutedAuthority,
         client: &ClientConn,
         done: &mut Completion,
-    ) -> Result<(Response<Incoming>, Option<Tunnel>), ProxyError> {
+    ) -> Result<(Response<Incoming>, Option<Tunnel>, Option<Http1Conn>), ProxyError> {
         let upgrade = match req.version() {
             Version::HTTP_11 => headers::upgrade_protocol(req.headers()),
             _ => None,
@@ -658,22 +609,32 @@ impl Proxy {
         if let (Some(protocol), UpstreamProtocol::Http1) = (&upgrade, route.spec.protocol) {
             headers::set_upgrade(req.headers_mut(), protocol.clone());
         }
-        let pool = match (route.spec.protocol, failed_over) {
+        let upstream = match (route.spec.protocol, failed_over) {
             // HTTP/2: the URI carries the routed authority, so the client is the endpoint's.
-            (UpstreamProtocol::H2c, false) => {
-                self.h2_client_for(route.spec.upstream_tls.as_ref(), &acquired.endpoint)
-            }
+            (UpstreamProtocol::H2c, false) => Upstream::Legacy(Box::new(
+                self.h2_client_for(route.spec.upstream_tls.as_ref(), &acquired.endpoint),
+            )),
             // The failover target is a different service: it is spoken to in the route's
             // protocol, without TLS.
-            (UpstreamProtocol::H2c, true) => self.h2_client_for(None, &acquired.endpoint),
+            (UpstreamProtocol::H2c, true) => {
+                Upstream::Legacy(Box::new(self.h2_client_for(None, &acquired.endpoint)))
+            }
             (UpstreamProtocol::Http1, true) => {
                 let mut clients = self
                     .clients
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                self.client_for(&mut clients, route.spec.protocol, None)
+                Upstream::Legacy(Box::new(self.client_for(
+                    &mut clients,
+                    route.spec.protocol,
+                    None,
+                )))
             }
-            (UpstreamProtocol::Http1, false) => route.client.clone(),
+            // Upgrades need hyper-util's client, which hands the upgraded connection over.
+            (UpstreamProtocol::Http1, false) if upgrade.is_some() || tls => {
+                Upstream::Legacy(Box::new(route.client.clone()))
+            }
+            (UpstreamProtocol::Http1, false) => Upstream::Http1(&route.http1, &self.connector),
         };
         // The response-header timeout starts once the request body is sent in full, so a slow
         // upload to a healthy upstream is not cut (as in the add-on and Go's
@@ -701,14 +662,14 @@ impl Proxy {
         });
         let sent = async {
             let send = async {
-                match pool.request(req).await {
-                    Err(err) if closed_before_response(&err) => match replay {
+                match upstream.send(&acquired.endpoint, req).await {
+                    Err(err) if err.closed_before_response() => match replay {
                         Some(again) => {
-                            tracing::debug!(error = %err, "upstream closed the connection before answering; sending again");
-                            match pool.request(again).await {
+                            tracing::debug!(error = ?err, "upstream closed the connection before answering; sending again");
+                            match upstream.send(&acquired.endpoint, again).await {
                                 // The upstream is gone (it closed because it exited): the
                                 // first failure is the one to report.
-                                Err(again) if again.is_connect() => Err(err),
+                                Err(SendError::Connect(_)) => Err(err),
                                 other => other,
                             }
                         }
@@ -722,8 +683,8 @@ impl Proxy {
                 () = header_timeout => Err(()),
             }
         };
-        let endpoint = acquired.endpoint;
         let sent = sent.await;
+        let endpoint = acquired.endpoint;
         if let Some(fault) = body_watch.fault() {
             // Whatever the upstream client made of it, the client broke the exchange.
             if sent.as_ref().map_or(true, |rsp| rsp.is_err()) {
@@ -733,10 +694,10 @@ impl Proxy {
                 });
             }
         }
-        let mut rsp = match sent {
-            Ok(Ok(rsp)) => rsp,
-            Ok(Err(source)) if source.is_connect() => {
-                if let Some(tls) = error::tls_failure(&source) {
+        let (mut rsp, conn) = match sent {
+            Ok(Ok(sent)) => sent,
+            Ok(Err(SendError::Connect(source))) => {
+                if let Some(tls) = error::tls_failure(&*source) {
                     return Err(ProxyError::UpstreamTls {
                         route: route.spec.id.clone(),
                         endpoint: endpoint.to_string(),
@@ -749,7 +710,7 @@ impl Proxy {
                     source,
                 });
             }
-            Ok(Err(source)) => {
+            Ok(Err(SendError::Exchange(source))) => {
                 return Err(ProxyError::Upstream {
                     route: route.spec.id.clone(),
                     endpoint: endpoint.to_string(),
@@ -795,150 +756,8 @@ impl Proxy {
             rsp.headers_mut()
                 .insert(FAILOVER_HEADER, HeaderValue::from_static("true"));
         }
-        Ok((rsp, tunnel))
+        Ok((rsp, tunnel, conn))
     }
-
-    /// Gets an endpoint for a request: at once when one is ready, otherwise by holding the
-    /// request until one is (or the deadline passes). Holding raises the wake signal.
-    async fn acquire(
-        &self,
-        route: &Arc<RouteState>,
-        deadline: Instant,
-        client: Option<&ClientConn>,
-        wants_html: bool,
-    ) -> Result<Acquired, ProxyError> {
-        let cap = route.spec.max_in_flight_per_endpoint;
-        if let Some((endpoint, lease)) = route.load.pick(&route.endpoints.borrow(), cap) {
-            self.metrics
-                .cold_start_outcome(&route.spec.id, "warm", Duration::ZERO);
-            return Ok(Acquired {
-                endpoint,
-                lease,
-                waited: None,
-            });
-        }
-
-        let held_at = Instant::now();
-        let cold_response = route.cold_response_for(wants_html);
-        // `overflow: Placeholder` holds up to a cap and answers only the overflow; without any
-        // cap there is no overflow, and the placeholder answers at once.
-        let on_overflow = route.spec.cold_response_on_overflow
-            && route
-                .spec
-                .max_held
-                .or(self.settings.default_max_held)
-                .is_some();
-        if let (Some(response), false) = (cold_response, on_overflow) {
-            // Answer at once, but the wake goes on.
-            self.provider.wake(&route.spec.target);
-            self.wakes.publish(&route.spec.id, &route.spec.target);
-            return Err(ProxyError::Waking {
-                route: route.spec.id.clone(),
-                target: route.spec.target.clone(),
-                response: Box::new(response.clone()),
-            });
-        }
-        let (_total, _held, first) = match (self.admit_hold(route), cold_response) {
-            // Held up to the cap; only the overflow gets the placeholder.
-            (Err(ProxyError::Overloaded { .. }), Some(response)) => {
-                self.provider.wake(&route.spec.target);
-                return Err(ProxyError::Waking {
-                    route: route.spec.id.clone(),
-                    target: route.spec.target.clone(),
-                    response: Box::new(response.clone()),
-                });
-            }
-            (Err(err @ ProxyError::Overloaded { .. }), None) => {
-                self.metrics.cold_start_rejection(&route.spec.id);
-                return Err(err);
-            }
-            (other, _) => other?,
-        };
-        self.provider.wake(&route.spec.target);
-        if first {
-            route.awaiting_ready.store(true, Ordering::Relaxed);
-            self.wakes.publish(&route.spec.id, &route.spec.target);
-        }
-        let mut ready = route.endpoints.clone();
-        let wait = async {
-            // A target whose set can no longer change (fixed upstreams, or one the provider
-            // dropped) can still free a per-endpoint slot.
-            let mut fixed = false;
-            loop {
-                // Register for a lease release before looking, so none is missed in between.
-                let released = route.load.released();
-                tokio::pin!(released);
-                released.as_mut().enable();
-                if let Some(picked) = route.load.pick(&ready.borrow_and_update(), cap) {
-                    return picked;
-                }
-                tokio::select! {
-                    changed = ready.changed(), if !fixed => fixed = changed.is_err(),
-                    () = &mut released => {}
-                }
-            }
-        };
-        // Hyper does not read the body of a held request, so it cannot see the client leave:
-        // watch the socket for that, to drop the request (and its counts) at once.
-        let client_gone = async {
-            let Some(client) = client else {
-                return std::future::pending::<()>().await;
-            };
-            if let Err(err) = client.closed().await {
-                tracing::debug!(error = %err, "cannot watch the client connection");
-                std::future::pending::<()>().await;
-            }
-        };
-        let outcome = tokio::select! {
-            outcome = tokio::time::timeout_at(deadline, wait) => outcome,
-            () = client_gone => {
-                self.metrics
-                    .cold_start_outcome(&route.spec.id, "cancelled", held_at.elapsed());
-                return Err(ProxyError::ClientGone {
-                    route: route.spec.id.clone(),
-                    waited: round_to_ms(held_at.elapsed()),
-                })
-            }
-        };
-        match outcome {
-            Ok((endpoint, lease)) => {
-                if route.awaiting_ready.swap(false, Ordering::Relaxed) {
-                    self.wakes.publish_ready(&route.spec.id, &route.spec.target);
-                }
-                self.metrics
-                    .cold_start_outcome(&route.spec.id, "waited", held_at.elapsed());
-                Ok(Acquired {
-                    endpoint,
-                    lease,
-                    waited: Some(held_at.elapsed()),
-                })
-            }
-            Err(_elapsed) => {
-                let ready = route.endpoints.borrow().as_slice().len();
-                let waited = round_to_ms(held_at.elapsed());
-                self.metrics
-                    .cold_start_outcome(&route.spec.id, "timeout", held_at.elapsed());
-                Err(match cap {
-                    Some(cap) if ready > 0 => ProxyError::CapacityTimeout {
-                        route: route.spec.id.clone(),
-                        target: route.spec.target.clone(),
-                        ready,
-                        cap,
-                        waited,
-                    },
-                    _ => ProxyError::ReadinessTimeout {
-                        route: route.spec.id.clone(),
-                        target: route.spec.target.clone(),
-                        waited,
-                    },
-                })
-            }
-        }
-    }
-}
-
-fn round_to_ms(d: Duration) -> Duration {
-    Duration::from_millis(d.as_millis().try_into().unwrap_or(u64::MAX))
 }
 
 impl RouteState {
@@ -996,54 +815,6 @@ impl Tunnel {
         }
         drop(done);
     }
-}
-
-/// One held request counted against the total cap.
-struct TotalHeld(Arc<std::sync::atomic::AtomicUsize>);
-
-impl Drop for TotalHeld {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl Proxy {
-    /// Admits one more held request under the route's cap and the total cap, or says which
-    /// cap is full. Memory for held requests stays bounded by the caps.
-    /// Returns both guards and whether this is the route's first held request.
-    fn admit_hold(
-        &self,
-        route: &RouteState,
-    ) -> Result<(TotalHeld, crate::load::Held, bool), ProxyError> {
-        let overloaded = |limit: String| ProxyError::Overloaded {
-            route: route.spec.id.clone(),
-            target: route.spec.target.clone(),
-            limit,
-        };
-        // Counted first, then checked: concurrent requests cannot both slip under a cap.
-        let (held, before) = route.load.hold();
-        if let Some(cap) = route.spec.max_held.or(self.settings.default_max_held) {
-            if before >= cap.get() as u64 {
-                return Err(overloaded(format!("route cap {cap}")));
-            }
-        }
-        let total_before = self.held_total.fetch_add(1, Ordering::AcqRel);
-        let total = TotalHeld(self.held_total.clone());
-        if total_before >= self.settings.max_held_total {
-            return Err(overloaded(format!(
-                "total cap {}",
-                self.settings.max_held_total
-            )));
-        }
-        Ok((total, held, before == 0))
-    }
-}
-
-struct Acquired {
-    endpoint: Endpoint,
-    lease: Option<EndpointLease>,
-    /// How long the request was held; `None` when an endpoint was ready at once.
-    waited: Option<Duration>,
 }
 
 /// Requests refused before routing, so nothing of them is forwarded: tunnels, and transfer
@@ -1126,178 +897,6 @@ fn routed_authority<B>(req: &Request<B>) -> Result<RoutedAuthority, ProxyError> 
         (None, Version::HTTP_2 | Version::HTTP_3) => bad("no :authority and no Host header"),
         (None, _) => bad("no Host header"),
     }
-}
-
-/// Rewrites a client request for `endpoint`: absolute URI for the pooled client, HTTP/1.1, the
-/// routed authority as Host, hop-by-hop headers removed, forwarding headers set, and the body
-/// watched on its way up.
-#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
-fn upstream_request(
-    req: Request<Incoming>,
-    authority: &RoutedAuthority,
-    endpoint: &Endpoint,
-    client: &ClientConn,
-    trusted: bool,
-    protocol: UpstreamProtocol,
-    tls: bool,
-    min_body_rate: Option<MinRate>,
-) -> (Request<RequestBody>, Arc<body::BodyWatch>) {
-    let (mut parts, body) = req.into_parts();
-    let host = authority.0.clone();
-    // gRPC streams may be quiet for minutes by design: no minimum rate for them.
-    let grpc = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    let (body, watch) = RequestBody::new(body, min_body_rate.filter(|_| !grpc));
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(if tls { Scheme::HTTPS } else { Scheme::HTTP });
-    // HTTP/1.1 is sent in origin form with the Host header; the URI's authority picks the
-    // pooled connection. HTTP/2 sends the URI's authority as `:authority`, so it is the routed
-    // one (its client is pinned to the endpoint).
-    uri.authority = match (protocol, host.as_ref().and_then(|h| h.to_str().ok())) {
-        (UpstreamProtocol::H2c, Some(host)) => http::uri::Authority::try_from(host).ok(),
-        _ => None,
-    }
-    .or_else(|| Some(endpoint.authority().clone()));
-    uri.path_and_query = Some(
-        parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/")),
-    );
-    // Scheme, authority and path are all set, so this cannot fail.
-    parts.uri = Uri::from_parts(uri).unwrap_or_default();
-    // gRPC needs `te: trailers` end to end; it is the one TE value HTTP/2 allows.
-    let te_trailers = parts
-        .headers
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    headers::strip_hop_by_hop(&mut parts.headers);
-    parts.version = match protocol {
-        UpstreamProtocol::Http1 => Version::HTTP_11,
-        UpstreamProtocol::H2c => {
-            if te_trailers {
-                parts
-                    .headers
-                    .insert(header::TE, HeaderValue::from_static("trailers"));
-            }
-            Version::HTTP_2
-        }
-    };
-    match &host {
-        Some(host) => {
-            parts.headers.insert(header::HOST, host.clone());
-        }
-        None => {
-            parts.headers.remove(header::HOST);
-        }
-    }
-    headers::set_forwarded(
-        &mut parts.headers,
-        client.remote().ip(),
-        trusted,
-        if client.is_tls() { "https" } else { "http" },
-        host.as_ref(),
-    );
-    (Request::from_parts(parts, body), watch)
-}
-
-/// The ready endpoint a request's session cookie names, if the cookie is well formed, not past
-/// the route's absolute timeout, and its endpoint is still ready.
-fn pinned_endpoint(
-    session: &crate::provider::SessionAffinity,
-    headers: &http::HeaderMap,
-    ready: &watch::Receiver<ReadyEndpoints>,
-) -> Option<Endpoint> {
-    let value = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == &*session.cookie)
-        .map(|(_, value)| value.trim_matches('"'))?;
-    let (id, issued) = value.split_once('.')?;
-    let issued: u64 = issued.parse().ok()?;
-    if let Some(timeout) = session.absolute_timeout {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .ok()?
-            .as_secs();
-        if now.saturating_sub(issued) > timeout.as_secs() {
-            return None;
-        }
-    }
-    ready
-        .borrow()
-        .as_slice()
-        .iter()
-        .find(|e| crate::provider::session_id(e) == id)
-        .cloned()
-}
-
-/// The Set-Cookie value pinning a session to `endpoint`: `<endpoint id>.<issued unix seconds>`,
-/// HttpOnly, SameSite=Lax, Path=/, and Secure when the client's connection is HTTPS.
-fn session_cookie(
-    session: &crate::provider::SessionAffinity,
-    endpoint: &Endpoint,
-    https: bool,
-) -> String {
-    let issued = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    format!(
-        "{}={}.{issued}; Path=/; HttpOnly; SameSite=Lax{}",
-        session.cookie,
-        crate::provider::session_id(endpoint),
-        if https { "; Secure" } else { "" }
-    )
-}
-
-/// Methods whose requests may be sent twice (RFC 9110 §9.2.2).
-fn idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
-}
-
-/// Whether an upstream request failed because the connection closed before a response began
-/// (not a connect failure, and not a response that broke off).
-fn closed_before_response(err: &hyper_util::client::legacy::Error) -> bool {
-    use std::error::Error as _;
-    if err.is_connect() {
-        return false;
-    }
-    let mut source = err.source();
-    while let Some(e) = source {
-        if let Some(h) = e.downcast_ref::<hyper::Error>() {
-            if h.is_incomplete_message() || h.is_canceled() {
-                return true;
-            }
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
-            );
-        }
-        source = e.source();
-    }
-    false
-}
-
-/// A client builder with the proxy's pool settings; HTTP/2 targets get HTTP/2 only.
-fn pooled(protocol: UpstreamProtocol) -> hyper_util::client::legacy::Builder {
-    let mut builder = Client::builder(TokioExecutor::new());
-    builder
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .http2_only(protocol == UpstreamProtocol::H2c);
-    builder
 }
 
 /// A request's bookkeeping, ended when the response body ends or is dropped: the in-flight

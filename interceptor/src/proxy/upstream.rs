@@ -1,0 +1,490 @@
+//! The way up: the request rewritten for its endpoint, and the clients that carry it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::uri::{PathAndQuery, Scheme};
+use http::{header, HeaderValue, Method, Request, Uri, Version};
+use hyper::body::Incoming;
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls_pki_types::ServerName;
+use tokio::time::Instant;
+
+use super::body::{self, MinRate, RequestBody};
+use super::headers;
+use super::{Proxy, RoutedAuthority};
+use crate::client_conn::ClientConn;
+use crate::connect::RetryingConnector;
+use crate::provider::{Endpoint, Trust, UpstreamProtocol, UpstreamTls};
+
+/// A pooled upstream client. Every client can speak TLS; only `https` URIs do.
+pub(super) type UpstreamClient = Client<HttpsConnector<RetryingConnector>, RequestBody>;
+
+/// What keys a pooled client: the protocol, and the TLS settings if any.
+pub(super) type ClientKey = (UpstreamProtocol, Option<UpstreamTls>);
+
+impl Proxy {
+    /// The pooled client for `protocol` and `tls`, made on first use.
+    pub(super) fn client_for(
+        &self,
+        clients: &mut HashMap<ClientKey, UpstreamClient>,
+        protocol: UpstreamProtocol,
+        tls: Option<&UpstreamTls>,
+    ) -> UpstreamClient {
+        let key = (protocol, tls.cloned());
+        if let Some(client) = clients.get(&key) {
+            return client.clone();
+        }
+        let client = self.build_client(protocol, tls, None);
+        clients.insert(key, client.clone());
+        client
+    }
+
+    /// The HTTP/2 client for `endpoint`, made on first use.
+    pub(super) fn h2_client_for(
+        &self,
+        tls: Option<&UpstreamTls>,
+        endpoint: &Endpoint,
+    ) -> UpstreamClient {
+        let key = ((UpstreamProtocol::H2c, tls.cloned()), endpoint.clone());
+        if let Some(client) = self.h2_clients.get(&key) {
+            return client.clone();
+        }
+        if self.h2_clients.len() >= 4096 {
+            // Endpoints come and go with pods: forget them all now and then (requests in flight
+            // hold their own clients; idle connections close on their own).
+            self.h2_clients.clear();
+        }
+        let client = self.build_client(UpstreamProtocol::H2c, tls, Some(endpoint));
+        self.h2_clients.insert(key, client.clone());
+        client
+    }
+
+    pub(super) fn build_client(
+        &self,
+        protocol: UpstreamProtocol,
+        tls: Option<&UpstreamTls>,
+        pin: Option<&Endpoint>,
+    ) -> UpstreamClient {
+        let default_tls = UpstreamTls {
+            server_name: None,
+            trust: Trust::PublicRoots,
+        };
+        let connector = match crate::tls::upstream::client_config(tls.unwrap_or(&default_tls))
+        {
+            Ok(config) => HttpsConnectorBuilder::new().with_tls_config(config),
+            Err(err) => {
+                // Only reachable through a rustls bug (versions and provider are fixed):
+                // fail closed, verifying against the public roots.
+                tracing::error!(error = %err, "upstream TLS settings unusable; verifying against the public roots");
+                HttpsConnectorBuilder::new().with_webpki_roots()
+            }
+        }
+        .https_or_http();
+        // The name checked is the configured one, else the upstream's host: for a pinned
+        // client that is the endpoint's, not the routed authority its URIs carry.
+        let name = tls
+            .and_then(|t| t.server_name.as_deref())
+            .or_else(|| pin.map(|e| e.authority().host()));
+        let connector = match name.map(|n| ServerName::try_from(n.to_owned())) {
+            Some(Ok(name)) => {
+                connector.with_server_name_resolver(FixedServerNameResolver::new(name))
+            }
+            _ => connector,
+        };
+        let tcp = match pin {
+            Some(endpoint) => {
+                RetryingConnector::pinned(self.fresh.clone(), endpoint.authority().clone())
+            }
+            None => RetryingConnector::new(self.fresh.clone()),
+        };
+        let connector = match protocol {
+            UpstreamProtocol::Http1 => connector.enable_http1().wrap_connector(tcp),
+            UpstreamProtocol::H2c => connector.enable_http2().wrap_connector(tcp),
+        };
+        pooled(protocol).build(connector)
+    }
+}
+
+/// Rewrites a client request for `endpoint`: absolute URI for the pooled client, HTTP/1.1, the
+/// routed authority as Host, hop-by-hop headers removed, forwarding headers set, and the body
+/// watched on its way up.
+#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
+pub(super) fn upstream_request(
+    req: Request<Incoming>,
+    authority: &RoutedAuthority,
+    endpoint: &Endpoint,
+    client: &ClientConn,
+    trusted: bool,
+    protocol: UpstreamProtocol,
+    tls: bool,
+    min_body_rate: Option<MinRate>,
+) -> (Request<RequestBody>, Arc<body::BodyWatch>) {
+    let (mut parts, body) = req.into_parts();
+    let host = authority.0.clone();
+    // gRPC streams may be quiet for minutes by design: no minimum rate for them.
+    let grpc = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let (body, watch) = RequestBody::new(body, min_body_rate.filter(|_| !grpc));
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(if tls { Scheme::HTTPS } else { Scheme::HTTP });
+    // HTTP/1.1 is sent in origin form with the Host header; the URI's authority picks the
+    // pooled connection. HTTP/2 sends the URI's authority as `:authority`, so it is the routed
+    // one (its client is pinned to the endpoint).
+    uri.authority = match (protocol, host.as_ref().and_then(|h| h.to_str().ok())) {
+        (UpstreamProtocol::H2c, Some(host)) => http::uri::Authority::try_from(host).ok(),
+        _ => None,
+    }
+    .or_else(|| Some(endpoint.authority().clone()));
+    uri.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    // Scheme, authority and path are all set, so this cannot fail.
+    parts.uri = Uri::from_parts(uri).unwrap_or_default();
+    // gRPC needs `te: trailers` end to end; it is the one TE value HTTP/2 allows.
+    let te_trailers = parts
+        .headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    headers::strip_hop_by_hop(&mut parts.headers);
+    parts.version = match protocol {
+        UpstreamProtocol::Http1 => Version::HTTP_11,
+        UpstreamProtocol::H2c => {
+            if te_trailers {
+                parts
+                    .headers
+                    .insert(header::TE, HeaderValue::from_static("trailers"));
+            }
+            Version::HTTP_2
+        }
+    };
+    match &host {
+        Some(host) => {
+            parts.headers.insert(header::HOST, host.clone());
+        }
+        None => {
+            parts.headers.remove(header::HOST);
+        }
+    }
+    headers::set_forwarded(
+        &mut parts.headers,
+        client.remote().ip(),
+        trusted,
+        if client.is_tls() { "https" } else { "http" },
+        host.as_ref(),
+    );
+    (Request::from_parts(parts, body), watch)
+}
+
+/// Methods whose requests may be sent twice (RFC 9110 §9.2.2).
+pub(super) fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// A client builder with the proxy's pool settings; HTTP/2 targets get HTTP/2 only.
+pub(super) fn pooled(protocol: UpstreamProtocol) -> hyper_util::client::legacy::Builder {
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .http2_only(protocol == UpstreamProtocol::H2c);
+    builder
+}
+/// An upstream failure: the connection could not be made, or the exchange on it failed.
+#[derive(Debug)]
+pub(super) enum SendError {
+    Connect(BoxError),
+    Exchange(BoxError),
+}
+
+/// What an upstream client's failure carries.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl SendError {
+    fn from_legacy(err: hyper_util::client::legacy::Error) -> Self {
+        if err.is_connect() {
+            Self::Connect(Box::new(err))
+        } else {
+            Self::Exchange(Box::new(err))
+        }
+    }
+
+    /// Whether the connection closed before a response began (not a connect failure, and not
+    /// a response that broke off).
+    pub(super) fn closed_before_response(&self) -> bool {
+        let Self::Exchange(err) = self else {
+            return false;
+        };
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&**err);
+        while let Some(e) = next {
+            if let Some(h) = e.downcast_ref::<hyper::Error>() {
+                if h.is_incomplete_message() || h.is_canceled() {
+                    return true;
+                }
+            }
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                return matches!(
+                    io.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                );
+            }
+            next = e.source();
+        }
+        false
+    }
+}
+
+/// How a request reaches its endpoint.
+pub(super) enum Upstream<'a> {
+    /// Plaintext HTTP/1.1: a route's own pool of `client::conn` connections, each driven by
+    /// the request using it, in its client connection's task.
+    Http1(&'a Arc<Http1Pool>, &'a RetryingConnector),
+    /// hyper-util's pooled client: TLS, h2c, upgrades and failover.
+    Legacy(Box<UpstreamClient>),
+}
+
+impl Upstream<'_> {
+    /// Sends `req` to `endpoint` and waits for the response head. An `Http1Conn` comes back
+    /// with a response from the route's pool: the response body drives it.
+    pub(super) async fn send(
+        &self,
+        endpoint: &Endpoint,
+        req: Request<RequestBody>,
+    ) -> Result<(hyper::Response<Incoming>, Option<Http1Conn>), SendError> {
+        match self {
+            Self::Legacy(client) => client
+                .request(req)
+                .await
+                .map(|rsp| (rsp, None))
+                .map_err(SendError::from_legacy),
+            Self::Http1(pool, connector) => {
+                let (rsp, conn) = pool.send(connector, endpoint.authority(), req).await?;
+                Ok((rsp, Some(conn)))
+            }
+        }
+    }
+}
+
+/// An idle upstream connection is dropped after this long unused (hyper-util's pool default
+/// is the same).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Idle connections kept per endpoint; more are closed as they come back. Enough for a burst
+/// of keep-alive clients, few enough to bound the file descriptors an idle route keeps.
+const MAX_IDLE_PER_ENDPOINT: usize = 256;
+
+type Io = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+type Sender = hyper::client::conn::http1::SendRequest<RequestBody>;
+type Conn = Pin<Box<hyper::client::conn::http1::Connection<Io, RequestBody>>>;
+
+/// A route's idle plaintext HTTP/1.1 connections, by endpoint. A connection is owned by one
+/// request at a time and polled only by it, so no task or channel sits between a request and
+/// its socket; the lock is taken once to take a connection and once to give it back.
+#[derive(Default)]
+pub(super) struct Http1Pool {
+    idle: std::sync::Mutex<HashMap<http::uri::Authority, Vec<Idle>>>,
+}
+
+impl std::fmt::Debug for Http1Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Http1Pool").finish_non_exhaustive()
+    }
+}
+
+struct Idle {
+    sender: Sender,
+    conn: Conn,
+    since: Instant,
+}
+
+impl Http1Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<http::uri::Authority, Vec<Idle>>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The most recently used idle connection to `endpoint` that is still usable.
+    async fn checkout(&self, endpoint: &http::uri::Authority) -> Option<(Sender, Conn)> {
+        loop {
+            let Idle {
+                mut sender,
+                mut conn,
+                since,
+            } = {
+                let mut idle = self.lock();
+                let list = idle.get_mut(endpoint)?;
+                let found = list.pop()?;
+                if list.is_empty() {
+                    idle.remove(endpoint);
+                }
+                found
+            };
+            if since.elapsed() >= IDLE_TIMEOUT {
+                // The rest are older still.
+                self.lock().remove(endpoint);
+                return None;
+            }
+            // Poll the connection once: it notices a close the upstream sent while it sat
+            // idle, and finishes the previous exchange's bookkeeping so that it is ready.
+            let usable = std::future::poll_fn(|cx| {
+                if conn.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(false);
+                }
+                Poll::Ready(matches!(sender.poll_ready(cx), Poll::Ready(Ok(()))))
+            })
+            .await;
+            if usable {
+                return Some((sender, conn));
+            }
+            tracing::debug!(%endpoint, closed = sender.is_closed(), "idle upstream connection unusable");
+        }
+    }
+
+    fn checkin(&self, endpoint: http::uri::Authority, sender: Sender, conn: Conn) {
+        let now = Instant::now();
+        let mut idle = self.lock();
+        let list = idle.entry(endpoint).or_default();
+        if list
+            .first()
+            .is_some_and(|oldest| now.duration_since(oldest.since) >= IDLE_TIMEOUT)
+        {
+            list.retain(|c| now.duration_since(c.since) < IDLE_TIMEOUT);
+        }
+        if list.len() < MAX_IDLE_PER_ENDPOINT {
+            list.push(Idle {
+                sender,
+                conn,
+                since: now,
+            });
+        }
+    }
+
+    /// Closes the connections idle for longer than the idle timeout.
+    pub(super) fn sweep(&self) {
+        let now = Instant::now();
+        self.lock().retain(|_, list| {
+            list.retain(|c| now.duration_since(c.since) < IDLE_TIMEOUT);
+            !list.is_empty()
+        });
+    }
+
+    async fn connect(
+        connector: &RetryingConnector,
+        endpoint: &http::uri::Authority,
+    ) -> Result<(Sender, Conn), SendError> {
+        let uri = Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(endpoint.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| SendError::Connect(Box::new(e)))?;
+        let io = tower::Service::call(&mut connector.clone(), uri)
+            .await
+            .map_err(SendError::Connect)?;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| SendError::Connect(Box::new(e)))?;
+        Ok((sender, Box::pin(conn)))
+    }
+
+    /// Sends `req` on an idle connection to `endpoint`, or a new one, driving the connection
+    /// until the response head arrives.
+    async fn send(
+        self: &Arc<Self>,
+        connector: &RetryingConnector,
+        endpoint: &http::uri::Authority,
+        mut req: Request<RequestBody>,
+    ) -> Result<(hyper::Response<Incoming>, Http1Conn), SendError> {
+        // `client::conn` writes the URI as given: origin form, as the request line wants it.
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(path);
+        let (mut sender, mut conn) = match self.checkout(endpoint).await {
+            Some(idle) => idle,
+            None => Self::connect(connector, endpoint).await?,
+        };
+        let mut response = std::pin::pin!(sender.send_request(req));
+        let mut ended = false;
+        let rsp = std::future::poll_fn(|cx| {
+            if let Poll::Ready(rsp) = response.as_mut().poll(cx) {
+                return Poll::Ready(rsp);
+            }
+            if !ended && conn.as_mut().poll(cx).is_ready() {
+                // The connection is done; the response (or why there is none) is final now.
+                ended = true;
+                return response.as_mut().poll(cx);
+            }
+            Poll::Pending
+        })
+        .await
+        .map_err(|e| SendError::Exchange(Box::new(e)))?;
+        let reusable = http_body::Body::is_end_stream(rsp.body());
+        Ok((
+            rsp,
+            Http1Conn {
+                live: (!ended).then_some((sender, conn)),
+                pool: self.clone(),
+                endpoint: endpoint.clone(),
+                reusable,
+            },
+        ))
+    }
+}
+
+/// A connection carrying a response body: the body polls it, and it goes back to its pool when
+/// the body has ended with the connection still open.
+pub struct Http1Conn {
+    /// `None` once the connection has closed.
+    live: Option<(Sender, Conn)>,
+    pool: Arc<Http1Pool>,
+    endpoint: http::uri::Authority,
+    reusable: bool,
+}
+
+impl Http1Conn {
+    /// Drives the connection: reads the response body into its channel and writes what is
+    /// left of the request body.
+    pub(super) fn poll(&mut self, cx: &mut Context<'_>) {
+        if let Some((_, conn)) = &mut self.live {
+            if conn.as_mut().poll(cx).is_ready() {
+                self.live = None;
+            }
+        }
+    }
+
+    /// The response body has ended: the connection may take another request.
+    pub(super) fn body_ended(&mut self) {
+        self.reusable = true;
+    }
+}
+
+impl Drop for Http1Conn {
+    fn drop(&mut self) {
+        if let (true, Some((sender, conn))) = (self.reusable, self.live.take()) {
+            if !sender.is_closed() {
+                self.pool.checkin(self.endpoint.clone(), sender, conn);
+            }
+        }
+    }
+}
