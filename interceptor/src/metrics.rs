@@ -10,7 +10,9 @@ use std::time::Duration;
 use http::{Method, StatusCode};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
 
 use crate::load::Loads;
 
@@ -150,6 +152,21 @@ impl ProxyMetrics {
         Ok(metrics)
     }
 
+    /// The handles of `route`'s per-request series, resolved now so that a request costs no
+    /// label hashing (made when the route table is built).
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        let (namespace, name) = addon_route(route);
+        RouteMetrics {
+            duration: self.duration.with_label_values(&[route]),
+            warm: self
+                .addon_cold_start
+                .with_label_values(&[name, namespace, "warm"]),
+            answered: arc_swap::ArcSwap::from_pointee(Vec::new()),
+            metrics: self.clone(),
+            route: route.into(),
+        }
+    }
+
     /// Records one answered request; `cold` when it waited for a cold start.
     pub fn request(
         &self,
@@ -159,14 +176,18 @@ impl ProxyMetrics {
         elapsed: Duration,
         cold: bool,
     ) {
+        let seconds = elapsed.as_secs_f64();
+        if !route.is_empty() {
+            self.duration.with_label_values(&[route]).observe(seconds);
+        }
+        self.answered(route, method, code, seconds, cold);
+    }
+
+    /// The series keyed by method and code, looked up by label.
+    fn answered(&self, route: &str, method: &Method, code: StatusCode, seconds: f64, cold: bool) {
         self.requests
             .with_label_values(&[route, method_label(method), code.as_str()])
             .inc();
-        if !route.is_empty() {
-            self.duration
-                .with_label_values(&[route])
-                .observe(elapsed.as_secs_f64());
-        }
         let (namespace, name) = addon_route(route);
         let labels = [
             code.as_str(),
@@ -178,7 +199,7 @@ impl ProxyMetrics {
         self.addon_requests.with_label_values(&labels).inc();
         self.addon_duration
             .with_label_values(&labels)
-            .observe(elapsed.as_secs_f64());
+            .observe(seconds);
     }
 
     /// Records how a request's wait for an endpoint ended: `warm` (none needed), `waited`,
@@ -222,6 +243,94 @@ impl ProxyMetrics {
     }
 }
 
+/// One route's per-request series. The ones keyed by method, code and cold start are resolved on
+/// first use and kept in a small copy-on-write list (a lock-free read); past
+/// [`RouteMetrics::MAX_ANSWERED`] combinations they are looked up by label each time.
+pub struct RouteMetrics {
+    duration: Histogram,
+    warm: Histogram,
+    answered: arc_swap::ArcSwap<Vec<(u32, Answered)>>,
+    metrics: ProxyMetrics,
+    route: Box<str>,
+}
+
+/// The series one kind of answer (method, code, cold start) updates.
+#[derive(Clone)]
+struct Answered {
+    requests: IntCounter,
+    addon_requests: IntCounter,
+    addon_duration: Histogram,
+}
+
+impl Answered {
+    fn record(&self, seconds: f64) {
+        self.requests.inc();
+        self.addon_requests.inc();
+        self.addon_duration.observe(seconds);
+    }
+}
+
+impl std::fmt::Debug for RouteMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteMetrics")
+            .field("route", &self.route)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RouteMetrics {
+    /// Method, code and cold-start combinations kept resolved per route.
+    const MAX_ANSWERED: usize = 32;
+
+    /// Records one answered request, as [`ProxyMetrics::request`] does.
+    pub fn request(&self, method: &Method, code: StatusCode, elapsed: Duration, cold: bool) {
+        let key = (method_index(method) << 11) | (u32::from(code.as_u16()) << 1) | u32::from(cold);
+        let seconds = elapsed.as_secs_f64();
+        self.duration.observe(seconds);
+        {
+            let list = self.answered.load();
+            if let Some((_, answered)) = list.iter().find(|(k, _)| *k == key) {
+                return answered.record(seconds);
+            }
+            if list.len() >= Self::MAX_ANSWERED {
+                return self
+                    .metrics
+                    .answered(&self.route, method, code, seconds, cold);
+            }
+        }
+        let (namespace, name) = addon_route(&self.route);
+        let labels = [
+            code.as_str(),
+            addon_method(method),
+            name,
+            namespace,
+            if cold { "true" } else { "false" },
+        ];
+        let answered = Answered {
+            requests: self.metrics.requests.with_label_values(&[
+                &*self.route,
+                method_label(method),
+                code.as_str(),
+            ]),
+            addon_requests: self.metrics.addon_requests.with_label_values(&labels),
+            addon_duration: self.metrics.addon_duration.with_label_values(&labels),
+        };
+        answered.record(seconds);
+        self.answered.rcu(|list| {
+            let mut list = Vec::clone(list);
+            if !list.iter().any(|(k, _)| *k == key) {
+                list.push((key, answered.clone()));
+            }
+            list
+        });
+    }
+
+    /// Records a request that needed no wait (the add-on's `warm` outcome).
+    pub fn warm(&self) {
+        self.warm.observe(0.0);
+    }
+}
+
 /// `(route_namespace, route_name)` of a route id: `namespace/name` in Kubernetes, a bare name
 /// (no namespace) in local mode.
 fn addon_route(route: &str) -> (&str, &str) {
@@ -233,6 +342,22 @@ fn addon_method(method: &Method) -> &'static str {
     match method_label(method) {
         "other" => "_OTHER",
         known => known,
+    }
+}
+
+/// A method's place in the standard set (10 for any other), for keys.
+fn method_index(method: &Method) -> u32 {
+    match *method {
+        Method::GET => 0,
+        Method::POST => 1,
+        Method::PUT => 2,
+        Method::DELETE => 3,
+        Method::HEAD => 4,
+        Method::OPTIONS => 5,
+        Method::PATCH => 6,
+        Method::CONNECT => 7,
+        Method::TRACE => 8,
+        _ => 10,
     }
 }
 
@@ -327,5 +452,58 @@ impl Collector for LoadCollector {
         families.extend(self.held.collect());
         families.extend(self.concurrency.collect());
         families
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus::Encoder as _;
+
+    use super::*;
+
+    fn scrape(registry: &Registry) -> String {
+        let mut out = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&registry.gather(), &mut out)
+            .unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    /// A route's resolved handles update exactly the series the label lookups do, past the
+    /// resolved list's bound too.
+    #[test]
+    fn resolved_route_handles_count_what_label_lookups_count() {
+        let (by_label, resolved) = (Registry::new(), Registry::new());
+        let a = ProxyMetrics::register(&by_label, Arc::new(Loads::default())).unwrap();
+        let b = ProxyMetrics::register(&resolved, Arc::new(Loads::default())).unwrap();
+        let route = b.route("ns/app");
+        // Resolving creates the route's series (at zero) in both.
+        let _ = a.route("ns/app");
+        let methods = [
+            Method::GET,
+            Method::POST,
+            Method::from_bytes(b"BREW").unwrap(),
+        ];
+        for i in 0..400u16 {
+            let method = &methods[usize::from(i) % 3];
+            let code = StatusCode::from_u16(200 + i % 40).unwrap();
+            let cold = i % 7 == 0;
+            let elapsed = Duration::from_micros(u64::from(i) * 97);
+            a.request("ns/app", method, code, elapsed, cold);
+            route.request(method, code, elapsed, cold);
+        }
+        assert!(route.answered.load().len() <= RouteMetrics::MAX_ANSWERED);
+        let text = scrape(&resolved);
+        assert!(text.contains("interceptor_request_count_total{code=\"200\",cold_start=\"true\",method=\"GET\",route_name=\"app\",route_namespace=\"ns\"} 1"));
+        assert!(text.contains("method=\"_OTHER\""));
+        let expected = scrape(&by_label);
+        let differ: Vec<_> = expected
+            .lines()
+            .zip(text.lines())
+            .filter(|(a, b)| a != b)
+            .take(5)
+            .collect();
+        assert!(differ.is_empty(), "{differ:#?}");
+        assert_eq!(expected.lines().count(), text.lines().count());
     }
 }

@@ -24,8 +24,7 @@ impl Proxy {
     ) -> Result<Acquired, ProxyError> {
         let cap = route.spec.max_in_flight_per_endpoint;
         if let Some((endpoint, lease)) = route.load.pick(&route.endpoints.borrow(), cap) {
-            self.metrics
-                .cold_start_outcome(&route.spec.id, "warm", Duration::ZERO);
+            route.metrics.warm();
             return Ok(Acquired {
                 endpoint,
                 lease,

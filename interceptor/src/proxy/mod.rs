@@ -40,7 +40,7 @@ use crate::client_conn::ClientConn;
 use crate::connect::{FreshEndpoints, RetryingConnector};
 use crate::events::WakeEvents;
 use crate::load::{EndpointLease, InFlight, Loads, RouteLoad};
-use crate::metrics::ProxyMetrics;
+use crate::metrics::{ProxyMetrics, RouteMetrics};
 use crate::provider::{Endpoint, Provider, ReadyEndpoints, RouteSpec, UpstreamProtocol};
 use crate::routing::RouteTable;
 
@@ -89,6 +89,8 @@ pub struct RouteState {
     client: UpstreamClient,
     /// The route's own plaintext HTTP/1.1 connections, by endpoint.
     http1: Arc<Http1Pool>,
+    /// The route's per-request metric series, resolved when the table is built.
+    metrics: RouteMetrics,
     /// Set when a wake is published, cleared (and a ready event published) when the first held
     /// request is released.
     awaiting_ready: AtomicBool,
@@ -228,6 +230,7 @@ impl Proxy {
                 client: self.client_for(&mut clients, spec.protocol, spec.upstream_tls.as_ref()),
                 // A route keeps its idle connections across table rebuilds.
                 http1: pools.get(&spec.id).cloned().unwrap_or_default(),
+                metrics: self.metrics.route(&spec.id),
                 awaiting_ready: AtomicBool::new(false),
                 load: self.loads.get(&spec.id),
                 endpoints: self.provider.endpoints(&spec.target),
@@ -398,13 +401,9 @@ impl Proxy {
                     route: route.spec.id.clone(),
                     response: Box::new(self.with_body(&route.spec.id, response, req.uri().path())),
                 };
-                self.metrics.request(
-                    &route.spec.id,
-                    req.method(),
-                    err.status(),
-                    start.elapsed(),
-                    false,
-                );
+                route
+                    .metrics
+                    .request(req.method(), err.status(), start.elapsed(), false);
                 return err.to_response();
             }
         }
@@ -520,8 +519,7 @@ impl Proxy {
         let pinned = session.and_then(|s| pinned_endpoint(s, req.headers(), &route.endpoints));
         let uncounted = done.uncounted.clone();
         let acquired = if let Some(endpoint) = pinned.clone() {
-            self.metrics
-                .cold_start_outcome(&route.spec.id, "warm", Duration::ZERO);
+            route.metrics.warm();
             Acquired {
                 endpoint,
                 lease: None,
@@ -935,12 +933,8 @@ impl Completion {
 
 impl Drop for Completion {
     fn drop(&mut self) {
-        self.proxy.metrics.request(
-            &self.route.spec.id,
-            &self.method,
-            self.code,
-            self.start.elapsed(),
-            self.cold,
-        );
+        self.route
+            .metrics
+            .request(&self.method, self.code, self.start.elapsed(), self.cold);
     }
 }
