@@ -180,14 +180,11 @@ impl ProxyMetrics {
         if !route.is_empty() {
             self.duration.with_label_values(&[route]).observe(seconds);
         }
-        self.answered(route, method, code, seconds, cold);
+        self.answered(route, method, code, cold).record(seconds);
     }
 
     /// The series keyed by method and code, looked up by label.
-    fn answered(&self, route: &str, method: &Method, code: StatusCode, seconds: f64, cold: bool) {
-        self.requests
-            .with_label_values(&[route, method_label(method), code.as_str()])
-            .inc();
+    fn answered(&self, route: &str, method: &Method, code: StatusCode, cold: bool) -> Answered {
         let (namespace, name) = addon_route(route);
         let labels = [
             code.as_str(),
@@ -196,10 +193,15 @@ impl ProxyMetrics {
             namespace,
             if cold { "true" } else { "false" },
         ];
-        self.addon_requests.with_label_values(&labels).inc();
-        self.addon_duration
-            .with_label_values(&labels)
-            .observe(seconds);
+        Answered {
+            requests: self.requests.with_label_values(&[
+                route,
+                method_label(method),
+                code.as_str(),
+            ]),
+            addon_requests: self.addon_requests.with_label_values(&labels),
+            addon_duration: self.addon_duration.with_label_values(&labels),
+        }
     }
 
     /// Records how a request's wait for an endpoint ended: `warm` (none needed), `waited`,
@@ -295,26 +297,11 @@ impl RouteMetrics {
             if list.len() >= Self::MAX_ANSWERED {
                 return self
                     .metrics
-                    .answered(&self.route, method, code, seconds, cold);
+                    .answered(&self.route, method, code, cold)
+                    .record(seconds);
             }
         }
-        let (namespace, name) = addon_route(&self.route);
-        let labels = [
-            code.as_str(),
-            addon_method(method),
-            name,
-            namespace,
-            if cold { "true" } else { "false" },
-        ];
-        let answered = Answered {
-            requests: self.metrics.requests.with_label_values(&[
-                &*self.route,
-                method_label(method),
-                code.as_str(),
-            ]),
-            addon_requests: self.metrics.addon_requests.with_label_values(&labels),
-            addon_duration: self.metrics.addon_duration.with_label_values(&labels),
-        };
+        let answered = self.metrics.answered(&self.route, method, code, cold);
         answered.record(seconds);
         self.answered.rcu(|list| {
             let mut list = Vec::clone(list);
