@@ -52,6 +52,15 @@ impl ClientConn {
         self.tls
     }
 
+    /// Peeks at bytes that arrived, without taking them from the socket (hyper reads them later).
+    pub(crate) fn poll_peek(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<usize>> {
+        self.stream.poll_peek(cx, buf)
+    }
+
     /// Completes when the client closes or resets the connection. Fails only when the socket
     /// cannot be duplicated (out of file descriptors); callers then just don't watch.
     pub async fn closed(&self) -> io::Result<()> {

@@ -197,6 +197,13 @@ pub async fn run_until(
         idle_timeout: args.client_idle_timeout,
         max_header_bytes: args.max_header_bytes as usize,
         connections: client_connections,
+        park: None,
+    };
+    // The plaintext listener parks new connections whose first request waits for a cold
+    // target (`server::Park`); TLS connections are held in hyper.
+    let plaintext = ConnectionSettings {
+        park: Some(Arc::new(proxy.clone())),
+        ..connection.clone()
     };
     let stop_proxy = CancellationToken::new();
     let stop_admin = CancellationToken::new();
@@ -209,7 +216,7 @@ pub async fn run_until(
         proxy_listener,
         None,
         handler.clone(),
-        connection.clone(),
+        plaintext,
         stop_proxy.clone(),
         args.drain_timeout,
     ));

@@ -67,6 +67,38 @@ pub struct ConnectionSettings {
     pub max_header_bytes: usize,
     /// The open-connection count and cap shared by the listeners this serves.
     pub connections: Arc<Connections>,
+    /// Who may park a new plaintext connection before hyper serves it (the proxy, for requests
+    /// held at a cold target); `None` parks nothing.
+    pub park: Option<Arc<dyn Park>>,
+}
+
+/// Parking a connection: a new plaintext connection whose first request head is complete in its
+/// first bytes is shown to [`Park::park`] before hyper serves it. A request that would be held
+/// for a cold target is then kept as its bare socket, with the head still unread in the kernel
+/// (it was only peeked), until it can be served: no hyper connection, buffers or request future
+/// exist for it meanwhile. Then hyper serves the connection as if it had just arrived, and the
+/// first request carries what the parking left in its extensions.
+pub trait Park: Send + Sync + 'static {
+    /// A future that ends when the connection should be served (with extensions for its first
+    /// request) or closed (`None`: the client went away); or `None` to serve it at once.
+    fn park(
+        &self,
+        head: Request<()>,
+        client: &ClientConn,
+    ) -> Option<Pin<Box<dyn Future<Output = Option<http::Extensions>> + Send>>>;
+}
+
+impl std::fmt::Debug for dyn Park {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Park")
+    }
+}
+
+/// Largest first read that parking looks at; a head longer than this is served by hyper at once.
+const PEEK_BYTES: usize = 4096;
+
+thread_local! {
+    static PEEK: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0; PEEK_BYTES].into_boxed_slice());
 }
 
 impl ConnectionSettings {
@@ -79,6 +111,7 @@ impl ConnectionSettings {
             idle_timeout: Duration::from_secs(300),
             max_header_bytes: 64 * 1024,
             connections: Arc::new(Connections::new(1024)),
+            park: None,
         }
     }
 }
@@ -383,33 +416,6 @@ where
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let (client, io) = ClientConn::new(stream, remote, tls.is_some());
-        let activity = Arc::new(Activity::new());
-        let service = {
-            let activity = activity.clone();
-            service_fn(move |req: Request<Incoming>| {
-                let active = activity.begin(!req.body().is_end_stream());
-                let rsp = AssertUnwindSafe(handler(req, client.clone())).catch_unwind();
-                async move {
-                    // A panic while handling one request answers that request with a 500 and
-                    // ends nothing else: not the connection, not the process.
-                    let rsp = rsp.await.unwrap_or_else(|panic| {
-                        let what = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| (*s).to_owned())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_default();
-                        tracing::error!(panic = %what, "request handler panicked");
-                        let mut rsp = Response::new(B::default());
-                        *rsp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
-                        rsp
-                    });
-                    Ok::<_, Infallible>(rsp.map(|body| TrackedBody {
-                        body,
-                        active: Some(active),
-                    }))
-                }
-            })
-        };
         let builder = builder.clone();
         let settings = settings.clone();
         let tls = tls.clone();
@@ -418,40 +424,86 @@ where
             let _open = open;
             // One deadline from accept to the first complete request head, whatever the
             // connection spends it on: the TLS handshake, the HTTP/2 preface, the head itself.
-            let first_head = accepted_at + settings.header_read_timeout;
-            let limit = settings.max_header_bytes;
-            let io = match tls {
-                None => Either::Left(io),
-                Some(acceptor) => {
-                    match tokio::time::timeout_at(first_head, acceptor.accept(io)).await {
-                        Ok(Ok(io)) => Either::Right(io),
-                        Ok(Err(err)) => {
-                            tracing::debug!(%remote, error = %err, "TLS handshake failed");
-                            return;
+            let mut first_head = accepted_at + settings.header_read_timeout;
+            let activity = Arc::new(Activity::new());
+            let mut parked = None;
+            if let (None, Some(park)) = (&tls, &settings.park) {
+                match park_first(park.as_ref(), &client, first_head).await {
+                    Parking::Serve(extensions) => parked = extensions,
+                    Parking::Close => return,
+                }
+                // The head is complete (it was peeked); hyper reads it at once.
+                first_head = first_head.max(Instant::now() + settings.header_read_timeout);
+            }
+            // Served in a future of its own, boxed: a parked connection's task holds only what
+            // parking needs, not room for hyper's connection.
+            Box::pin(async move {
+                let first = std::sync::Mutex::new(parked);
+                let service = {
+                    let activity = activity.clone();
+                    service_fn(move |mut req: Request<Incoming>| {
+                        if let Some(parked) = first.lock().ok().and_then(|mut p| p.take()) {
+                            req.extensions_mut().extend(parked);
                         }
-                        Err(_) => {
-                            tracing::debug!(%remote, "TLS handshake timed out");
-                            settings
-                                .connections
-                                .closed_by(CloseReason::HeaderReadTimeout);
-                            return;
+                        let active = activity.begin(!req.body().is_end_stream());
+                        let rsp = AssertUnwindSafe(handler(req, client.clone())).catch_unwind();
+                        async move {
+                            // A panic while handling one request answers that request with a 500 and
+                            // ends nothing else: not the connection, not the process.
+                            let rsp = rsp.await.unwrap_or_else(|panic| {
+                                let what = panic
+                                    .downcast_ref::<&str>()
+                                    .map(|s| (*s).to_owned())
+                                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                                    .unwrap_or_default();
+                                tracing::error!(panic = %what, "request handler panicked");
+                                let mut rsp = Response::new(B::default());
+                                *rsp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                                rsp
+                            });
+                            Ok::<_, Infallible>(rsp.map(|body| TrackedBody {
+                                body,
+                                active: Some(active),
+                            }))
+                        }
+                    })
+                };
+
+                let limit = settings.max_header_bytes;
+                let io = match tls {
+                    None => Either::Left(io),
+                    Some(acceptor) => {
+                        match tokio::time::timeout_at(first_head, acceptor.accept(io)).await {
+                            Ok(Ok(io)) => Either::Right(io),
+                            Ok(Err(err)) => {
+                                tracing::debug!(%remote, error = %err, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%remote, "TLS handshake timed out");
+                                settings
+                                    .connections
+                                    .closed_by(CloseReason::HeaderReadTimeout);
+                                return;
+                            }
                         }
                     }
+                };
+                let io = RequestHeads::new(io, limit, activity.clone());
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+                let served = watch(
+                    conn,
+                    |c| c.graceful_shutdown(),
+                    &activity,
+                    first_head,
+                    &settings,
+                    &stop,
+                );
+                if let Err(err) = served.await {
+                    tracing::debug!(%remote, error = %err, "connection ended with an error");
                 }
-            };
-            let io = RequestHeads::new(io, limit, activity.clone());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-            let served = watch(
-                conn,
-                |c| c.graceful_shutdown(),
-                &activity,
-                first_head,
-                &settings,
-                &stop,
-            );
-            if let Err(err) = served.await {
-                tracing::debug!(%remote, error = %err, "connection ended with an error");
-            }
+            })
+            .await;
         });
     }
     drop(listener);
@@ -467,6 +519,66 @@ where
             abandoned: tracker.len(),
         },
     }
+}
+
+/// How parking a new connection ended.
+enum Parking {
+    /// Serve it; its first request gets these extensions.
+    Serve(Option<http::Extensions>),
+    /// The client went away while it was parked.
+    Close,
+}
+
+/// Peeks at a new connection's first bytes (until `deadline`) and, if they hold a complete
+/// request head that `park` wants, waits as it says. Anything else is served at once: a head
+/// split over several reads, an HTTP/2 preface, garbage (hyper then answers it).
+async fn park_first(park: &dyn Park, client: &ClientConn, deadline: Instant) -> Parking {
+    // The bytes are peeked into a per-thread buffer and parsed at once, so nothing of them is
+    // kept across a wait.
+    let peeked = std::future::poll_fn(|cx| {
+        PEEK.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            let mut read = tokio::io::ReadBuf::new(&mut buf[..]);
+            match client.poll_peek(cx, &mut read) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Err(_)) => Poll::Ready(None),
+                Poll::Ready(Ok(_)) => {
+                    let mut headers = [httparse::EMPTY_HEADER; 64];
+                    let mut parsed = httparse::Request::new(&mut headers);
+                    Poll::Ready(match parsed.parse(read.filled()) {
+                        Ok(httparse::Status::Complete(_)) => head_of(&parsed),
+                        _ => None,
+                    })
+                }
+            }
+        })
+    });
+    let Ok(Some(head)) = tokio::time::timeout_at(deadline, peeked).await else {
+        return Parking::Serve(None);
+    };
+    match park.park(head, client) {
+        None => Parking::Serve(None),
+        Some(wait) => match wait.await {
+            Some(extensions) => Parking::Serve(Some(extensions)),
+            None => Parking::Close,
+        },
+    }
+}
+
+/// A parsed head as an `http::Request`, if every part of it is valid there (hyper checks it
+/// again when it serves the connection).
+fn head_of(parsed: &httparse::Request<'_, '_>) -> Option<Request<()>> {
+    let mut req = Request::builder()
+        .method(parsed.method?)
+        .uri(parsed.path?)
+        .version(match parsed.version? {
+            0 => http::Version::HTTP_10,
+            _ => http::Version::HTTP_11,
+        });
+    for h in parsed.headers.iter() {
+        req = req.header(h.name, h.value);
+    }
+    req.body(()).ok()
 }
 
 /// Drives `conn` to its end, closing it when a deadline passes: the first request head not

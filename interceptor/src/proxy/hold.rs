@@ -1,13 +1,16 @@
 //! Holding a request while its target has no ready endpoint: the caps, the wake, the wait,
 //! and how the wait ends (an endpoint, the deadline, or the client leaving).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::Request;
 use tokio::time::Instant;
 
-use super::{Proxy, ProxyError, RouteState};
+use super::{error, refuse, routed_authority, Proxy, ProxyError, RouteState};
 use crate::client_conn::ClientConn;
 use crate::load::EndpointLease;
 use crate::provider::Endpoint;
@@ -15,24 +18,40 @@ use crate::provider::Endpoint;
 impl Proxy {
     /// Gets an endpoint for a request: at once when one is ready, otherwise by holding the
     /// request until one is (or the deadline passes). Holding raises the wake signal.
+    /// `parked_since` is when a request parked before hyper began to wait: it has waited
+    /// since then already.
     pub(super) async fn acquire(
         &self,
         route: &Arc<RouteState>,
         deadline: Instant,
         client: Option<&ClientConn>,
         wants_html: bool,
+        parked_since: Option<Instant>,
     ) -> Result<Acquired, ProxyError> {
         let cap = route.spec.max_in_flight_per_endpoint;
         if let Some((endpoint, lease)) = route.load.pick(&route.endpoints.borrow(), cap) {
-            route.metrics.warm();
+            let Some(held_at) = parked_since else {
+                route.metrics.warm();
+                return Ok(Acquired {
+                    endpoint,
+                    lease,
+                    waited: None,
+                });
+            };
+            // Released from parking: it was held, and its wait ends here.
+            if route.awaiting_ready.swap(false, Ordering::Relaxed) {
+                self.wakes.publish_ready(&route.spec.id, &route.spec.target);
+            }
+            self.metrics
+                .cold_start_outcome(&route.spec.id, "waited", held_at.elapsed());
             return Ok(Acquired {
                 endpoint,
                 lease,
-                waited: None,
+                waited: Some(held_at.elapsed()),
             });
         }
 
-        let held_at = Instant::now();
+        let held_at = parked_since.unwrap_or_else(Instant::now);
         let cold_response = route.cold_response_for(wants_html);
         // `overflow: Placeholder` holds up to a cap and answers only the overflow; without any
         // cap there is no overflow, and the placeholder answers at once.
@@ -201,4 +220,122 @@ pub(super) struct Acquired {
     pub(super) lease: Option<EndpointLease>,
     /// How long the request was held; `None` when an endpoint was ready at once.
     pub(super) waited: Option<Duration>,
+}
+
+/// What parking leaves a request for when hyper serves it: when it began to wait, and its
+/// in-flight count, kept across the hand-over so that the route never looks idle meanwhile.
+#[derive(Clone)]
+pub(super) struct Parked {
+    pub(super) route: crate::provider::RouteId,
+    pub(super) since: Instant,
+    pub(super) in_flight: Arc<std::sync::Mutex<Option<crate::load::InFlight>>>,
+}
+
+impl Proxy {
+    /// Parks a new connection whose first request would be held: counted, capped and waking
+    /// its target as a held request is, but kept as its bare socket until an endpoint is ready,
+    /// the hold's deadline passes (hyper then serves it, and the request meets the same
+    /// timeout, failover or 504 as one held in hyper) or the client leaves. Anything that
+    /// would not be held (a ready or capped target, a static route, an answer at once, a cap
+    /// reached, a malformed head) is not parked: hyper serves it as usual.
+    pub(super) fn park_head(
+        self: &Arc<Self>,
+        head: Request<()>,
+        client: &ClientConn,
+    ) -> Option<Pin<Box<dyn Future<Output = Option<http::Extensions>> + Send>>> {
+        if refuse(&head).is_some() {
+            return None;
+        }
+        let authority = routed_authority(&head).ok()?;
+        let route = self
+            .table
+            .load()
+            .lookup(authority.as_str(), head.uri().path(), head.headers())
+            .cloned()?;
+        let path = head.uri().path();
+        if route
+            .static_for(authority.as_str(), path, head.headers())
+            .is_some()
+            || !route.endpoints.borrow().is_empty()
+            || route
+                .cold_response_for(wants_html(head.headers()))
+                .is_some()
+        {
+            return None;
+        }
+        let (total, held, first) = self.admit_hold(&route).ok()?;
+        let since = Instant::now();
+        let in_flight = route.load.start_request();
+        self.provider.wake(&route.spec.target);
+        if first {
+            route.awaiting_ready.store(true, Ordering::Relaxed);
+            self.wakes.publish(&route.spec.id, &route.spec.target);
+        }
+        let mut until = since + route.readiness_timeout;
+        if let Some((_, after)) = &route.failover {
+            until = until.min(since + *after);
+        }
+        if let Some(timeout) = route.request_timeout {
+            until = until.min(since + timeout);
+        }
+        tracing::debug!(route = %route.spec.id, "request parked until its target is ready");
+        let method = head.method().clone();
+        let client = client.clone();
+        let proxy = self.clone();
+        Some(Box::pin(async move {
+            let mut ready = route.endpoints.clone();
+            let ready = async {
+                loop {
+                    if !ready.borrow_and_update().is_empty() || ready.changed().await.is_err() {
+                        return;
+                    }
+                }
+            };
+            let gone = async {
+                if client.closed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                () = ready => {}
+                () = tokio::time::sleep_until(until) => {}
+                () = gone => {
+                    proxy
+                        .metrics
+                        .cold_start_outcome(&route.spec.id, "cancelled", since.elapsed());
+                    route
+                        .metrics
+                        .request(&method, error::CLIENT_CLOSED_REQUEST, since.elapsed(), false);
+                    tracing::debug!(route = %route.spec.id, "client went away while parked");
+                    return None;
+                }
+            }
+            drop((total, held));
+            let mut extensions = http::Extensions::new();
+            extensions.insert(Parked {
+                route: route.spec.id.clone(),
+                since,
+                in_flight: Arc::new(std::sync::Mutex::new(Some(in_flight))),
+            });
+            Some(extensions)
+        }))
+    }
+}
+
+/// Whether a request asks for HTML (a browser): it may get the waiting page.
+pub(super) fn wants_html(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.contains("text/html")))
+}
+
+impl crate::server::Park for Arc<Proxy> {
+    fn park(
+        &self,
+        head: Request<()>,
+        client: &ClientConn,
+    ) -> Option<Pin<Box<dyn Future<Output = Option<http::Extensions>> + Send>>> {
+        self.park_head(head, client)
+    }
 }

@@ -361,10 +361,12 @@ impl Proxy {
     /// Handles one request from `client`. Never fails: errors become responses here.
     pub async fn handle(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         client: ClientConn,
     ) -> Response<ProxyBody> {
-        let start = Instant::now();
+        // A request parked before hyper arrived when it began to wait.
+        let parked = req.extensions_mut().remove::<hold::Parked>();
+        let start = parked.as_ref().map_or_else(Instant::now, |p| p.since);
         let authority = match refuse(&req).map_or_else(|| routed_authority(&req), Err) {
             Ok(authority) => authority,
             Err(err) => {
@@ -419,7 +421,19 @@ impl Proxy {
             // client went away.
             code: error::CLIENT_CLOSED_REQUEST,
             start,
-            _in_flight: static_match.is_none().then(|| route.load.start_request()),
+            _in_flight: static_match.is_none().then(|| {
+                parked
+                    .as_ref()
+                    .filter(|p| p.route == route.spec.id)
+                    .and_then(|p| {
+                        p.in_flight
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .take()
+                    })
+                    .unwrap_or_else(|| route.load.start_request())
+            }),
+            parked_since: parked.map(|p| p.since),
             _lease: None,
             route,
         };
@@ -508,11 +522,7 @@ impl Proxy {
         // only a request with an unread body needs the socket watched (which costs a file
         // descriptor per held request).
         let watch_client = !http_body::Body::is_end_stream(req.body());
-        let wants_html = req
-            .headers()
-            .get_all(header::ACCEPT)
-            .iter()
-            .any(|v| v.to_str().is_ok_and(|v| v.contains("text/html")));
+        let wants_html = hold::wants_html(req.headers());
         let watched = watch_client.then_some(client);
         // Session affinity: a valid cookie naming a ready endpoint pins the request to it.
         let session = route.spec.session.as_ref();
@@ -545,7 +555,11 @@ impl Proxy {
                 }
             }
         } else {
-            match self.acquire(&route, hold_until, watched, wants_html).await {
+            let parked_since = done.parked_since;
+            match self
+                .acquire(&route, hold_until, watched, wants_html, parked_since)
+                .await
+            {
                 Err(ProxyError::ReadinessTimeout { .. } | ProxyError::CapacityTimeout { .. })
                     if route.failover.is_some() =>
                 {
@@ -913,6 +927,8 @@ pub struct Completion {
     uncounted: Option<Box<crate::provider::ColdResponse>>,
     /// The request waited for a cold start (or failed over after one).
     cold: bool,
+    /// When the request began to wait, if it was parked before hyper served it.
+    parked_since: Option<Instant>,
 }
 
 impl Completion {
