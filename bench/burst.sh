@@ -6,7 +6,8 @@
 #
 # Reports the RSS while every request is held, and the peak, which comes at the release: each
 # released request opens its own upstream connection unless the route caps in-flight requests
-# per endpoint (the third argument).
+# per endpoint (the third argument). WAKEGATE=PATH runs that interceptor binary instead (an
+# earlier build, for before/after figures).
 source "$(dirname "$0")/common.sh"
 
 REQUESTS="${1:-10000}"
@@ -27,7 +28,7 @@ routes:
     timeouts: { readiness: 60s }
 ${CAP:+    maxInFlightPerEndpoint: $CAP}
 YAML
-RUST_LOG=warn "$BIN/wakegate-interceptor" --config "$WORK/burst.yaml" \
+RUST_LOG=warn "${WAKEGATE:-$BIN/wakegate-interceptor}" --config "$WORK/burst.yaml" \
     --proxy-addr "127.0.0.1:$PROXY" --admin-addr "127.0.0.1:$ADMIN" >"$WORK/ic.log" 2>&1 &
 IC=$!; PIDS+=($IC)
 wait_port "$ADMIN"

@@ -21,7 +21,10 @@ trap cleanup EXIT INT TERM
 
 build() {
     echo "==> building release binaries (the shipped profile: lto, one codegen unit)" >&2
-    (cd "$ROOT" && cargo build --release --locked -p wakegate-interceptor -p wakegate-loadtest -p wakegate-controller -p wakegate-testapi >&2)
+    # One invocation for every binary, so that features unify the same way each time and
+    # nothing is rebuilt between scripts.
+    (cd "$ROOT" && cargo build --release --locked -p wakegate-interceptor -p wakegate-loadtest \
+        -p wakegate-controller -p wakegate-testapi -p wakegate-bench-hyper-proxy >&2)
 }
 
 free_port() {
@@ -57,11 +60,10 @@ install_pkg() {
     return $ok
 }
 
-# The reference proxies, built or installed on demand: the minimal hyper proxy (bench/hyper-proxy,
-# the floor of the library Wakegate is built on), nginx, and Go's httputil.ReverseProxy (the
+# The reference proxies, installed or built on demand (the minimal hyper proxy, bench/hyper-proxy,
+# the floor of the library Wakegate is built on, comes with `build`): nginx, and Go's httputil.ReverseProxy (the
 # add-on's engine; skipped when golang-go cannot be installed).
 build_references() {
-    (cd "$ROOT" && cargo build --release --locked -p wakegate-bench-hyper-proxy >&2)
     install_pkg nginx nginx-light nginx
     GO_PROXY=""
     if install_pkg go golang-go; then

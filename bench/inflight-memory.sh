@@ -7,7 +7,8 @@
 #
 #   bench/inflight-memory.sh [N] [DELAY_MS]
 #
-# N is at least 8,000 in the figures (the fd limit is raised to allow it).
+# N is at least 8,000 in the figures (the fd limit is raised to allow it). WAKEGATE_BEFORE=PATH
+# also measures that interceptor binary (an earlier build) as "before".
 source "$(dirname "$0")/common.sh"
 
 N="${1:-8000}"
@@ -60,7 +61,7 @@ measure() { # name port pid
 import json, sys
 name, idle, held, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 j = json.load(open(sys.argv[5]))
-ok, failed = j["requests"]["succeeded"], j["requests"]["failed"]
+ok, failed = j["requests"]["ok"], j["requests"]["failed"]
 if not held:
     print(f"{name:<9} never had all {n} in flight (ok {ok}, failed {failed})")
 else:
@@ -79,9 +80,16 @@ routes:
   - name: bench
     target: { upstream: "127.0.0.1:$BACKEND" }
 YAML
-RUST_LOG=warn "$BIN/wakegate-interceptor" --config "$WORK/wakegate.yaml" \
+RUST_LOG=warn "${WAKEGATE:-$BIN/wakegate-interceptor}" --config "$WORK/wakegate.yaml" \
     --proxy-addr "127.0.0.1:$P" --admin-addr "127.0.0.1:$A" >"$WORK/wakegate.log" 2>&1 &
 PIDS+=($!); measure wakegate "$P" $!
+
+if [ -n "${WAKEGATE_BEFORE:-}" ]; then
+    P=$(free_port); A=$(free_port)
+    RUST_LOG=warn "$WAKEGATE_BEFORE" --config "$WORK/wakegate.yaml" \
+        --proxy-addr "127.0.0.1:$P" --admin-addr "127.0.0.1:$A" >"$WORK/before.log" 2>&1 &
+    PIDS+=($!); measure before "$P" $!
+fi
 
 P=$(free_port)
 "$BIN/hyper-proxy" "127.0.0.1:$P" "127.0.0.1:$BACKEND" &

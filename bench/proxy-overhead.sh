@@ -9,6 +9,8 @@
 #   BENCH_PATH=/bytes?n=16384   the request path (default `/`: a 60-byte answer)
 #   BENCH_H2C=1                 clients speak h2c (prior knowledge, one stream per connection,
 #                               h2load from nghttp2-client); every upstream stays HTTP/1.1
+#   BENCH_BEFORE=PATH           also run this wakegate-interceptor binary (an earlier build) as
+#                               "before", for before/after figures from one run
 #
 # The load generator (one thread) is pinned to core 0; the proxy and the backend share core 1,
 # each single-threaded. A proxy's CPU time per request comes from /proc around each run.
@@ -52,6 +54,12 @@ taskset -c 1 nginx -c "$WORK/nginx/nginx.conf" &
 NGINX_MASTER=$!; PIDS+=($NGINX_MASTER)
 
 TARGETS=(direct wakegate hyper nginx)
+if [ -n "${BENCH_BEFORE:-}" ]; then
+    BEFORE_PORT=$(free_port); BEFORE_ADMIN=$(free_port)
+    TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 1 "$BENCH_BEFORE" --config "$WORK/wakegate.yaml" \
+        --proxy-addr "127.0.0.1:$BEFORE_PORT" --admin-addr "127.0.0.1:$BEFORE_ADMIN" >"$WORK/before.log" 2>&1 &
+    BEFORE_PID=$!; PIDS+=($BEFORE_PID); TARGETS+=(before)
+fi
 if [ -n "$GO_PROXY" ] && [ -z "$H2C" ]; then
     # h2c needs golang.org/x/net/http2/h2c, outside the standard library: HTTP/1.1 only.
     GOMAXPROCS=1 taskset -c 1 "$GO_PROXY" "127.0.0.1:$GO_PORT" "127.0.0.1:$BACKEND_PORT" &
@@ -60,10 +68,11 @@ fi
 
 wait_port "$BACKEND_PORT"; wait_port "$WG_PORT"; wait_port "$HYPER_PORT"; wait_port "$NGINX_PORT"
 [ -z "${GO_PID:-}" ] || wait_port "$GO_PORT"
+[ -z "${BEFORE_PID:-}" ] || wait_port "$BEFORE_PORT"
 NGINX_WORKER=$(pgrep -P "$NGINX_MASTER" | head -1)
 
-port_of() { case $1 in direct) echo "$BACKEND_PORT";; wakegate) echo "$WG_PORT";; hyper) echo "$HYPER_PORT";; nginx) echo "$NGINX_PORT";; go) echo "$GO_PORT";; esac; }
-pid_of() { case $1 in direct) echo "";; wakegate) echo "$WG_PID";; hyper) echo "$HYPER_PID";; nginx) echo "$NGINX_WORKER";; go) echo "$GO_PID";; esac; }
+port_of() { case $1 in direct) echo "$BACKEND_PORT";; wakegate) echo "$WG_PORT";; hyper) echo "$HYPER_PORT";; nginx) echo "$NGINX_PORT";; go) echo "$GO_PORT";; before) echo "$BEFORE_PORT";; esac; }
+pid_of() { case $1 in direct) echo "";; wakegate) echo "$WG_PID";; hyper) echo "$HYPER_PID";; nginx) echo "$NGINX_WORKER";; go) echo "$GO_PID";; before) echo "$BEFORE_PID";; esac; }
 ticks() { [ -n "$1" ] && awk '{print $14 + $15}' "/proc/$1/stat" || echo 0; }
 
 run() { # name output-file
@@ -95,7 +104,10 @@ for round in $(seq 1 "$ROUNDS"); do
     done
 done
 
-python3 - "$WORK" "$ROUNDS" "$(machine)" "$CONNECTIONS" "$SECONDS_PER_RUN" "$REQ_PATH" "${H2C:-}" "$(getconf CLK_TCK)" "${TARGETS[@]}" <<'PY' | tee "$OUT/proxy-overhead${H2C:+-h2c}$( [ "$REQ_PATH" = / ] || echo -body).txt"
+# The raw runs are kept beside the summary.
+RAW="$OUT/proxy-overhead-runs${H2C:+-h2c}"; rm -rf "$RAW"; mkdir -p "$RAW"
+cp "$WORK"/*-[0-9]*.* "$RAW"/ 2>/dev/null || true
+python3 - "$RAW" "$ROUNDS" "$(machine)" "$CONNECTIONS" "$SECONDS_PER_RUN" "$REQ_PATH" "${H2C:-}" "$(getconf CLK_TCK)" "${TARGETS[@]}" <<'PY' | tee "$OUT/proxy-overhead${H2C:+-h2c}$( [ "$REQ_PATH" = / ] || echo -body).txt"
 import json, re, statistics, sys
 work, rounds, machine, conns, secs, path, h2c, hz = sys.argv[1:9]
 rounds, hz = int(rounds), int(hz)
@@ -115,8 +127,8 @@ def load(name, r):
         mean = to_ms(lat.group(5), lat.group(6)) if lat else float("nan")
         return rps, mean, float("nan"), ticks, done, done - ok
     j = json.load(open(base + ".json"))
-    done = j["requests"]["sent"] if "sent" in j["requests"] else j["requests"]["succeeded"]
-    return j["throughput"], j["latency"]["p50"] / 1000, j["latency"]["p99"] / 1000, ticks, j["requests"]["succeeded"], j["requests"]["failed"]
+    done = j["requests"]["sent"]
+    return j["throughput"], j["latency"]["p50"] / 1000, j["latency"]["p99"] / 1000, ticks, j["requests"]["ok"], j["requests"]["failed"]
 
 rows = {}
 for name in targets:

@@ -168,6 +168,13 @@ pub struct ServeArgs {
     #[arg(long, env = "WAKEGATE_MAX_HELD_REQUESTS", default_value_t = 20_000)]
     pub max_held_requests: usize,
 
+    /// Most parked requests (held before hyper served their connection) released to their
+    /// upstreams at once when a target becomes ready; the rest follow as those finish. It
+    /// bounds the memory a burst takes at its release (every released request opens its own
+    /// upstream connection), at the cost of a few milliseconds per thousand. 0: no bound.
+    #[arg(long, env = "WAKEGATE_MAX_RELEASED_AT_ONCE", default_value_t = 1024)]
+    pub max_released_at_once: usize,
+
     /// Most requests held at once per route, for routes that set no cap of their own (an
     /// InterceptorRoute's `coldStart.maxPendingRequests`, `wakegate.dev/max-held-requests`, or a
     /// local route's `maxHeldRequests`); past it, 503 or the route's overflow placeholder.

@@ -27,6 +27,8 @@ pub struct ClientConn {
     remote: SocketAddr,
     tls: bool,
     stream: Arc<TcpStream>,
+    /// The client's address as `X-Forwarded-For` names it, made once for every request.
+    forwarded_for: http::HeaderValue,
 }
 
 impl ClientConn {
@@ -37,14 +39,20 @@ impl ClientConn {
                 remote,
                 tls,
                 stream: stream.clone(),
+                forwarded_for: crate::proxy::client_value(remote.ip()),
             },
-            ClientIo(stream),
+            ClientIo(stream, false),
         )
     }
 
     /// The client's address.
     pub fn remote(&self) -> SocketAddr {
         self.remote
+    }
+
+    /// The client's address as a forwarding header value.
+    pub(crate) fn forwarded_for(&self) -> &http::HeaderValue {
+        &self.forwarded_for
     }
 
     /// Whether the connection came in over TLS.
@@ -59,6 +67,21 @@ impl ClientConn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<usize>> {
         self.stream.poll_peek(cx, buf)
+    }
+
+    /// Completes when the client closes or resets a connection that hyper is not serving yet
+    /// (a parked one), watching the connection's own registration: no file descriptor is
+    /// duplicated. The readiness this clears is why [`ClientIo::after_parking`] exists.
+    pub(crate) async fn hung_up(&self) -> io::Result<()> {
+        loop {
+            let ready = self.stream.ready(Interest::READABLE).await?;
+            if ready.is_read_closed() {
+                return Ok(());
+            }
+            let _ = self.stream.try_io(Interest::READABLE, || {
+                Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
+            });
+        }
     }
 
     /// Completes when the client closes or resets the connection. Fails only when the socket
@@ -82,17 +105,47 @@ impl ClientConn {
 
 /// The connection's I/O as hyper sees it (through `TokioIo`).
 #[derive(Debug)]
-pub struct ClientIo(Arc<TcpStream>);
+pub struct ClientIo(Arc<TcpStream>, bool);
+
+impl ClientIo {
+    /// The connection was parked, and watching it cleared its read readiness while its
+    /// request head was still unread: reads try the socket before waiting for an event (the
+    /// bytes that would signal one came before the watch) until it has nothing left.
+    pub(crate) fn after_parking(&mut self) {
+        self.1 = true;
+    }
+}
 
 impl AsyncRead for ClientIo {
     fn poll_read(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         // Reading straight into hyper's uninitialised buffer needs `unsafe`; zeroing it first
         // would commit memory for every idle or held connection. So read into a per-thread
         // scratch buffer and copy just the bytes that arrived.
+        // After parking: read straight from the socket until it runs dry (the readiness that
+        // would announce the bytes already there was used up by the parked watch); from then
+        // on, wait for events as usual.
+        if self.1 {
+            let want = buf.remaining().min(MAX_READ);
+            let read = SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                let n = nix::sys::socket::recv(
+                    self.0.as_raw_fd(),
+                    &mut scratch[..want],
+                    nix::sys::socket::MsgFlags::empty(),
+                )?;
+                buf.put_slice(&scratch[..n]);
+                Ok::<_, nix::errno::Errno>(n)
+            });
+            match read {
+                Ok(_) => return Poll::Ready(Ok(())),
+                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => self.1 = false,
+                Err(e) => return Poll::Ready(Err(e.into())),
+            }
+        }
         loop {
             ready!(self.0.poll_read_ready(cx))?;
             let want = buf.remaining().min(MAX_READ);

@@ -415,7 +415,7 @@ where
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let (client, io) = ClientConn::new(stream, remote, tls.is_some());
+        let (client, mut io) = ClientConn::new(stream, remote, tls.is_some());
         let builder = builder.clone();
         let settings = settings.clone();
         let tls = tls.clone();
@@ -429,7 +429,12 @@ where
             let mut parked = None;
             if let (None, Some(park)) = (&tls, &settings.park) {
                 match park_first(park.as_ref(), &client, first_head).await {
-                    Parking::Serve(extensions) => parked = extensions,
+                    Parking::Serve(extensions) => {
+                        if extensions.is_some() {
+                            io.after_parking();
+                        }
+                        parked = extensions;
+                    }
                     Parking::Close => return,
                 }
                 // The head is complete (it was peeked); hyper reads it at once.

@@ -87,6 +87,14 @@ fn route(id: &str, host: &str) -> RouteSpec {
 }
 
 async fn start(provider: Arc<ManualProvider>) -> (SocketAddr, Arc<Proxy>, CancellationToken) {
+    start_with(provider, None).await
+}
+
+/// `parking`: park new connections' held first requests, releasing at most this many at once.
+async fn start_with(
+    provider: Arc<ManualProvider>,
+    parking: Option<usize>,
+) -> (SocketAddr, Arc<Proxy>, CancellationToken) {
     let loads = Arc::new(Loads::default());
     let metrics = ProxyMetrics::register(&Registry::new(), loads.clone()).unwrap();
     let settings = ProxySettings {
@@ -95,6 +103,7 @@ async fn start(provider: Arc<ManualProvider>) -> (SocketAddr, Arc<Proxy>, Cancel
         request: None,
         max_held_total: 10_000,
         default_max_held: None,
+        max_released_at_once: parking.unwrap_or(0),
         trusted_proxies: Vec::new().into(),
         min_body_rate: None,
     };
@@ -110,7 +119,10 @@ async fn start(provider: Arc<ManualProvider>) -> (SocketAddr, Arc<Proxy>, Cancel
             async move { proxy.handle(req, client).await }
         }
     };
-    let settings = ConnectionSettings::internal(Duration::from_secs(5));
+    let mut settings = ConnectionSettings::internal(Duration::from_secs(5));
+    if parking.is_some() {
+        settings.park = Some(Arc::new(proxy.clone()));
+    }
     tokio::spawn(server::serve(
         listener,
         None,
@@ -299,4 +311,46 @@ async fn a_grpc_service_is_called_through_a_cold_start_unary_and_streaming() {
         .unwrap()
         .unwrap();
     assert_eq!(next.status, ServingStatus::NotServing as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_burst_is_released_a_bounded_number_at_a_time() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for (bound, burst) in [(Some(2), 8), (Some(0), 8)] {
+        let provider = ManualProvider::new(Some(vec![route("ns/app", "app.test")]));
+        let (addr, proxy, _stop) = start_with(provider.clone(), bound).await;
+        eventually("routes loaded", Duration::from_secs(5), || async {
+            proxy.is_loaded()
+        })
+        .await;
+        let mut conns = Vec::new();
+        for _ in 0..burst {
+            let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+            conn.write_all(b"GET /b HTTP/1.1\r\nhost: app.test\r\nconnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            conns.push(conn);
+        }
+        eventually("all parked", Duration::from_secs(10), || async {
+            provider.wakes.lock().unwrap().len() >= burst
+        })
+        .await;
+        let up = Upstream::start("up", Duration::from_millis(500)).await;
+        provider.endpoints.send_replace(
+            std::iter::once(Endpoint::new(up.addr.to_string().parse().unwrap())).collect(),
+        );
+        for mut conn in conns {
+            let mut out = String::new();
+            conn.read_to_string(&mut out).await.unwrap();
+            assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+            assert!(out.contains("x-keda-http-cold-start: true"), "{out}");
+        }
+        assert_eq!(up.count(), burst);
+        let peak = up.peak.load(std::sync::atomic::Ordering::SeqCst);
+        match bound {
+            Some(2) => assert!(peak <= 2, "peak {peak} past the bound of 2"),
+            // No bound: the whole burst reaches the upstream together.
+            _ => assert_eq!(peak, burst, "unbounded release"),
+        }
+    }
 }

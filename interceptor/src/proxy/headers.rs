@@ -79,14 +79,16 @@ pub fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
 /// original scheme and host; missing ones are set from this hop. From any other peer, whatever it
 /// sent is replaced: `X-Forwarded-For` is its own address, and `-Proto` / `-Host` are what this
 /// hop saw, so no client can claim `https` or another host.
+///
+/// `client` is the client's address as a header value ([`client_value`]), made once per
+/// connection, so that a request costs no formatting or allocation here.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
-    client: IpAddr,
+    client: &HeaderValue,
     trusted: bool,
     proto: &'static str,
     host: Option<&HeaderValue>,
 ) {
-    let client_text = canonical(client).to_string();
     if trusted {
         // Every earlier hop is kept, however many lines the list came in and whatever bytes
         // they hold (a header value is valid bytes by construction, so the joined list is too).
@@ -100,12 +102,12 @@ pub fn set_forwarded(
                     xff.extend_from_slice(b", ");
                 }
             }
-            xff.extend_from_slice(client_text.as_bytes());
+            xff.extend_from_slice(client.as_bytes());
             if let Ok(value) = HeaderValue::from_bytes(&xff) {
                 headers.insert(X_FORWARDED_FOR.clone(), value);
             }
-        } else if let Ok(value) = HeaderValue::from_str(&client_text) {
-            headers.insert(X_FORWARDED_FOR.clone(), value);
+        } else {
+            headers.insert(X_FORWARDED_FOR.clone(), client.clone());
         }
         if !headers.contains_key(&X_FORWARDED_PROTO) {
             headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
@@ -117,9 +119,7 @@ pub fn set_forwarded(
         }
         return;
     }
-    if let Ok(value) = HeaderValue::from_str(&client_text) {
-        headers.insert(X_FORWARDED_FOR.clone(), value);
-    }
+    headers.insert(X_FORWARDED_FOR.clone(), client.clone());
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     match host {
         Some(host) => {
@@ -129,6 +129,13 @@ pub fn set_forwarded(
             headers.remove(&X_FORWARDED_HOST);
         }
     }
+}
+
+/// A client's address as `X-Forwarded-For` names it: canonical (see [`canonical`]), no port.
+pub fn client_value(ip: IpAddr) -> HeaderValue {
+    // An address's text is always a valid header value.
+    HeaderValue::from_str(&canonical(ip).to_string())
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// IPv4-mapped IPv6 addresses (a dual-stack listener's IPv4 clients) as the IPv4 address they
@@ -163,7 +170,7 @@ mod tests {
         h.insert("x-forwarded-proto", "https".parse().unwrap());
         set_forwarded(
             &mut h,
-            "127.0.0.1".parse().unwrap(),
+            &client_value("127.0.0.1".parse().unwrap()),
             true,
             "http",
             Some(&host),
@@ -173,7 +180,13 @@ mod tests {
         assert_eq!(h["x-forwarded-host"], "a.example");
 
         let mut h = HeaderMap::new();
-        set_forwarded(&mut h, "::1".parse().unwrap(), true, "http", None);
+        set_forwarded(
+            &mut h,
+            &client_value("::1".parse().unwrap()),
+            true,
+            "http",
+            None,
+        );
         assert_eq!(h["x-forwarded-for"], "::1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert!(!h.contains_key("x-forwarded-host"));
@@ -189,7 +202,7 @@ mod tests {
         h.insert("x-forwarded-host", "admin.internal".parse().unwrap());
         set_forwarded(
             &mut h,
-            "::ffff:203.0.113.7".parse().unwrap(),
+            &client_value("::ffff:203.0.113.7".parse().unwrap()),
             false,
             "http",
             Some(&host),
@@ -230,7 +243,13 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append("x-forwarded-for", "10.0.0.1".parse().unwrap());
         h.append("x-forwarded-for", "10.0.0.2, 10.0.0.3".parse().unwrap());
-        set_forwarded(&mut h, "127.0.0.1".parse().unwrap(), true, "http", None);
+        set_forwarded(
+            &mut h,
+            &client_value("127.0.0.1".parse().unwrap()),
+            true,
+            "http",
+            None,
+        );
         assert_eq!(
             h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
             ["10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.1"]
@@ -333,7 +352,7 @@ mod properties {
                 .filter(|v| !v.is_empty())
                 .collect();
             let host = host.and_then(|h| HeaderValue::from_str(&h).ok());
-            set_forwarded(&mut headers, client, trusted, "https", host.as_ref());
+            set_forwarded(&mut headers, &client_value(client), trusted, "https", host.as_ref());
             let xff: Vec<&HeaderValue> = headers.get_all(&X_FORWARDED_FOR).iter().collect();
             prop_assert_eq!(xff.len(), 1);
             let xff = xff[0].as_bytes();

@@ -229,6 +229,8 @@ pub(super) struct Parked {
     pub(super) route: crate::provider::RouteId,
     pub(super) since: Instant,
     pub(super) in_flight: Arc<std::sync::Mutex<Option<crate::load::InFlight>>>,
+    /// Its place among the parked requests released at once.
+    pub(super) released: Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>,
 }
 
 impl Proxy {
@@ -292,7 +294,7 @@ impl Proxy {
                 }
             };
             let gone = async {
-                if client.closed().await.is_err() {
+                if client.hung_up().await.is_err() {
                     std::future::pending::<()>().await;
                 }
             };
@@ -310,12 +312,22 @@ impl Proxy {
                     return None;
                 }
             }
+            // Released in turn: a burst goes up a bounded number at a time (until the deadline;
+            // then it is served at once, to meet its timeout).
+            let released = match &proxy.releasing {
+                Some(permits) => tokio::time::timeout_at(until, permits.clone().acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(Result::ok),
+                None => None,
+            };
             drop((total, held));
             let mut extensions = http::Extensions::new();
             extensions.insert(Parked {
                 route: route.spec.id.clone(),
                 since,
                 in_flight: Arc::new(std::sync::Mutex::new(Some(in_flight))),
+                released: Arc::new(std::sync::Mutex::new(released)),
             });
             Some(extensions)
         }))

@@ -30,6 +30,7 @@ use tracing::Instrument;
 
 pub use self::body::{ClientFault, MinRate, ProxyBody, RequestBody};
 pub use self::error::ProxyError;
+pub(crate) use self::headers::client_value;
 use self::hold::{round_to_ms, Acquired};
 use self::session::{pinned_endpoint, session_cookie};
 use self::upstream::{
@@ -67,6 +68,8 @@ pub struct ProxySettings {
     pub max_held_total: usize,
     /// Most requests held at once per route, for routes that set no cap (`--max-pending-requests`).
     pub default_max_held: Option<std::num::NonZeroUsize>,
+    /// Most parked requests released to their upstreams at once; 0 for no bound.
+    pub max_released_at_once: usize,
     /// Peers whose `X-Forwarded-*` headers are believed.
     pub trusted_proxies: Arc<[ipnet::IpNet]>,
     /// The rate a request body must keep; `None` for no minimum.
@@ -122,6 +125,8 @@ pub struct Proxy {
     wakes: WakeEvents,
     /// Requests held now, over all routes, against `settings.max_held_total`.
     held_total: Arc<std::sync::atomic::AtomicUsize>,
+    /// Permits for parked requests on their way to an upstream (`max_released_at_once`).
+    releasing: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -143,6 +148,8 @@ impl Proxy {
         wakes: WakeEvents,
     ) -> Arc<Self> {
         let fresh = FreshEndpoints::default();
+        let releasing = (settings.max_released_at_once > 0)
+            .then(|| Arc::new(tokio::sync::Semaphore::new(settings.max_released_at_once)));
         Arc::new(Self {
             table: ArcSwap::from_pointee(RouteTable::default()),
             loaded: AtomicBool::new(false),
@@ -156,6 +163,7 @@ impl Proxy {
             settings,
             wakes,
             held_total: Arc::default(),
+            releasing,
         })
     }
 
@@ -432,6 +440,12 @@ impl Proxy {
                             .take()
                     })
                     .unwrap_or_else(|| route.load.start_request())
+            }),
+            _released: parked.as_ref().and_then(|p| {
+                p.released
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take()
             }),
             parked_since: parked.map(|p| p.since),
             _lease: None,
@@ -929,6 +943,8 @@ pub struct Completion {
     cold: bool,
     /// When the request began to wait, if it was parked before hyper served it.
     parked_since: Option<Instant>,
+    /// A parked request's place among those released at once, given back when it ends.
+    _released: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Completion {

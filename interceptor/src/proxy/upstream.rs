@@ -180,7 +180,7 @@ pub(super) fn upstream_request(
     }
     headers::set_forwarded(
         &mut parts.headers,
-        client.remote().ip(),
+        client.forwarded_for(),
         trusted,
         if client.is_tls() { "https" } else { "http" },
         host.as_ref(),
