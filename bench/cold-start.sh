@@ -2,7 +2,7 @@
 # Cold-start overhead in local mode: first byte minus the moment the backend became ready, for
 # the example backend with a known boot delay, over K cold starts of N requests each.
 #
-#   bench/cold-start.sh [ITERATIONS] [CONCURRENCY] [BOOT_DELAY]
+#   bench/cold-start.sh [ITERATIONS] [CONCURRENCY] [BOOT_DELAY]   (WAKEGATE=PATH: that interceptor binary)
 source "$(dirname "$0")/common.sh"
 
 ITERATIONS="${1:-30}"
@@ -21,7 +21,7 @@ routes:
       readinessProbe: { httpGet: { path: /healthz } }
     scaledownPeriod: 300ms
 YAML
-RUST_LOG=warn "$BIN/wakegate-interceptor" --config "$WORK/cold.yaml" \
+RUST_LOG=warn "${WAKEGATE:-$BIN/wakegate-interceptor}" --config "$WORK/cold.yaml" \
     --proxy-addr "127.0.0.1:$PROXY" --admin-addr "127.0.0.1:$ADMIN" >"$WORK/ic.log" 2>&1 &
 PIDS+=($!)
 wait_port "$ADMIN"

@@ -2,7 +2,7 @@
 # Idle footprint: RSS of the interceptor in local mode, of the interceptor in Kubernetes mode
 # and of the controller (both against the test API server, with no HTTPScaledObjects).
 #
-#   bench/footprint.sh
+#   bench/footprint.sh        (WAKEGATE=PATH: that interceptor binary instead, an earlier build)
 source "$(dirname "$0")/common.sh"
 build
 (cd "$ROOT" && cargo build --release --locked -p wakegate-testapi --example serve >&2)
@@ -11,7 +11,7 @@ rss() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
 settle() { sleep 2; } # let start-up allocations settle before reading (a reading, not sync)
 
 PROXY=$(free_port); ADMIN=$(free_port)
-RUST_LOG=warn "$BIN/wakegate-interceptor" --config "$ROOT/examples/local.yaml" \
+RUST_LOG=warn "${WAKEGATE:-$BIN/wakegate-interceptor}" --config "$ROOT/examples/local.yaml" \
     --proxy-addr "127.0.0.1:$PROXY" --admin-addr "127.0.0.1:$ADMIN" >/dev/null 2>&1 &
 LOCAL=$!; PIDS+=($LOCAL)
 wait_port "$ADMIN"
@@ -20,7 +20,7 @@ wait_port "$ADMIN"
 PIDS+=($!)
 for _ in $(seq 1 500); do [ -s "$WORK/kubeconfig" ] && break; sleep 0.01; done
 KPROXY=$(free_port); KADMIN=$(free_port)
-KUBECONFIG="$WORK/kubeconfig" RUST_LOG=warn "$BIN/wakegate-interceptor" \
+KUBECONFIG="$WORK/kubeconfig" RUST_LOG=warn "${WAKEGATE:-$BIN/wakegate-interceptor}" \
     --proxy-addr "127.0.0.1:$KPROXY" --admin-addr "127.0.0.1:$KADMIN" >/dev/null 2>&1 &
 KUBE=$!; PIDS+=($KUBE)
 GRPC=$(free_port); CADMIN=$(free_port)

@@ -13,12 +13,12 @@ source "$(dirname "$0")/common.sh"
 
 N="${1:-8000}"
 DELAY="${2:-25000}"
-ulimit -n 200000 2>/dev/null || ulimit -n 65536
+ulimit -n 200000 2>/dev/null || ulimit -n 65536 2>/dev/null || true
 build
 build_references
 
 BACKEND=$(free_port)
-"$BIN/wakegate-interceptor" backend --port "$BACKEND" >/dev/null 2>&1 &
+"$BIN/wakegate-interceptor" backend --port "$BACKEND" --max-connections $(( N * 2 )) >/dev/null 2>&1 &
 PIDS+=($!)
 wait_port "$BACKEND"
 

@@ -53,7 +53,8 @@ nginx_conf "$WORK/nginx" "$NGINX_PORT" "$BACKEND_PORT" "${H2C:+http2}"
 taskset -c 1 nginx -c "$WORK/nginx/nginx.conf" &
 NGINX_MASTER=$!; PIDS+=($NGINX_MASTER)
 
-TARGETS=(direct wakegate hyper nginx)
+# The minimal hyper proxy serves HTTP/1.1 only: it is the floor for HTTP/1.1 clients.
+if [ -n "$H2C" ]; then TARGETS=(direct wakegate nginx); else TARGETS=(direct wakegate hyper nginx); fi
 if [ -n "${BENCH_BEFORE:-}" ]; then
     BEFORE_PORT=$(free_port); BEFORE_ADMIN=$(free_port)
     TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 1 "$BENCH_BEFORE" --config "$WORK/wakegate.yaml" \

@@ -44,6 +44,9 @@ pub struct BackendArgs {
     /// Private key (PEM) of `--tls-cert`.
     #[arg(long, env = "WAKEGATE_BACKEND_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
+    /// Most connections open at once (the benchmarks raise it to hold thousands in flight).
+    #[arg(long, env = "WAKEGATE_BACKEND_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
 }
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -76,7 +79,10 @@ pub async fn run(args: BackendArgs) -> anyhow::Result<()> {
         }
     });
     let name: std::sync::Arc<str> = args.name.into();
-    let settings = ConnectionSettings::internal(Duration::from_secs(10));
+    let settings = ConnectionSettings {
+        connections: std::sync::Arc::new(server::Connections::new(args.max_connections as usize)),
+        ..ConnectionSettings::internal(Duration::from_secs(10))
+    };
     server::serve(
         listener,
         tls,

@@ -247,7 +247,7 @@ impl ProxyMetrics {
 
 /// One route's per-request series. The ones keyed by method, code and cold start are resolved on
 /// first use and kept in a small copy-on-write list (a lock-free read); past
-/// [`RouteMetrics::MAX_ANSWERED`] combinations they are looked up by label each time.
+/// `MAX_ANSWERED` combinations they are looked up by label each time.
 pub struct RouteMetrics {
     duration: Histogram,
     warm: Histogram,
