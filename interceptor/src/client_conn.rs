@@ -73,33 +73,28 @@ impl ClientConn {
     /// (a parked one), watching the connection's own registration: no file descriptor is
     /// duplicated. The readiness this clears is why [`ClientIo::after_parking`] exists.
     pub(crate) async fn hung_up(&self) -> io::Result<()> {
-        loop {
-            let ready = self.stream.ready(Interest::READABLE).await?;
-            if ready.is_read_closed() {
-                return Ok(());
-            }
-            let _ = self.stream.try_io(Interest::READABLE, || {
-                Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
-            });
-        }
+        hangup(&self.stream).await
     }
 
     /// Completes when the client closes or resets the connection. Fails only when the socket
     /// cannot be duplicated (out of file descriptors); callers then just don't watch.
     pub async fn closed(&self) -> io::Result<()> {
         let dup = std::net::TcpStream::from(self.stream.as_fd().try_clone_to_owned()?);
-        let watch = TcpStream::from_std(dup)?;
-        loop {
-            let ready = watch.ready(Interest::READABLE).await?;
-            if ready.is_read_closed() {
-                return Ok(());
-            }
-            // Only data (a body the request has not read yet): clear this registration's
-            // readiness, not hyper's, and wait for the next event.
-            let _ = watch.try_io(Interest::READABLE, || {
-                Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
-            });
+        hangup(&TcpStream::from_std(dup)?).await
+    }
+}
+
+/// Completes when `stream`'s peer closes or resets. Readiness that is only data (a body nobody
+/// has read yet) is cleared on this registration, and the wait goes on to the next event.
+async fn hangup(stream: &TcpStream) -> io::Result<()> {
+    loop {
+        let ready = stream.ready(Interest::READABLE).await?;
+        if ready.is_read_closed() {
+            return Ok(());
         }
+        let _ = stream.try_io(Interest::READABLE, || {
+            Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
+        });
     }
 }
 
@@ -130,20 +125,17 @@ impl AsyncRead for ClientIo {
         // on, wait for events as usual.
         if self.1 {
             let want = buf.remaining().min(MAX_READ);
-            let read = SCRATCH.with(|scratch| {
-                let mut scratch = scratch.borrow_mut();
-                let n = nix::sys::socket::recv(
-                    self.0.as_raw_fd(),
-                    &mut scratch[..want],
-                    nix::sys::socket::MsgFlags::empty(),
-                )?;
-                buf.put_slice(&scratch[..n]);
-                Ok::<_, nix::errno::Errno>(n)
-            });
-            match read {
+            match recv_into(self.0.as_raw_fd(), buf, want) {
                 Ok(_) => return Poll::Ready(Ok(())),
-                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => self.1 = false,
-                Err(e) => return Poll::Ready(Err(e.into())),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    self.1 = false
+                }
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
         loop {
@@ -156,22 +148,13 @@ impl AsyncRead for ClientIo {
             // costing a `recv` that fails with EAGAIN. Readiness that arrived during the read
             // carries a newer tick and is not cleared.
             let result = self.0.try_io(Interest::READABLE, || {
-                SCRATCH.with(|scratch| {
-                    let mut scratch = scratch.borrow_mut();
-                    let n = nix::sys::socket::recv(
-                        self.0.as_raw_fd(),
-                        &mut scratch[..want],
-                        nix::sys::socket::MsgFlags::empty(),
-                    )
-                    .map_err(io::Error::from)?;
-                    buf.put_slice(&scratch[..n]);
-                    got = Some(n);
-                    if n > 0 && n < want {
-                        Err(io::Error::from(io::ErrorKind::WouldBlock))
-                    } else {
-                        Ok(())
-                    }
-                })
+                let n = recv_into(self.0.as_raw_fd(), buf, want)?;
+                got = Some(n);
+                if n > 0 && n < want {
+                    Err(io::Error::from(io::ErrorKind::WouldBlock))
+                } else {
+                    Ok(())
+                }
             });
             match (result, got) {
                 (_, Some(_)) => return Poll::Ready(Ok(())),
@@ -188,6 +171,21 @@ impl AsyncRead for ClientIo {
             }
         }
     }
+}
+
+/// One `recv` of at most `want` bytes from `fd` into `buf`, through the per-thread scratch
+/// buffer.
+fn recv_into(fd: std::os::fd::RawFd, buf: &mut ReadBuf<'_>, want: usize) -> io::Result<usize> {
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        let n = nix::sys::socket::recv(
+            fd,
+            &mut scratch[..want],
+            nix::sys::socket::MsgFlags::empty(),
+        )?;
+        buf.put_slice(&scratch[..n]);
+        Ok(n)
+    })
 }
 
 thread_local! {

@@ -39,16 +39,7 @@ impl Proxy {
                 });
             };
             // Released from parking: it was held, and its wait ends here.
-            if route.awaiting_ready.swap(false, Ordering::Relaxed) {
-                self.wakes.publish_ready(&route.spec.id, &route.spec.target);
-            }
-            self.metrics
-                .cold_start_outcome(&route.spec.id, "waited", held_at.elapsed());
-            return Ok(Acquired {
-                endpoint,
-                lease,
-                waited: Some(held_at.elapsed()),
-            });
+            return Ok(self.released(route, held_at, endpoint, lease));
         }
 
         let held_at = parked_since.unwrap_or_else(Instant::now);
@@ -87,11 +78,7 @@ impl Proxy {
             }
             (other, _) => other?,
         };
-        self.provider.wake(&route.spec.target);
-        if first {
-            route.awaiting_ready.store(true, Ordering::Relaxed);
-            self.wakes.publish(&route.spec.id, &route.spec.target);
-        }
+        self.wake_held(route, first);
         let mut ready = route.endpoints.clone();
         let wait = async {
             // A target whose set can no longer change (fixed upstreams, or one the provider
@@ -134,18 +121,7 @@ impl Proxy {
             }
         };
         match outcome {
-            Ok((endpoint, lease)) => {
-                if route.awaiting_ready.swap(false, Ordering::Relaxed) {
-                    self.wakes.publish_ready(&route.spec.id, &route.spec.target);
-                }
-                self.metrics
-                    .cold_start_outcome(&route.spec.id, "waited", held_at.elapsed());
-                Ok(Acquired {
-                    endpoint,
-                    lease,
-                    waited: Some(held_at.elapsed()),
-                })
-            }
+            Ok((endpoint, lease)) => Ok(self.released(route, held_at, endpoint, lease)),
             Err(_elapsed) => {
                 let ready = route.endpoints.borrow().as_slice().len();
                 let waited = round_to_ms(held_at.elapsed());
@@ -222,6 +198,40 @@ pub(super) struct Acquired {
     pub(super) waited: Option<Duration>,
 }
 
+impl Proxy {
+    /// Raises the wake for a request now held; the route's first held request also publishes
+    /// the wake event, and its release will publish the ready one.
+    fn wake_held(&self, route: &RouteState, first: bool) {
+        self.provider.wake(&route.spec.target);
+        if first {
+            route.awaiting_ready.store(true, Ordering::Relaxed);
+            self.wakes.publish(&route.spec.id, &route.spec.target);
+        }
+    }
+
+    /// A held request got `endpoint`: the ready event (for the first released), the
+    /// cold-start outcome, and how long it waited.
+    fn released(
+        &self,
+        route: &RouteState,
+        held_at: Instant,
+        endpoint: Endpoint,
+        lease: Option<EndpointLease>,
+    ) -> Acquired {
+        if route.awaiting_ready.swap(false, Ordering::Relaxed) {
+            self.wakes.publish_ready(&route.spec.id, &route.spec.target);
+        }
+        let waited = held_at.elapsed();
+        self.metrics
+            .cold_start_outcome(&route.spec.id, "waited", waited);
+        Acquired {
+            endpoint,
+            lease,
+            waited: Some(waited),
+        }
+    }
+}
+
 /// What parking leaves a request for when hyper serves it: when it began to wait, and its
 /// in-flight count, kept across the hand-over so that the route never looks idle meanwhile.
 #[derive(Clone)]
@@ -268,11 +278,7 @@ impl Proxy {
         let (total, held, first) = self.admit_hold(&route).ok()?;
         let since = Instant::now();
         let in_flight = route.load.start_request();
-        self.provider.wake(&route.spec.target);
-        if first {
-            route.awaiting_ready.store(true, Ordering::Relaxed);
-            self.wakes.publish(&route.spec.id, &route.spec.target);
-        }
+        self.wake_held(&route, first);
         let mut until = since + route.readiness_timeout;
         if let Some((_, after)) = &route.failover {
             until = until.min(since + *after);

@@ -637,28 +637,24 @@ impl Proxy {
         }
         let upstream = match (route.spec.protocol, failed_over) {
             // HTTP/2: the URI carries the routed authority, so the client is the endpoint's.
-            (UpstreamProtocol::H2c, false) => Upstream::Legacy(Box::new(
+            (UpstreamProtocol::H2c, false) => Upstream::Legacy(
                 self.h2_client_for(route.spec.upstream_tls.as_ref(), &acquired.endpoint),
-            )),
+            ),
             // The failover target is a different service: it is spoken to in the route's
             // protocol, without TLS.
             (UpstreamProtocol::H2c, true) => {
-                Upstream::Legacy(Box::new(self.h2_client_for(None, &acquired.endpoint)))
+                Upstream::Legacy(self.h2_client_for(None, &acquired.endpoint))
             }
             (UpstreamProtocol::Http1, true) => {
                 let mut clients = self
                     .clients
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                Upstream::Legacy(Box::new(self.client_for(
-                    &mut clients,
-                    route.spec.protocol,
-                    None,
-                )))
+                Upstream::Legacy(self.client_for(&mut clients, route.spec.protocol, None))
             }
             // Upgrades need hyper-util's client, which hands the upgraded connection over.
             (UpstreamProtocol::Http1, false) if upgrade.is_some() || tls => {
-                Upstream::Legacy(Box::new(route.client.clone()))
+                Upstream::Legacy(route.client.clone())
             }
             (UpstreamProtocol::Http1, false) => Upstream::Http1(&route.http1, &self.connector),
         };

@@ -251,12 +251,14 @@ impl SendError {
 }
 
 /// How a request reaches its endpoint.
+// The legacy client is a stack value for one request; boxing it would allocate per request.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Upstream<'a> {
     /// Plaintext HTTP/1.1: a route's own pool of `client::conn` connections, each driven by
     /// the request using it, in its client connection's task.
     Http1(&'a Arc<Http1Pool>, &'a RetryingConnector),
     /// hyper-util's pooled client: TLS, h2c, upgrades and failover.
-    Legacy(Box<UpstreamClient>),
+    Legacy(UpstreamClient),
 }
 
 impl Upstream<'_> {
