@@ -3,7 +3,7 @@
 //! server or a real cluster: routing by host, several hosts, wildcard host, path, header and
 //! header presence, combined, several rules to one backend and port name; route update and
 //! deletion; cold start with fallback, placeholder with fallback; the readiness, request and
-//! response-header timeouts; concurrency scaling.
+//! response-header timeouts; concurrency scaling; gRPC (unary and streaming) woken from zero.
 
 #![allow(clippy::unwrap_used)] // a panic is how a test reports failure
 
@@ -348,5 +348,80 @@ async fn a_websocket_upgrade_and_a_graceful_shutdown_through_an_interceptor_rout
     interceptor.stop().await;
     let (status, _, _) = slow.await.unwrap().unwrap();
     assert_eq!(status, 200, "drained, not cut");
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_service_woken_from_zero_through_an_interceptor_route() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let cluster = Cluster::start(false, env!("CARGO_BIN_EXE_wakegate-e2e-backend")).await;
+    // The Service port says h2c, as gRPC backends' do (the add-on reads the same appProtocol).
+    cluster
+        .apply(&cluster.app_yaml("grpc").replace(
+            "{name: http, port: 8080, targetPort: http}",
+            "{name: grpc, port: 8080, targetPort: http, appProtocol: kubernetes.io/h2c}",
+        ))
+        .await;
+    cluster
+        .apply(&route("grpc", "grpc", "[{hosts: [grpc.example]}]", "").replace(
+            "metadata:\n  name: grpc\n",
+            "metadata:\n  name: grpc\n  annotations:\n    wakegate.dev/scale-target-ref: Deployment/grpc\n",
+        ))
+        .await;
+    let interceptor = Interceptor::start(&cluster).await;
+    let _controller = Controller::start(&cluster, "standalone", interceptor.admin).await;
+    assert_eq!(cluster.replicas("grpc").await, 0);
+
+    // A real gRPC client (h2c prior knowledge) whose :authority is the route's host.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", interceptor.proxy))
+        .unwrap()
+        .origin("http://grpc.example".parse().unwrap())
+        .connect()
+        .await
+        .unwrap();
+    let mut client = HealthClient::new(channel);
+
+    // Unary at zero: held, the Deployment woken, then answered with the cold-start header.
+    let reply = tokio::time::timeout(
+        Duration::from_secs(60),
+        client.check(HealthCheckRequest {
+            service: String::new(),
+        }),
+    )
+    .await
+    .expect("the call is answered once the pod is ready")
+    .unwrap();
+    assert_eq!(
+        reply.metadata().get("x-keda-http-cold-start").unwrap(),
+        "true"
+    );
+    assert_eq!(reply.into_inner().status, ServingStatus::Serving as i32);
+    assert!(cluster.replicas("grpc").await >= 1, "woken from zero");
+
+    // Warm: a server-streaming call, its first message and its trailers-only status for an
+    // unknown service (grpc-status NOT_FOUND passed back through the proxy).
+    let mut watch = client
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
+    let unknown = client
+        .check(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    drop(watch);
+    drop(interceptor);
     cluster.cleanup().await;
 }

@@ -6,13 +6,18 @@
 //! HTTP/1.1 upgrade (WebSocket included) and echoes the raw bytes; `/headers` lists the request
 //! headers; `/sleep?ms=N` answers after N ms; `/bytes?n=N` answers N bytes (at most 16 MiB);
 //! `/exit` ends the process mid-request; anything else says hello. Every response carries `X-Backend-Pid`.
+//!
+//! It also speaks gRPC on the same port (h2c, or h2 over `--tls-cert`): requests whose content
+//! type is `application/grpc` go to the standard health service, `grpc.health.v1.Health`, which
+//! answers `Check` and streams `Watch` with SERVING, so a gRPC client can be tried through the
+//! interceptor.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
-use http_body_util::combinators::BoxBody;
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
@@ -49,7 +54,11 @@ pub struct BackendArgs {
     pub max_connections: u32,
 }
 
-type Body = BoxBody<Bytes, hyper::Error>;
+type Body = UnsyncBoxBody<Bytes, BoxError>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The gRPC health service every gRPC request is handed to.
+type Grpc = tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>;
 
 /// Runs the backend until SIGTERM or SIGINT.
 pub async fn run(args: BackendArgs) -> anyhow::Result<()> {
@@ -79,6 +88,12 @@ pub async fn run(args: BackendArgs) -> anyhow::Result<()> {
         }
     });
     let name: std::sync::Arc<str> = args.name.into();
+    // A new reporter has the server-wide service ("") SERVING; it stays so while we run.
+    let grpc: Grpc = tonic_health::pb::health_server::HealthServer::new(
+        tonic_health::server::HealthService::from_health_reporter(
+            tonic_health::server::HealthReporter::new(),
+        ),
+    );
     let settings = ConnectionSettings {
         connections: std::sync::Arc::new(server::Connections::new(args.max_connections as usize)),
         ..ConnectionSettings::internal(Duration::from_secs(10))
@@ -86,7 +101,7 @@ pub async fn run(args: BackendArgs) -> anyhow::Result<()> {
     server::serve(
         listener,
         tls,
-        move |req, _remote| handle(req, name.clone()),
+        move |req, _remote| handle(req, name.clone(), grpc.clone()),
         settings,
         stop,
         Duration::from_secs(5),
@@ -95,8 +110,24 @@ pub async fn run(args: BackendArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn handle(mut req: Request<Incoming>, name: std::sync::Arc<str>) -> Response<Body> {
+async fn handle(
+    mut req: Request<Incoming>,
+    name: std::sync::Arc<str>,
+    grpc: Grpc,
+) -> Response<Body> {
+    let is_grpc = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"));
     let mut rsp = match req.uri().path() {
+        _ if is_grpc => {
+            // tonic's generated servers are always ready, so no `poll_ready` first.
+            let mut grpc = grpc;
+            match tower::Service::call(&mut grpc, req).await {
+                Ok(rsp) => rsp.map(|b| b.map_err(BoxError::from).boxed_unsync()),
+                Err(never) => match never {},
+            }
+        }
         "/upgrade-echo" if req.headers().contains_key(http::header::UPGRADE) => {
             // Any HTTP/1.1 upgrade: switch protocols, then echo every byte back.
             let protocol = req.headers()[http::header::UPGRADE].clone();
@@ -117,7 +148,7 @@ async fn handle(mut req: Request<Incoming>, name: std::sync::Arc<str>) -> Respon
             rsp
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
-        "/echo" => Response::new(req.into_body().boxed()),
+        "/echo" => Response::new(req.into_body().map_err(BoxError::from).boxed_unsync()),
         "/headers" => {
             let mut out = format!("{} {} {:?}\n", req.method(), req.uri(), req.version());
             for (k, v) in req.headers() {
@@ -135,7 +166,7 @@ async fn handle(mut req: Request<Incoming>, name: std::sync::Arc<str>) -> Respon
             let mut rsp = Response::new(
                 Full::new(Bytes::from(vec![b'x'; n]))
                     .map_err(|n| match n {})
-                    .boxed(),
+                    .boxed_unsync(),
             );
             rsp.headers_mut().insert(
                 http::header::CONTENT_TYPE,
@@ -170,7 +201,11 @@ fn query_u64<B>(req: &Request<B>, key: &str) -> Option<u64> {
 }
 
 fn text(status: StatusCode, body: String) -> Response<Body> {
-    let mut rsp = Response::new(Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed());
+    let mut rsp = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|n| match n {})
+            .boxed_unsync(),
+    );
     *rsp.status_mut() = status;
     rsp
 }
