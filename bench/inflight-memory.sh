@@ -8,10 +8,14 @@
 #   bench/inflight-memory.sh [N] [DELAY_MS]
 #
 # N is at least 8,000 in the figures (the fd limit is raised to allow it). WAKEGATE_BEFORE=PATH
-# also measures that interceptor binary (an earlier build) as "before".
+# also measures that interceptor binary (an earlier build) as "before". BENCH_IDLE=1 measures
+# idle keep-alive connections instead: N connections each send one request, read its answer
+# and stay open, and the RSS is read once all N are answered (what a burst's release leaves
+# behind, and what browsers' kept connections cost).
 source "$(dirname "$0")/common.sh"
 
 N="${1:-8000}"
+RESULT="$OUT/inflight-memory.txt"; [ -n "${BENCH_IDLE:-}" ] && RESULT="$OUT/idle-connections.txt"
 DELAY="${2:-25000}"
 ulimit -n 200000 2>/dev/null || ulimit -n 65536 2>/dev/null || true
 build
@@ -40,11 +44,49 @@ print(n)
 PY
 }
 
+# hold_idle PORT PID N: N keep-alive connections, one request answered on each, all kept open
+# while the RSS is read; prints "RSS_KIB OK FAILED".
+hold_idle() {
+    python3 - "$1" "$2" "$3" <<'PY'
+import socket, sys
+port, pid, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+conns, ok, failed = [], 0, 0
+for _ in range(n):
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s.sendall(b"GET / HTTP/1.1\r\nHost: bench.local\r\n\r\n")
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            buf += chunk
+        head, body = buf.split(b"\r\n\r\n", 1)
+        length = next(int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:"))
+        while len(body) < length:
+            body += s.recv(65536)
+        ok += head.startswith(b"HTTP/1.1 200")
+        conns.append(s)
+    except (OSError, StopIteration, ConnectionError):
+        failed += 1
+rss = [l.split()[1] for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS")][0]
+print(rss, ok, failed)
+PY
+}
+
 measure() { # name port pid
     local name=$1 port=$2 pid=$3 idle held="" t
     wait_port "$port"
     sleep 0.5 # let start-up allocations settle before the idle reading (a reading, not sync)
     idle=$(rss_kib "$pid")
+    if [ -n "${BENCH_IDLE:-}" ]; then
+        read -r held ok failed <<<"$(hold_idle "$port" "$pid" "$N")"
+        kill "$pid" 2>/dev/null || true
+        awk -v n="$name" -v i="$idle" -v h="$held" -v c="$N" -v ok="$ok" -v f="$failed" 'BEGIN {
+            printf "%-9s idle %6.1f MiB, %d idle keep-alive connections %7.1f MiB: %5.1f KiB per connection (ok %d, failed %d)\n",
+                n, i/1024, c, h/1024, (h-i)/c, ok, f }' | tee -a "$RESULT"
+        return
+    fi
     "$BIN/wakegate-loadtest" rate --rate max --connections "$N" --requests "$N" \
         --duration 120s --timeout 120s --no-admin --no-progress-bar \
         --url "http://127.0.0.1:$port/sleep?ms=$DELAY" --host bench.local \
@@ -57,7 +99,7 @@ measure() { # name port pid
     done
     wait "$load" || true
     kill "$pid" 2>/dev/null || true
-    python3 - "$name" "$idle" "${held:-0}" "$N" "$WORK/$name.json" <<'PY' | tee -a "$OUT/inflight-memory.txt"
+    python3 - "$name" "$idle" "${held:-0}" "$N" "$WORK/$name.json" <<'PY' | tee -a "$RESULT"
 import json, sys
 name, idle, held, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 j = json.load(open(sys.argv[5]))
@@ -71,8 +113,12 @@ PY
 
 {
     echo "machine: $(machine)"
-    echo "$N concurrent requests, upstream answers after $DELAY ms; RSS above idle while all are in flight"
-} | tee "$OUT/inflight-memory.txt"
+    if [ -n "${BENCH_IDLE:-}" ]; then
+        echo "$N idle keep-alive connections, one request answered on each; RSS above idle while all are open"
+    else
+        echo "$N concurrent requests, upstream answers after $DELAY ms; RSS above idle while all are in flight"
+    fi
+} | tee "$RESULT"
 
 P=$(free_port); A=$(free_port)
 cat > "$WORK/wakegate.yaml" <<YAML

@@ -209,10 +209,7 @@ pub async fn run_until(
     let stop_proxy = CancellationToken::new();
     let stop_admin = CancellationToken::new();
     tracing::info!(proxy = %args.proxy_addr, admin = %args.admin_addr, config = ?args.config, "interceptor listening");
-    let handler = move |req, client| {
-        let proxy = proxy.clone();
-        async move { proxy.handle(req, client).await }
-    };
+    let handler = move |req, client| proxy.clone().handle(req, client);
     let proxy_server = tokio::spawn(server::serve(
         proxy_listener,
         None,

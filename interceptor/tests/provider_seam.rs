@@ -114,10 +114,7 @@ async fn start_with(
     let stop = CancellationToken::new();
     let handler = {
         let proxy = proxy.clone();
-        move |req, client| {
-            let proxy = proxy.clone();
-            async move { proxy.handle(req, client).await }
-        }
+        move |req, client| proxy.clone().handle(req, client)
     };
     let mut settings = ConnectionSettings::internal(Duration::from_secs(5));
     if parking.is_some() {

@@ -368,7 +368,7 @@ impl Proxy {
 
     /// Handles one request from `client`. Never fails: errors become responses here.
     pub async fn handle(
-        self: &Arc<Self>,
+        self: Arc<Self>,
         mut req: Request<Incoming>,
         client: ClientConn,
     ) -> Response<ProxyBody> {
