@@ -141,6 +141,14 @@ pub struct ServeArgs {
     #[arg(long, env = "WAKEGATE_CLIENT_IDLE_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
     pub client_idle_timeout: Duration,
 
+    /// A plaintext HTTP/1.1 keep-alive connection with no request for this long is parked: hyper
+    /// lets go of its buffers and connection state (about 20 KiB), and only the socket is kept
+    /// until the next request arrives, which is then served (or held, if its target went cold)
+    /// as on a new connection. Under a second of idleness costs a few microseconds per
+    /// request; kept connections then cost about what the kernel's socket does. 0s: never.
+    #[arg(long, env = "WAKEGATE_PARK_IDLE_AFTER", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub park_idle_after: Duration,
+
     /// Most client connections open at once, over the plaintext and TLS listeners; past it, new
     /// connections are closed at once (and counted) while open ones keep being served.
     #[arg(long, env = "WAKEGATE_MAX_CLIENT_CONNECTIONS", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..))]

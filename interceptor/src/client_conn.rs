@@ -11,6 +11,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -26,14 +27,40 @@ const MAX_READ: usize = 16 * 1024;
 pub struct ClientConn {
     remote: SocketAddr,
     tls: bool,
-    stream: Arc<TcpStream>,
+    stream: Arc<Socket>,
     /// The client's address as `X-Forwarded-For` names it, made once for every request.
     forwarded_for: http::HeaderValue,
 }
 
+/// The socket, and where taking an idle keep-alive connection back from hyper stands.
+#[derive(Debug)]
+struct Socket {
+    stream: TcpStream,
+    /// [`IDLE_SERVING`], [`IDLE_PARK_ASKED`] or [`IDLE_PARKED`].
+    idle: AtomicU8,
+}
+
+impl std::ops::Deref for Socket {
+    type Target = TcpStream;
+    fn deref(&self) -> &TcpStream {
+        &self.stream
+    }
+}
+
+/// Hyper serves the connection as usual.
+const IDLE_SERVING: u8 = 0;
+/// The connection has been idle long enough: hyper's next read that finds the socket empty
+/// (and nothing left to write) ends its session.
+const IDLE_PARK_ASKED: u8 = 1;
+/// Hyper's session ended that way: the socket is to be parked, not closed.
+const IDLE_PARKED: u8 = 2;
+
 impl ClientConn {
     pub(crate) fn new(stream: TcpStream, remote: SocketAddr, tls: bool) -> (Self, ClientIo) {
-        let stream = Arc::new(stream);
+        let stream = Arc::new(Socket {
+            stream,
+            idle: AtomicU8::new(IDLE_SERVING),
+        });
         (
             Self {
                 remote,
@@ -41,8 +68,29 @@ impl ClientConn {
                 stream: stream.clone(),
                 forwarded_for: crate::proxy::client_value(remote.ip()),
             },
-            ClientIo(stream, false),
+            ClientIo {
+                stream,
+                after_parking: false,
+                write_pending: false,
+            },
         )
+    }
+
+    /// Asks hyper's session on this idle keep-alive connection to end, leaving the socket open
+    /// (see [`ClientIo`]); hyper must then be polled, so that it reads.
+    pub(crate) fn ask_idle_park(&self) {
+        let _ = self.stream.idle.compare_exchange(
+            IDLE_SERVING,
+            IDLE_PARK_ASKED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    /// Whether hyper's session ended because the idle connection was taken back; resets the
+    /// state for the next session.
+    pub(crate) fn take_idle_parked(&self) -> bool {
+        self.stream.idle.swap(IDLE_SERVING, Ordering::AcqRel) == IDLE_PARKED
     }
 
     /// The client's address.
@@ -73,7 +121,7 @@ impl ClientConn {
     /// (a parked one), watching the connection's own registration: no file descriptor is
     /// duplicated. The readiness this clears is why [`ClientIo::after_parking`] exists.
     pub(crate) async fn hung_up(&self) -> io::Result<()> {
-        hangup(&self.stream).await
+        hangup(&self.stream.stream).await
     }
 
     /// Completes when the client closes or resets the connection. Fails only when the socket
@@ -99,15 +147,49 @@ async fn hangup(stream: &TcpStream) -> io::Result<()> {
 }
 
 /// The connection's I/O as hyper sees it (through `TokioIo`).
+///
+/// It can also end a hyper session on an idle keep-alive connection without closing the
+/// socket: once [`ClientConn::ask_idle_park`] was called, a read that finds the socket empty,
+/// with every byte hyper wrote accepted by the kernel, reports end of stream, and the shutdown
+/// hyper then asks for leaves the socket open. The server gets the socket back and parks it
+/// (no hyper buffers, no connection state) until the next request head arrives.
 #[derive(Debug)]
-pub struct ClientIo(Arc<TcpStream>, bool);
+pub struct ClientIo {
+    stream: Arc<Socket>,
+    /// See [`ClientIo::after_parking`].
+    after_parking: bool,
+    /// The last write did not take everything hyper offered: hyper still holds bytes to send.
+    write_pending: bool,
+}
 
 impl ClientIo {
     /// The connection was parked, and watching it cleared its read readiness while its
     /// request head was still unread: reads try the socket before waiting for an event (the
     /// bytes that would signal one came before the watch) until it has nothing left.
     pub(crate) fn after_parking(&mut self) {
-        self.1 = true;
+        self.after_parking = true;
+    }
+
+    /// Ends hyper's session if an idle park was asked for and nothing is waiting either way:
+    /// `Some` answers the read.
+    fn idle_park(&mut self, buf: &mut ReadBuf<'_>) -> Option<io::Result<()>> {
+        if self.write_pending || self.stream.idle.load(Ordering::Acquire) != IDLE_PARK_ASKED {
+            return None;
+        }
+        let want = buf.remaining().min(MAX_READ);
+        match recv_into(self.stream.as_raw_fd(), buf, want) {
+            // Bytes came after all (or the client closed): hyper serves them as usual.
+            Ok(_) => {
+                self.stream.idle.store(IDLE_SERVING, Ordering::Release);
+                Some(Ok(()))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.stream.idle.store(IDLE_PARKED, Ordering::Release);
+                Some(Ok(()))
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => None,
+            Err(e) => Some(Err(e)),
+        }
     }
 }
 
@@ -123,9 +205,12 @@ impl AsyncRead for ClientIo {
         // After parking: read straight from the socket until it runs dry (the readiness that
         // would announce the bytes already there was used up by the parked watch); from then
         // on, wait for events as usual.
-        if self.1 {
+        if let Some(answer) = self.idle_park(buf) {
+            return Poll::Ready(answer);
+        }
+        if self.after_parking {
             let want = buf.remaining().min(MAX_READ);
-            match recv_into(self.0.as_raw_fd(), buf, want) {
+            match recv_into(self.stream.as_raw_fd(), buf, want) {
                 Ok(_) => return Poll::Ready(Ok(())),
                 Err(e)
                     if matches!(
@@ -133,13 +218,13 @@ impl AsyncRead for ClientIo {
                         io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
                     ) =>
                 {
-                    self.1 = false
+                    self.after_parking = false
                 }
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
         loop {
-            ready!(self.0.poll_read_ready(cx))?;
+            ready!(self.stream.poll_read_ready(cx))?;
             let want = buf.remaining().min(MAX_READ);
             let mut got = None;
             // The read runs inside `try_io` so that a short read can clear the readiness it
@@ -147,8 +232,9 @@ impl AsyncRead for ClientIo {
             // reads do: the socket is drained, and the next read waits for an event instead of
             // costing a `recv` that fails with EAGAIN. Readiness that arrived during the read
             // carries a newer tick and is not cleared.
-            let result = self.0.try_io(Interest::READABLE, || {
-                let n = recv_into(self.0.as_raw_fd(), buf, want)?;
+            let stream = &self.stream;
+            let result = stream.try_io(Interest::READABLE, || {
+                let n = recv_into(stream.as_raw_fd(), buf, want)?;
                 got = Some(n);
                 if n > 0 && n < want {
                     Err(io::Error::from(io::ErrorKind::WouldBlock))
@@ -194,29 +280,38 @@ thread_local! {
 
 impl AsyncWrite for ClientIo {
     fn poll_write(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.write_pending = true;
         loop {
-            ready!(self.0.poll_write_ready(cx))?;
-            match self.0.try_write(buf) {
+            ready!(self.stream.poll_write_ready(cx))?;
+            match self.stream.try_write(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                result => return Poll::Ready(result),
+                result => {
+                    self.write_pending = !matches!(result, Ok(n) if n == buf.len());
+                    return Poll::Ready(result);
+                }
             }
         }
     }
 
     fn poll_write_vectored(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.write_pending = true;
         loop {
-            ready!(self.0.poll_write_ready(cx))?;
-            match self.0.try_write_vectored(bufs) {
+            ready!(self.stream.poll_write_ready(cx))?;
+            match self.stream.try_write_vectored(bufs) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                result => return Poll::Ready(result),
+                result => {
+                    let offered: usize = bufs.iter().map(|b| b.len()).sum();
+                    self.write_pending = !matches!(result, Ok(n) if n == offered);
+                    return Poll::Ready(result);
+                }
             }
         }
     }
@@ -230,7 +325,11 @@ impl AsyncWrite for ClientIo {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let fd = self.0.as_raw_fd();
+        if self.stream.idle.load(Ordering::Acquire) == IDLE_PARKED {
+            // The session ended to park the connection: the socket stays open.
+            return Poll::Ready(Ok(()));
+        }
+        let fd = self.stream.as_raw_fd();
         Poll::Ready(
             nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Write).or_else(|e| {
                 if e == nix::errno::Errno::ENOTCONN {

@@ -199,11 +199,13 @@ pub async fn run_until(
         max_header_bytes: args.max_header_bytes as usize,
         connections: client_connections,
         park: None,
+        park_idle_after: None,
     };
     // The plaintext listener parks new connections whose first request waits for a cold
     // target (`server::Park`); TLS connections are held in hyper.
     let plaintext = ConnectionSettings {
         park: Some(Arc::new(proxy.clone())),
+        park_idle_after: (!args.park_idle_after.is_zero()).then_some(args.park_idle_after),
         ..connection.clone()
     };
     let stop_proxy = CancellationToken::new();

@@ -141,6 +141,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for RequestHeads<IO> {
 }
 
 impl<IO> RequestHeads<IO> {
+    /// The connection's I/O back (its bytes were only observed here, never withheld).
+    pub(crate) fn into_inner(self) -> IO {
+        self.io
+    }
+
     /// Accounts for `new` bytes; true when they make a request line reach the limit.
     fn overlong(&mut self, new: &[u8]) -> bool {
         let State::Watching {

@@ -31,7 +31,7 @@ use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::client_conn::ClientConn;
+use crate::client_conn::{ClientConn, ClientIo};
 use crate::request_head::RequestHeads;
 
 /// HTTP/2 keep-alive: a PING this often while a connection is open, and the connection is
@@ -74,6 +74,9 @@ pub struct ConnectionSettings {
     /// Who may park a new plaintext connection before hyper serves it (the proxy, for requests
     /// held at a cold target); `None` parks nothing.
     pub park: Option<Arc<dyn Park>>,
+    /// A plaintext HTTP/1 keep-alive connection idle this long is taken back from hyper and
+    /// parked as its bare socket until its next request head (needs `park`); `None` never.
+    pub park_idle_after: Option<Duration>,
 }
 
 /// Parking a connection: a new plaintext connection whose first request head is complete in its
@@ -116,6 +119,7 @@ impl ConnectionSettings {
             max_header_bytes: 64 * 1024,
             connections: Arc::new(Connections::new(1024)),
             park: None,
+            park_idle_after: None,
         }
     }
 }
@@ -149,6 +153,7 @@ pub struct Connections {
     max: usize,
     open: IntGauge,
     closed: IntCounterVec,
+    idle_parked: IntGauge,
 }
 
 impl Connections {
@@ -177,13 +182,30 @@ impl Connections {
         ] {
             closed.with_label_values(&[reason.label()]);
         }
-        Self { max, open, closed }
+        #[allow(clippy::unwrap_used)]
+        let idle_parked = IntGauge::new(
+            "wakegate_client_connections_idle_parked",
+            "Idle keep-alive client connections parked now: kept as their bare socket, without hyper's buffers, until their next request",
+        )
+        .unwrap();
+        Self {
+            max,
+            open,
+            closed,
+            idle_parked,
+        }
     }
 
     /// Registers the gauge and the counter into `registry`.
     pub fn register(&self, registry: &Registry) -> prometheus::Result<()> {
         registry.register(Box::new(self.open.clone()))?;
+        registry.register(Box::new(self.idle_parked.clone()))?;
         registry.register(Box::new(self.closed.clone()))
+    }
+
+    /// Idle keep-alive connections parked now (see `--park-idle-after`).
+    pub fn idle_parked(&self) -> usize {
+        usize::try_from(self.idle_parked.get()).unwrap_or(0)
     }
 
     /// Connections open now.
@@ -370,7 +392,7 @@ pub async fn serve<H, F, B>(
     drain_timeout: Duration,
 ) -> Drain
 where
-    H: Fn(Request<Incoming>, ClientConn) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, ClientConn) -> F + Clone + Send + Sync + Unpin + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
     B: Body + Default + Send + 'static,
     B::Data: Send,
@@ -391,6 +413,14 @@ where
         .keep_alive_interval(H2_PING_INTERVAL)
         .keep_alive_timeout(H2_PING_TIMEOUT)
         .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
+    // The same HTTP/1 settings, for connections known to be HTTP/1 (their head was parsed while
+    // parked), whose sessions can end to park them when idle.
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .max_buf_size(settings.max_header_bytes)
+        .keep_alive(true);
     let tracker = TaskTracker::new();
     let tls = tls.map(tokio_rustls::TlsAcceptor::from);
 
@@ -419,109 +449,80 @@ where
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let (client, mut io) = ClientConn::new(stream, remote, tls.is_some());
+        let (client, io) = ClientConn::new(stream, remote, tls.is_some());
         let builder = builder.clone();
         let settings = settings.clone();
         let tls = tls.clone();
         let stop = stop.clone();
+        let http1 = http1.clone();
         tracker.spawn(async move {
             let _open = open;
             // One deadline from accept to the first complete request head, whatever the
             // connection spends it on: the TLS handshake, the HTTP/2 preface, the head itself.
             let mut first_head = accepted_at + settings.header_read_timeout;
-            let activity = Arc::new(Activity::new());
-            let mut parked = None;
-            if let (None, Some(park)) = (&tls, &settings.park) {
-                match park_first(park.as_ref(), &client, first_head).await {
-                    Parking::Serve(extensions) => {
-                        if extensions.is_some() {
-                            io.after_parking();
+            // Once hyper's session on an idle keep-alive connection ended to park it: since
+            // when the connection has been idle.
+            let mut idle_since = None;
+            let mut io = io;
+            loop {
+                let activity = Arc::new(Activity::new());
+                let mut parked = None;
+                let mut is_http1 = idle_since.is_some();
+                if let (None, Some(park)) = (&tls, &settings.park) {
+                    let parking = match idle_since {
+                        None => park_first(park.as_ref(), &client, first_head, None).await,
+                        Some(since) => {
+                            let deadline = since + settings.idle_timeout;
+                            settings.connections.idle_parked.inc();
+                            let parking =
+                                park_first(park.as_ref(), &client, deadline, Some(&stop)).await;
+                            settings.connections.idle_parked.dec();
+                            parking
                         }
-                        parked = extensions;
+                    };
+                    match parking {
+                        Parking::Serve { extensions, http1 } => {
+                            if extensions.is_some() {
+                                io.after_parking();
+                            }
+                            parked = extensions;
+                            is_http1 |= http1;
+                        }
+                        Parking::Close => return,
+                        Parking::IdleTimeout => {
+                            settings.connections.closed_by(CloseReason::IdleTimeout);
+                            return;
+                        }
                     }
-                    Parking::Close => return,
+                    // The head is complete (it was peeked); hyper reads it at once.
+                    first_head = first_head.max(Instant::now() + settings.header_read_timeout);
                 }
-                // The head is complete (it was peeked); hyper reads it at once.
-                first_head = first_head.max(Instant::now() + settings.header_read_timeout);
-            }
-            // Served in a future of its own, boxed: a parked connection's task holds only what
-            // parking needs, not room for hyper's connection.
-            Box::pin(async move {
-                let first = std::sync::Mutex::new(parked);
-                let service = {
-                    let activity = activity.clone();
-                    // Each request's future is boxed: hyper keeps room for its service's future
-                    // for the connection's whole life, so an idle keep-alive connection would
-                    // otherwise hold the size of the largest request future (7 KiB) for nothing.
-                    // A combinator, not an async block: a block awaiting the handler's future
-                    // would hold it twice (as its capture and as its awaitee).
-                    service_fn(move |mut req: Request<Incoming>| -> ServiceFuture<B> {
-                        if let Some(parked) = first.lock().ok().and_then(|mut p| p.take()) {
-                            req.extensions_mut().extend(parked);
-                        }
-                        let active = activity.begin(!req.body().is_end_stream());
-                        Box::pin(
-                            AssertUnwindSafe(handler(req, client.clone()))
-                                .catch_unwind()
-                                .map(move |rsp| {
-                                    // A panic while handling one request answers that request
-                                    // with a 500 and ends nothing else: not the connection, not
-                                    // the process.
-                                    let rsp = rsp.unwrap_or_else(|panic| {
-                                        let what = panic
-                                            .downcast_ref::<&str>()
-                                            .map(|s| (*s).to_owned())
-                                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                                            .unwrap_or_default();
-                                        tracing::error!(panic = %what, "request handler panicked");
-                                        let mut rsp = Response::new(B::default());
-                                        *rsp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
-                                        rsp
-                                    });
-                                    Ok(rsp.map(|body| TrackedBody {
-                                        body,
-                                        active: Some(active),
-                                    }))
-                                }),
-                        )
-                    })
-                };
-
-                let limit = settings.max_header_bytes;
-                let io = match tls {
-                    None => Either::Left(io),
-                    Some(acceptor) => {
-                        match tokio::time::timeout_at(first_head, acceptor.accept(io)).await {
-                            Ok(Ok(io)) => Either::Right(io),
-                            Ok(Err(err)) => {
-                                tracing::debug!(%remote, error = %err, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!(%remote, "TLS handshake timed out");
-                                settings
-                                    .connections
-                                    .closed_by(CloseReason::HeaderReadTimeout);
-                                return;
-                            }
-                        }
-                    }
-                };
-                let io = RequestHeads::new(io, limit, activity.clone());
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-                let served = watch(
-                    conn,
-                    |c| c.graceful_shutdown(),
-                    &activity,
+                let session = Session {
+                    client: &client,
+                    remote,
+                    activity,
+                    parked,
                     first_head,
-                    &settings,
-                    &stop,
-                );
-                if let Err(err) = served.await {
-                    tracing::debug!(%remote, error = %err, "connection ended with an error");
+                    settings: &settings,
+                    stop: &stop,
+                };
+                // Served in a future of its own, boxed: a parked connection's task holds only
+                // what parking needs, not room for hyper's connection.
+                let back = if is_http1 && settings.park_idle_after.is_some() {
+                    Box::pin(session.serve_http1(io, &http1, handler.clone())).await
+                } else {
+                    Box::pin(session.serve_any(io, tls.clone(), &builder, handler.clone())).await;
+                    None
+                };
+                match back {
+                    Some((back, since)) => {
+                        tracing::trace!(%remote, "idle keep-alive connection parked");
+                        io = back;
+                        idle_since = Some(since);
+                    }
+                    None => return,
                 }
-            })
-            .await;
+            }
         });
     }
     drop(listener);
@@ -539,18 +540,214 @@ where
     }
 }
 
-/// How parking a new connection ended.
+/// How parking a connection ended.
 enum Parking {
-    /// Serve it; its first request gets these extensions.
-    Serve(Option<http::Extensions>),
+    /// Serve it; its first request gets these extensions. `http1`: its head parsed as
+    /// HTTP/1.x, so it is served without HTTP/2's detection (and may be parked again when idle).
+    Serve {
+        extensions: Option<http::Extensions>,
+        http1: bool,
+    },
     /// The client went away while it was parked.
     Close,
+    /// An idle keep-alive connection, parked, reached its idle timeout.
+    IdleTimeout,
 }
 
-/// Peeks at a new connection's first bytes (until `deadline`) and, if they hold a complete
+/// One hyper session on a client connection: from a first head to the connection's end, or
+/// until the connection, idle, is taken back to be parked.
+struct Session<'a> {
+    client: &'a ClientConn,
+    remote: SocketAddr,
+    activity: Arc<Activity>,
+    parked: Option<http::Extensions>,
+    first_head: Instant,
+    settings: &'a ConnectionSettings,
+    stop: &'a CancellationToken,
+}
+
+impl Session<'_> {
+    /// Serves the connection (TLS or not, HTTP/1 or HTTP/2) to its end.
+    async fn serve_any<H, F, B>(
+        self,
+        io: ClientIo,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        builder: &auto::Builder<TokioExecutor>,
+        handler: H,
+    ) where
+        H: Fn(Request<Incoming>, ClientConn) -> F + Clone + Send + Sync + Unpin + 'static,
+        F: Future<Output = Response<B>> + Send + 'static,
+        B: Body + Default + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let service = request_service(handler, self.parked, &self.activity, self.client);
+        let limit = self.settings.max_header_bytes;
+        let io = match tls {
+            None => Either::Left(io),
+            Some(acceptor) => {
+                match tokio::time::timeout_at(self.first_head, acceptor.accept(io)).await {
+                    Ok(Ok(io)) => Either::Right(io),
+                    Ok(Err(err)) => {
+                        tracing::debug!(remote = %self.remote, error = %err, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(remote = %self.remote, "TLS handshake timed out");
+                        self.settings
+                            .connections
+                            .closed_by(CloseReason::HeaderReadTimeout);
+                        return;
+                    }
+                }
+            }
+        };
+        let io = RequestHeads::new(io, limit, self.activity.clone());
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let served = watch(
+            conn.as_mut(),
+            |c| c.graceful_shutdown(),
+            &self.activity,
+            self.first_head,
+            self.settings,
+            self.stop,
+            None,
+        );
+        if let Err(err) = served.await {
+            tracing::debug!(remote = %self.remote, error = %err, "connection ended with an error");
+        }
+    }
+
+    /// Serves a plaintext HTTP/1 connection until it ends, or until it has been idle for
+    /// `--park-idle-after`: then hyper's session ends with the socket open, and the socket
+    /// comes back, with the moment it went idle, to be parked.
+    async fn serve_http1<H, F, B>(
+        self,
+        io: ClientIo,
+        http1: &hyper::server::conn::http1::Builder,
+        handler: H,
+    ) -> Option<(ClientIo, Instant)>
+    where
+        H: Fn(Request<Incoming>, ClientConn) -> F + Clone + Send + Sync + Unpin + 'static,
+        F: Future<Output = Response<B>> + Send + 'static,
+        B: Body + Default + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let service = request_service(handler, self.parked, &self.activity, self.client);
+        let io = RequestHeads::new(io, self.settings.max_header_bytes, self.activity.clone());
+        let mut conn = http1
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        let idle_park = self
+            .settings
+            .park_idle_after
+            .map(|after| (self.client, after));
+        let served = watch(
+            Pin::new(&mut conn),
+            |c| c.graceful_shutdown(),
+            &self.activity,
+            self.first_head,
+            self.settings,
+            self.stop,
+            idle_park,
+        )
+        .await;
+        if let Err(err) = served {
+            tracing::debug!(remote = %self.remote, error = %err, "connection ended with an error");
+        }
+        if !self.client.take_idle_parked() {
+            return None;
+        }
+        let parts = conn.into_parts()?;
+        // Hyper asked for more bytes only with none of the next request buffered.
+        if !parts.read_buf.is_empty() {
+            return None;
+        }
+        let idle_since = self
+            .activity
+            .at(self.activity.idle_since.load(Ordering::Acquire))
+            .unwrap_or_else(Instant::now);
+        Some((parts.io.into_inner().into_inner(), idle_since))
+    }
+}
+
+/// The service hyper calls for each request of a session: the handler, with the parked
+/// extensions on the first request and the connection's activity tracked.
+fn request_service<H, F, B>(
+    handler: H,
+    parked: Option<http::Extensions>,
+    activity: &Arc<Activity>,
+    client: &ClientConn,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<TrackedBody<B>>,
+    Error = Infallible,
+    Future = ServiceFuture<B>,
+> + Unpin
+where
+    H: Fn(Request<Incoming>, ClientConn) -> F + Clone + Send + Sync + Unpin + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body + Default + Send + 'static,
+{
+    let first = std::sync::Mutex::new(parked);
+    let activity = activity.clone();
+    let client = client.clone();
+    // Each request's future is boxed: hyper keeps room for its service's future for the
+    // connection's whole life, so an idle keep-alive connection would otherwise hold the size
+    // of the largest request future (7 KiB) for nothing. A combinator, not an async block: a
+    // block awaiting the handler's future would hold it twice (as its capture and as its
+    // awaitee).
+    service_fn(move |mut req: Request<Incoming>| -> ServiceFuture<B> {
+        if let Some(parked) = first.lock().ok().and_then(|mut p| p.take()) {
+            req.extensions_mut().extend(parked);
+        }
+        let active = activity.begin(!req.body().is_end_stream());
+        Box::pin(
+            AssertUnwindSafe(handler(req, client.clone()))
+                .catch_unwind()
+                .map(move |rsp| {
+                    // A panic while handling one request answers that request with a 500 and
+                    // ends nothing else: not the connection, not the process.
+                    let rsp = rsp.unwrap_or_else(|panic| {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_owned())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        tracing::error!(panic = %what, "request handler panicked");
+                        let mut rsp = Response::new(B::default());
+                        *rsp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                        rsp
+                    });
+                    Ok(rsp.map(|body| TrackedBody {
+                        body,
+                        active: Some(active),
+                    }))
+                }),
+        )
+    })
+}
+
+/// Peeks at a connection's first bytes (until `deadline`) and, if they hold a complete
 /// request head that `park` wants, waits as it says. Anything else is served at once: a head
 /// split over several reads, an HTTP/2 preface, garbage (hyper then answers it).
-async fn park_first(park: &dyn Park, client: &ClientConn, deadline: Instant) -> Parking {
+///
+/// `idle` is set for a keep-alive connection parked while idle, waiting for its next head:
+/// then the deadline is its idle timeout, and `stop` (the server's) closes it at once while no
+/// head has come; a request it then holds is not cut by `stop`, as no held request is.
+async fn park_first(
+    park: &dyn Park,
+    client: &ClientConn,
+    deadline: Instant,
+    idle: Option<&CancellationToken>,
+) -> Parking {
+    enum Peeked {
+        Head(Box<Request<()>>),
+        Closed,
+        Other,
+    }
     // The bytes are peeked into a per-thread buffer and parsed at once, so nothing of them is
     // kept across a wait.
     let peeked = std::future::poll_fn(|cx| {
@@ -559,25 +756,59 @@ async fn park_first(park: &dyn Park, client: &ClientConn, deadline: Instant) -> 
             let mut read = tokio::io::ReadBuf::new(&mut buf[..]);
             match client.poll_peek(cx, &mut read) {
                 Poll::Pending => Poll::Pending,
-                Poll::Ready(Err(_)) => Poll::Ready(None),
+                Poll::Ready(Err(_)) => Poll::Ready(Peeked::Other),
+                Poll::Ready(Ok(0)) => Poll::Ready(Peeked::Closed),
                 Poll::Ready(Ok(_)) => {
                     let mut headers = [httparse::EMPTY_HEADER; 64];
                     let mut parsed = httparse::Request::new(&mut headers);
                     Poll::Ready(match parsed.parse(read.filled()) {
-                        Ok(httparse::Status::Complete(_)) => head_of(&parsed),
-                        _ => None,
+                        Ok(httparse::Status::Complete(_)) => {
+                            head_of(&parsed).map_or(Peeked::Other, |h| Peeked::Head(Box::new(h)))
+                        }
+                        _ => Peeked::Other,
                     })
                 }
             }
         })
     });
-    let Ok(Some(head)) = tokio::time::timeout_at(deadline, peeked).await else {
-        return Parking::Serve(None);
+    let stopped = async {
+        match idle {
+            Some(stop) => stop.cancelled().await,
+            None => std::future::pending().await,
+        }
     };
-    match park.park(head, client) {
-        None => Parking::Serve(None),
+    let peeked = tokio::select! {
+        peeked = tokio::time::timeout_at(deadline, peeked) => peeked,
+        () = stopped => return Parking::Close,
+    };
+    let head = match (peeked, idle) {
+        (Ok(Peeked::Head(head)), _) => head,
+        (Ok(Peeked::Closed), _) => return Parking::Close,
+        (Ok(Peeked::Other), _) => {
+            return Parking::Serve {
+                extensions: None,
+                http1: false,
+            }
+        }
+        // A new connection's first-head deadline: hyper serves it, and the deadline closes it.
+        (Err(_), None) => {
+            return Parking::Serve {
+                extensions: None,
+                http1: false,
+            }
+        }
+        (Err(_), Some(_)) => return Parking::IdleTimeout,
+    };
+    match park.park(*head, client) {
+        None => Parking::Serve {
+            extensions: None,
+            http1: true,
+        },
         Some(wait) => match wait.await {
-            Some(extensions) => Parking::Serve(Some(extensions)),
+            Some(extensions) => Parking::Serve {
+                extensions: Some(extensions),
+                http1: true,
+            },
             None => Parking::Close,
         },
     }
@@ -610,18 +841,25 @@ fn head_of(parsed: &httparse::Request<'_, '_>) -> Option<Request<()>> {
 /// flight, or the connection is idle, it looks again at least every header-read timeout, so a
 /// head that starts on an idle connection is cut within that time of its deadline.
 async fn watch<C, E>(
-    conn: C,
+    mut conn: Pin<&mut C>,
     shutdown: impl Fn(Pin<&mut C>),
     activity: &Activity,
     first_head: Instant,
     settings: &ConnectionSettings,
     stop: &CancellationToken,
+    idle_park: Option<(&ClientConn, Duration)>,
 ) -> Result<(), E>
 where
-    C: Future<Output = Result<(), E>>,
+    C: Future<Output = Result<(), E>> + ?Sized,
 {
-    tokio::pin!(conn);
-    let timer = tokio::time::sleep_until(first_head);
+    // Where idle connections are parked, the watchdog looks at least this often, so that one
+    // is parked soon after it goes idle (without being woken per request).
+    let park_check = idle_park.map(|(_, after)| after);
+    let soon = |at: Instant| match park_check {
+        Some(after) => at.min(Instant::now() + after),
+        None => at,
+    };
+    let timer = tokio::time::sleep_until(soon(first_head));
     tokio::pin!(timer);
     let mut closing = false;
     let mut stopping = false;
@@ -639,12 +877,16 @@ where
                     return Ok(());
                 }
                 if !activity.seen_request.load(Ordering::Acquire) {
+                    if now < first_head {
+                        timer.as_mut().reset(soon(first_head));
+                        continue;
+                    }
                     settings.connections.closed_by(CloseReason::HeaderReadTimeout);
                     return Ok(());
                 }
                 let look_again = now + settings.header_read_timeout;
                 if activity.active.load(Ordering::Acquire) > 0 {
-                    timer.as_mut().reset(look_again.min(now + settings.idle_timeout));
+                    timer.as_mut().reset(soon(look_again.min(now + settings.idle_timeout)));
                     continue;
                 }
                 if let Some(at) = activity.at(activity.head_started.load(Ordering::Acquire)) {
@@ -668,7 +910,18 @@ where
                     timer.as_mut().reset(now + CLOSE_GRACE);
                     continue;
                 }
-                timer.as_mut().reset(idle_due.min(look_again));
+                let mut next = idle_due.min(look_again);
+                if let Some((client, after)) = idle_park {
+                    let park_due = idle_since + after;
+                    if park_due <= now {
+                        // Idle long enough: hyper's next read ends its session (the loop polls
+                        // it at once), and the connection is parked without hyper's buffers.
+                        client.ask_idle_park();
+                    } else {
+                        next = next.min(park_due);
+                    }
+                }
+                timer.as_mut().reset(next);
             }
         }
     }
