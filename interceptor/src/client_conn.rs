@@ -149,9 +149,9 @@ async fn hangup(stream: &TcpStream) -> io::Result<()> {
 /// The connection's I/O as hyper sees it (through `TokioIo`).
 ///
 /// It can also end a hyper session on an idle keep-alive connection without closing the
-/// socket: once [`ClientConn::ask_idle_park`] was called, a read that finds the socket empty,
-/// with every byte hyper wrote accepted by the kernel, reports end of stream, and the shutdown
-/// hyper then asks for leaves the socket open. The server gets the socket back and parks it
+/// socket: once the server asked for it (`ClientConn::ask_idle_park`), a read that finds the
+/// socket empty, with every byte hyper wrote accepted by the kernel, reports end of stream, and
+/// the shutdown hyper then asks for leaves the socket open. The server gets the socket back and parks it
 /// (no hyper buffers, no connection state) until the next request head arrives.
 #[derive(Debug)]
 pub struct ClientIo {
