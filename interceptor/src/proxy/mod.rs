@@ -680,15 +680,18 @@ impl Proxy {
             *again.uri_mut() = req.uri().clone();
             *again.version_mut() = req.version();
             *again.headers_mut() = req.headers().clone();
-            again
+            // Boxed: the request future keeps it across the first send, and is laid out for it.
+            Box::new(again)
         });
-        let sent = async {
+        // The send and the timer are polled where they are, in this function's state: an
+        // async block around them would hold its captures and their copies in the select.
+        let sent = {
             let send = async {
                 match upstream.send(&acquired.endpoint, req).await {
                     Err(err) if err.closed_before_response() => match replay {
                         Some(again) => {
                             tracing::debug!(error = ?err, "upstream closed the connection before answering; sending again");
-                            match upstream.send(&acquired.endpoint, again).await {
+                            match upstream.send(&acquired.endpoint, *again).await {
                                 // The upstream is gone (it closed because it exited): the
                                 // first failure is the one to report.
                                 Err(SendError::Connect(_)) => Err(err),
@@ -700,12 +703,13 @@ impl Proxy {
                     other => other,
                 }
             };
+            tokio::pin!(send);
+            tokio::pin!(header_timeout);
             tokio::select! {
-                rsp = send => Ok(rsp),
-                () = header_timeout => Err(()),
+                rsp = &mut send => Ok(rsp),
+                () = &mut header_timeout => Err(()),
             }
         };
-        let sent = sent.await;
         let endpoint = acquired.endpoint;
         if let Some(fault) = body_watch.fault() {
             // Whatever the upstream client made of it, the client broke the exchange.
