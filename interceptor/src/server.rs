@@ -554,6 +554,29 @@ enum Parking {
     IdleTimeout,
 }
 
+/// What serves a connection's requests (the proxy, the admin API, the example backend).
+trait Handler<F>:
+    Fn(Request<Incoming>, ClientConn) -> F + Clone + Send + Sync + Unpin + 'static
+{
+}
+impl<H, F> Handler<F> for H where
+    H: Fn(Request<Incoming>, ClientConn) -> F + Clone + Send + Sync + Unpin + 'static
+{
+}
+
+/// The response bodies a handler may answer with.
+trait ResponseBody:
+    Body<Data: Send, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Default + Send + 'static
+{
+}
+impl<B> ResponseBody for B where
+    B: Body<Data: Send, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Default
+        + Send
+        + 'static
+{
+}
+
 /// One hyper session on a client connection: from a first head to the connection's end, or
 /// until the connection, idle, is taken back to be parked.
 struct Session<'a> {
@@ -575,11 +598,9 @@ impl Session<'_> {
         builder: &auto::Builder<TokioExecutor>,
         handler: H,
     ) where
-        H: Fn(Request<Incoming>, ClientConn) -> F + Clone + Send + Sync + Unpin + 'static,
+        H: Handler<F>,
         F: Future<Output = Response<B>> + Send + 'static,
-        B: Body + Default + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: ResponseBody,
     {
         let service = request_service(handler, self.parked, &self.activity, self.client);
         let limit = self.settings.max_header_bytes;
@@ -629,11 +650,9 @@ impl Session<'_> {
         handler: H,
     ) -> Option<(ClientIo, Instant)>
     where
-        H: Fn(Request<Incoming>, ClientConn) -> F + Clone + Send + Sync + Unpin + 'static,
+        H: Handler<F>,
         F: Future<Output = Response<B>> + Send + 'static,
-        B: Body + Default + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: ResponseBody,
     {
         let service = request_service(handler, self.parked, &self.activity, self.client);
         let io = RequestHeads::new(io, self.settings.max_header_bytes, self.activity.clone());
@@ -784,14 +803,9 @@ async fn park_first(
     let head = match (peeked, idle) {
         (Ok(Peeked::Head(head)), _) => head,
         (Ok(Peeked::Closed), _) => return Parking::Close,
-        (Ok(Peeked::Other), _) => {
-            return Parking::Serve {
-                extensions: None,
-                http1: false,
-            }
-        }
-        // A new connection's first-head deadline: hyper serves it, and the deadline closes it.
-        (Err(_), None) => {
+        // Not a whole HTTP/1 head, or a new connection's first-head deadline: hyper serves it
+        // (and that deadline closes it).
+        (Ok(Peeked::Other), _) | (Err(_), None) => {
             return Parking::Serve {
                 extensions: None,
                 http1: false,
