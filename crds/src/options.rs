@@ -27,6 +27,12 @@ pub const PLACEHOLDER_BODY: &str = "wakegate.dev/placeholder-body";
 pub const MAX_HELD_REQUESTS: &str = "wakegate.dev/max-held-requests";
 /// Most requests in flight per endpoint, spreading a release over endpoints.
 pub const MAX_IN_FLIGHT_PER_ENDPOINT: &str = "wakegate.dev/max-in-flight-per-endpoint";
+/// The longest a backend's `Wakegate-Keep-Awake` response header may keep the route up, as a
+/// duration (`30m`) or seconds (default 1h; `0` ignores the header).
+pub const KEEP_AWAKE_MAX: &str = "wakegate.dev/keep-awake-max";
+/// The keep-awake cap when a route sets none: long enough for a long download or a batch job,
+/// short enough that a backend which forgets to release it costs an hour, not forever.
+pub const DEFAULT_KEEP_AWAKE_MAX: Duration = Duration::from_secs(3600);
 
 /// InterceptorRoute, standalone mode: the workload to scale, `[apiVersion/]Kind/name` (e.g.
 /// `Deployment/my-app`; `apps/v1` for Deployments and StatefulSets).
@@ -50,7 +56,7 @@ pub const STANDALONE_WORKLOAD: [&str; 5] = [
     INITIAL_COOLDOWN_PERIOD,
 ];
 
-const KNOWN: [&str; 12] = [
+const KNOWN: [&str; 13] = [
     COLD_START_RESPONSE,
     WAITING_PAGE_REFRESH,
     PLACEHOLDER_STATUS,
@@ -58,6 +64,7 @@ const KNOWN: [&str; 12] = [
     PLACEHOLDER_BODY,
     MAX_HELD_REQUESTS,
     MAX_IN_FLIGHT_PER_ENDPOINT,
+    KEEP_AWAKE_MAX,
     SCALE_TARGET_REF,
     MIN_REPLICAS,
     MAX_REPLICAS,
@@ -160,6 +167,8 @@ pub struct RouteOptions {
     pub max_held_requests: Option<NonZeroUsize>,
     /// Cap on requests in flight per endpoint.
     pub max_in_flight_per_endpoint: Option<NonZeroUsize>,
+    /// Cap on what a backend's keep-awake header may ask for; `None` for the default.
+    pub keep_awake_max: Option<Duration>,
 }
 
 /// An answer given while the target wakes.
@@ -200,6 +209,19 @@ fn count(
                 .map_err(|_| bad(key, format!("{v:?} is not a whole number above 0")))
         })
         .transpose()
+}
+
+/// A duration given as whole or decimal seconds (`90`, `1.5`) or in Go's form (`90s`, `10m`,
+/// `1h30m`): how a keep-awake header and its cap are written.
+pub fn parse_seconds_or_duration(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if value.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return value
+            .parse::<f64>()
+            .ok()
+            .and_then(|s| Duration::try_from_secs_f64(s).ok());
+    }
+    crate::duration::parse_go_duration(value).ok()
 }
 
 /// Whether `value` can be sent as a header value (visible ASCII, spaces and tabs).
@@ -312,6 +334,17 @@ impl RouteOptions {
             cold_start,
             max_held_requests: count(annotations, MAX_HELD_REQUESTS)?,
             max_in_flight_per_endpoint: count(annotations, MAX_IN_FLIGHT_PER_ENDPOINT)?,
+            keep_awake_max: annotations
+                .get(KEEP_AWAKE_MAX)
+                .map(|v| {
+                    parse_seconds_or_duration(v).ok_or_else(|| {
+                        bad(
+                            KEEP_AWAKE_MAX,
+                            format!("{v:?} is not a duration like 30m or a number of seconds"),
+                        )
+                    })
+                })
+                .transpose()?,
         })
     }
 }
@@ -363,6 +396,24 @@ mod tests {
         );
         assert_eq!(o.max_held_requests, NonZeroUsize::new(100));
         assert_eq!(o.max_in_flight_per_endpoint, NonZeroUsize::new(8));
+        assert_eq!(o.keep_awake_max, None);
+        let o = parse(&[(KEEP_AWAKE_MAX, "30m")]).unwrap();
+        assert_eq!(o.keep_awake_max, Some(Duration::from_secs(1800)));
+        let o = parse(&[(KEEP_AWAKE_MAX, "90")]).unwrap();
+        assert_eq!(o.keep_awake_max, Some(Duration::from_secs(90)));
+    }
+
+    #[test]
+    fn seconds_or_durations() {
+        let ok = |s: &str| parse_seconds_or_duration(s);
+        assert_eq!(ok("90"), Some(Duration::from_secs(90)));
+        assert_eq!(ok(" 1.5 "), Some(Duration::from_millis(1500)));
+        assert_eq!(ok("0"), Some(Duration::ZERO));
+        assert_eq!(ok("10m"), Some(Duration::from_secs(600)));
+        assert_eq!(ok("1h30m"), Some(Duration::from_secs(5400)));
+        for bad in ["", "soon", "-1", "1e9999", "10 m", "."] {
+            assert_eq!(ok(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
@@ -399,6 +450,8 @@ mod tests {
                 "from 1 to 3600",
             ),
             (&[(MAX_HELD_REQUESTS, "0")], "above 0"),
+            (&[(KEEP_AWAKE_MAX, "forever")], "not a duration like 30m"),
+            (&[(KEEP_AWAKE_MAX, "-5s")], "not a duration like 30m"),
             (
                 &[
                     (COLD_START_RESPONSE, "placeholder"),

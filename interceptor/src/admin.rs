@@ -91,6 +91,7 @@ impl Admin {
                 "ready": self.proxy.is_loaded() && !self.draining.load(Ordering::Acquire),
                 "queue": self.loads.queue(),
                 "held": self.loads.held(),
+                "keepAwakeUntil": self.loads.kept_awake(),
                 "targets": self.provider.status(),
             })),
             "/metrics" => {

@@ -5,7 +5,9 @@
 //! Paths: `/healthz`; `/echo` streams the request body back; `/upgrade-echo` accepts any
 //! HTTP/1.1 upgrade (WebSocket included) and echoes the raw bytes; `/headers` lists the request
 //! headers; `/sleep?ms=N` answers after N ms; `/bytes?n=N` answers N bytes (at most 16 MiB);
-//! `/exit` ends the process mid-request; anything else says hello. Every response carries `X-Backend-Pid`.
+//! `/exit` ends the process mid-request; anything else says hello. Every response carries `X-Backend-Pid`,
+//! and a request with `?keep-awake=<value>` (on any path, the upgrade's 101 and gRPC included)
+//! gets `Wakegate-Keep-Awake: <value>` back, to try the interceptor's keep-awake by hand.
 //!
 //! It also speaks gRPC on the same port (h2c, or h2 over `--tls-cert`): requests whose content
 //! type is `application/grpc` go to the standard health service, `grpc.health.v1.Health`, which
@@ -20,7 +22,6 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use tokio_util::sync::CancellationToken;
 
 use crate::server::{self, ConnectionSettings};
 
@@ -79,14 +80,7 @@ pub async fn run(args: BackendArgs) -> anyhow::Result<()> {
     tokio::time::sleep(args.boot_delay).await;
     let listener = server::bind(addr)?;
     tracing::info!(%addr, pid = std::process::id(), "backend listening");
-    let stop = CancellationToken::new();
-    tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            crate::signal::terminated().await;
-            stop.cancel();
-        }
-    });
+    let stop = crate::signal::stop_on_terminate();
     let name: std::sync::Arc<str> = args.name.into();
     // A new reporter has the server-wide service ("") SERVING; it stays so while we run.
     let grpc: Grpc = tonic_health::pb::health_server::HealthServer::new(
@@ -119,6 +113,7 @@ async fn handle(
         .headers()
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"));
+    let keep_awake = query(&req, "keep-awake").and_then(|v| HeaderValue::from_str(v).ok());
     let mut rsp = match req.uri().path() {
         _ if is_grpc => {
             // tonic's generated servers are always ready, so no `poll_ready` first.
@@ -185,6 +180,9 @@ async fn handle(
     };
     rsp.headers_mut()
         .insert("x-backend-pid", HeaderValue::from(std::process::id()));
+    if let Some(value) = keep_awake {
+        rsp.headers_mut().insert("wakegate-keep-awake", value);
+    }
     rsp
 }
 
@@ -192,12 +190,16 @@ async fn handle(
 const MAX_BYTES: u64 = 16 << 20;
 
 fn query_u64<B>(req: &Request<B>, key: &str) -> Option<u64> {
+    query(req, key).and_then(|v| v.parse().ok())
+}
+
+fn query<'r, B>(req: &'r Request<B>, key: &str) -> Option<&'r str> {
     req.uri()
         .query()?
         .split('&')
         .filter_map(|kv| kv.split_once('='))
         .find(|(k, _)| *k == key)
-        .and_then(|(_, v)| v.parse().ok())
+        .map(|(_, v)| v)
 }
 
 fn text(status: StatusCode, body: String) -> Response<Body> {

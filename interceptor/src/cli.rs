@@ -35,6 +35,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the example backend: a small HTTP app with a configurable boot delay.
     Backend(BackendArgs),
+    /// Run the example job service: `POST /jobs` answers at once and works in the background,
+    /// asking to be kept awake (`Wakegate-Keep-Awake`) until the work is done.
+    Jobs(crate::jobs::JobsArgs),
 }
 
 /// Log output format.

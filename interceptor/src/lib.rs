@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client_conn;
 pub mod connect;
 pub mod events;
+pub mod jobs;
 pub mod kubernetes;
 pub mod load;
 pub mod local;

@@ -1,5 +1,12 @@
 //! Per-route load: requests in flight (held ones included), held requests, the ever-growing
-//! request count, the moment of last activity, and per-endpoint in-flight leases.
+//! request count, the moment of last activity, per-endpoint in-flight leases, and the
+//! keep-awake deadlines backends asked for (`Wakegate-Keep-Awake`).
+//!
+//! A keep-awake deadline counts as activity until it passes: the route is busy while one is
+//! ahead, and its idle time (what scale-down waits on) runs from the later of the last request
+//! and the last deadline. Deadlines are kept per endpoint, because "I am still working" is said
+//! by one backend instance: a later header from the same endpoint replaces its deadline, `0`
+//! releases it, and another replica's answer leaves it alone.
 //!
 //! Loads outlive routing tables: a table rebuilt because one route changed keeps every other
 //! route's counts. They are hot, per-request counters, so they are atomics behind a `DashMap`
@@ -63,10 +70,8 @@ impl Loads {
                     QueueCounts {
                         concurrency: e.value().in_flight(),
                         request_count: e.value().requests(),
-                        idle_ms: e
-                            .value()
-                            .last_request_ago()
-                            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                        idle_ms: e.value().last_busy_ago().map(millis),
+                        keep_awake_ms: e.value().keep_awake_left().map(millis),
                     },
                 )
             })
@@ -78,6 +83,20 @@ impl Loads {
         self.routes
             .iter()
             .map(|e| (e.key().to_string(), e.value().held()))
+            .collect()
+    }
+
+    /// Keep-awake deadlines ahead, per route, as Unix milliseconds (for `/status`).
+    pub fn kept_awake(&self) -> BTreeMap<String, u64> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.routes
+            .iter()
+            .filter_map(|e| {
+                let left = e.value().keep_awake_left()?;
+                Some((e.key().to_string(), millis(now + left)))
+            })
             .collect()
     }
 
@@ -98,12 +117,25 @@ pub struct QueueCounts {
     /// Requests seen since start; only ever grows.
     #[serde(rename = "RequestCount")]
     pub request_count: u64,
-    /// Milliseconds since a request last started or ended here (0 while one is in flight;
-    /// absent when none has since this interceptor started). Wakegate's addition: relative, so
-    /// no two machines' clocks are compared, and it lets a restarted controller know how long
-    /// a route has really been idle.
+    /// Milliseconds since the route was last busy: a request started or ended, or a
+    /// keep-awake deadline passed (0 while a request is in flight or a deadline is ahead;
+    /// absent when there has been neither since this interceptor started). Wakegate's
+    /// addition: relative, so no two machines' clocks are compared, and it lets a restarted
+    /// controller know how long a route has really been idle.
     #[serde(rename = "IdleMs", default, skip_serializing_if = "Option::is_none")]
     pub idle_ms: Option<u64>,
+    /// Milliseconds until the latest keep-awake deadline a backend asked for (absent when none
+    /// is ahead). Wakegate's addition, relative for the same reason.
+    #[serde(
+        rename = "KeepAwakeMs",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub keep_awake_ms: Option<u64>,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The load of one route.
@@ -124,6 +156,14 @@ pub struct RouteLoad {
     released: Notify,
     /// Signalled when the last in-flight request ends, so an idle timer can start.
     went_idle: Notify,
+    /// The latest keep-awake deadline over all endpoints, as one more than milliseconds since
+    /// `epoch`; 0 when none was ever set. Read on every idle check, so it is an atomic; the map
+    /// behind it is touched only when a backend sends the header.
+    keep_awake_until_ms: AtomicU64,
+    /// Keep-awake deadlines per endpoint (milliseconds since `epoch`).
+    keep_awake: Mutex<HashMap<Endpoint, u64>>,
+    /// Signalled when a keep-awake deadline changes, so an idle timer is set again.
+    keep_awake_changed: Notify,
 }
 
 impl RouteLoad {
@@ -138,6 +178,9 @@ impl RouteLoad {
             leases: Mutex::new(HashMap::new()),
             released: Notify::new(),
             went_idle: Notify::new(),
+            keep_awake_until_ms: AtomicU64::new(0),
+            keep_awake: Mutex::new(HashMap::new()),
+            keep_awake_changed: Notify::new(),
         }
     }
 
@@ -156,30 +199,87 @@ impl RouteLoad {
         self.requests.load(Ordering::Relaxed)
     }
 
-    /// How long since a request last started or ended (zero while one is in flight).
+    /// How long the route has been quiet: since the later of the last request's start or end
+    /// and the last keep-awake deadline, or since start. Zero while a request is in flight or
+    /// a keep-awake deadline is ahead. Scale-down waits on this.
     pub fn idle_for(&self) -> Duration {
         if self.in_flight() > 0 {
             return Duration::ZERO;
         }
-        let last = self
-            .last_active_ms
-            .load(Ordering::Acquire)
-            .saturating_sub(1);
-        self.epoch
-            .elapsed()
-            .saturating_sub(Duration::from_millis(last))
+        let request = self.last_active_ms.load(Ordering::Acquire);
+        let keep_awake = self.keep_awake_until_ms.load(Ordering::Acquire);
+        let last = Duration::from_millis(request.max(keep_awake).saturating_sub(1));
+        self.epoch.elapsed().saturating_sub(last)
     }
 
-    /// How long since a request last started or ended (zero while one is in flight); `None`
-    /// when no request has been seen since start.
-    pub fn last_request_ago(&self) -> Option<Duration> {
-        (self.last_active_ms.load(Ordering::Acquire) > 0).then(|| self.idle_for())
+    /// [`RouteLoad::idle_for`], or `None` when the route has had neither a request nor a
+    /// keep-awake deadline since start.
+    pub fn last_busy_ago(&self) -> Option<Duration> {
+        let never = self.last_active_ms.load(Ordering::Acquire) == 0
+            && self.keep_awake_until_ms.load(Ordering::Acquire) == 0;
+        (!never).then(|| self.idle_for())
+    }
+
+    /// Time left until the latest keep-awake deadline; `None` when none is ahead.
+    pub fn keep_awake_left(&self) -> Option<Duration> {
+        let until = self.keep_awake_until_ms.load(Ordering::Acquire);
+        if until == 0 {
+            return None;
+        }
+        let left = Duration::from_millis(until - 1).saturating_sub(self.epoch.elapsed());
+        (!left.is_zero()).then_some(left)
+    }
+
+    /// Records a backend's `Wakegate-Keep-Awake`: `endpoint` keeps the route up for `for_`
+    /// from now (replacing what it asked before), or releases its deadline with zero.
+    pub fn keep_awake(&self, endpoint: &Endpoint, for_: Duration) {
+        let now = self.now_ms();
+        let mut deadlines = self.keep_awake.lock().unwrap_or_else(|e| e.into_inner());
+        if for_.is_zero() {
+            deadlines.remove(endpoint);
+        } else {
+            let until = now.saturating_add(millis(for_));
+            match deadlines.get_mut(endpoint) {
+                Some(at) => *at = until,
+                None => {
+                    deadlines.insert(endpoint.clone(), until);
+                }
+            }
+        }
+        // Passed deadlines are history: the latest one stays in the atomic (scale-down counts
+        // from it), the map keeps only what is ahead.
+        deadlines.retain(|_, until| *until > now);
+        let latest = deadlines.values().copied().max();
+        drop(deadlines);
+        match latest {
+            Some(until) => self
+                .keep_awake_until_ms
+                .store(until.saturating_add(1), Ordering::Release),
+            // Nothing ahead any more: the route has been busy until now, not until a deadline
+            // that was released early.
+            None => {
+                let was = self.keep_awake_until_ms.load(Ordering::Acquire);
+                if was > now.saturating_add(1) {
+                    self.keep_awake_until_ms
+                        .store(now.saturating_add(1), Ordering::Release);
+                }
+            }
+        }
+        self.keep_awake_changed.notify_waiters();
+    }
+
+    /// A future that completes when a keep-awake deadline changes. Enable it before reading
+    /// [`RouteLoad::keep_awake_left`].
+    pub fn keep_awake_changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.keep_awake_changed.notified()
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
     }
 
     fn touch(&self) {
-        let now = u64::try_from(self.epoch.elapsed().as_millis())
-            .unwrap_or(u64::MAX - 1)
-            .saturating_add(1);
+        let now = self.now_ms().saturating_add(1);
         self.last_active_ms.fetch_max(now, Ordering::AcqRel);
     }
 
@@ -318,6 +418,7 @@ mod tests {
                 concurrency: 1,
                 request_count: 2,
                 idle_ms: Some(0),
+                keep_awake_ms: None,
             },
             "busy: idle for nothing"
         );
@@ -356,6 +457,79 @@ mod tests {
             load.pick(&ready, cap).is_some(),
             "a dropped lease frees a slot"
         );
+    }
+
+    #[test]
+    fn keep_awake_deadlines_are_per_endpoint_replaced_and_released() {
+        let load = Loads::default().get(&"r".into());
+        let (a, b) = (
+            Endpoint::new("a:1".parse().unwrap()),
+            Endpoint::new("b:1".parse().unwrap()),
+        );
+        assert_eq!(load.keep_awake_left(), None);
+        assert_eq!(load.last_busy_ago(), None, "nothing has happened yet");
+
+        load.keep_awake(&a, Duration::from_secs(600));
+        let left = load.keep_awake_left().unwrap();
+        assert!(
+            left > Duration::from_secs(590) && left <= Duration::from_secs(600),
+            "{left:?}"
+        );
+        assert_eq!(
+            load.idle_for(),
+            Duration::ZERO,
+            "a deadline ahead counts as busy"
+        );
+        assert_eq!(load.last_busy_ago(), Some(Duration::ZERO));
+
+        // Another endpoint's shorter deadline does not shorten a's.
+        load.keep_awake(&b, Duration::from_secs(60));
+        assert!(load.keep_awake_left().unwrap() > Duration::from_secs(590));
+        // a's later answer replaces a's deadline: b's is now the latest.
+        load.keep_awake(&a, Duration::from_secs(30));
+        let left = load.keep_awake_left().unwrap();
+        assert!(
+            left > Duration::from_secs(50) && left <= Duration::from_secs(60),
+            "{left:?}"
+        );
+        // b releases: a's 30 s remain.
+        load.keep_awake(&b, Duration::ZERO);
+        assert!(load.keep_awake_left().unwrap() <= Duration::from_secs(30));
+        // a releases too: nothing ahead, and the route was busy until now, not until the
+        // released deadline.
+        load.keep_awake(&a, Duration::ZERO);
+        assert_eq!(load.keep_awake_left(), None);
+        assert!(load.idle_for() < Duration::from_secs(1));
+        let q = Loads::default();
+        let l = q.get(&"r".into());
+        l.keep_awake(&a, Duration::from_secs(5));
+        let counts = q.queue()["r"];
+        assert_eq!(counts.idle_ms, Some(0));
+        assert!(
+            counts
+                .keep_awake_ms
+                .is_some_and(|ms| ms > 4000 && ms <= 5000),
+            "{counts:?}"
+        );
+        assert_eq!(q.kept_awake().len(), 1);
+    }
+
+    #[test]
+    fn a_passed_deadline_is_when_idleness_starts() {
+        let load = Loads::default().get(&"r".into());
+        let a = Endpoint::new("a:1".parse().unwrap());
+        drop(load.start_request());
+        load.keep_awake(&a, Duration::from_millis(1));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while load.keep_awake_left().is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the deadline never passed"
+            );
+            std::thread::yield_now();
+        }
+        assert!(load.idle_for() < Duration::from_secs(1));
+        assert_eq!(load.keep_awake_left(), None);
     }
 
     #[test]

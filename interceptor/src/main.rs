@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use wakegate_interceptor::cli::{Cli, Command};
-use wakegate_interceptor::{backend, telemetry};
+use wakegate_interceptor::{backend, jobs, telemetry};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -36,6 +36,13 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("wakegate-interceptor backend: {err:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Some(Command::Jobs(args)) => match runtime.block_on(jobs::run(args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("wakegate-interceptor jobs: {err:#}");
                 ExitCode::FAILURE
             }
         },

@@ -11,7 +11,8 @@ use http::{Method, StatusCode};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 use crate::load::Loads;
@@ -370,6 +371,8 @@ struct LoadCollector {
     held: IntGaugeVec,
     /// The add-on's `interceptor_request_concurrency`.
     concurrency: IntGaugeVec,
+    kept_awake: IntGauge,
+    keep_awake_left: prometheus::GaugeVec,
     descs: Vec<Desc>,
 }
 
@@ -396,11 +399,24 @@ impl LoadCollector {
             ),
             &["route_name", "route_namespace"],
         )?;
+        let kept_awake = IntGauge::new(
+            "wakegate_routes_kept_awake",
+            "Routes whose backend asked to be kept awake (Wakegate-Keep-Awake) past now",
+        )?;
+        let keep_awake_left = prometheus::GaugeVec::new(
+            Opts::new(
+                "wakegate_keep_awake_remaining_seconds",
+                "Time until a route's latest keep-awake deadline, for routes kept awake",
+            ),
+            &["route"],
+        )?;
         let descs = in_flight
             .desc()
             .into_iter()
             .chain(held.desc())
             .chain(concurrency.desc())
+            .chain(kept_awake.desc())
+            .chain(keep_awake_left.desc())
             .cloned()
             .collect();
         Ok(Self {
@@ -408,6 +424,8 @@ impl LoadCollector {
             in_flight,
             held,
             concurrency,
+            kept_awake,
+            keep_awake_left,
             descs,
         })
     }
@@ -422,6 +440,8 @@ impl Collector for LoadCollector {
         self.in_flight.reset();
         self.held.reset();
         self.concurrency.reset();
+        self.keep_awake_left.reset();
+        let mut kept_awake = 0;
         self.loads.for_each(|route, load| {
             let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
             self.in_flight
@@ -434,10 +454,19 @@ impl Collector for LoadCollector {
             self.concurrency
                 .with_label_values(&[name, namespace])
                 .set(gauge(load.in_flight()));
+            if let Some(left) = load.keep_awake_left() {
+                kept_awake += 1;
+                self.keep_awake_left
+                    .with_label_values(&[route.as_ref()])
+                    .set(left.as_secs_f64());
+            }
         });
+        self.kept_awake.set(kept_awake);
         let mut families = self.in_flight.collect();
         families.extend(self.held.collect());
         families.extend(self.concurrency.collect());
+        families.extend(self.kept_awake.collect());
+        families.extend(self.keep_awake_left.collect());
         families
     }
 }

@@ -58,6 +58,9 @@ pub struct RouteSpec {
     pub protocol: UpstreamProtocol,
     /// Whether, and how, the target is reached over TLS.
     pub upstream_tls: Option<UpstreamTls>,
+    /// The longest a backend's `Wakegate-Keep-Awake` header may keep the target up; zero
+    /// ignores the header.
+    pub keep_awake_max: Duration,
 }
 
 /// The protocol spoken to a target.

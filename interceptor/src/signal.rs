@@ -20,3 +20,16 @@ pub async fn terminated() {
         }
     }
 }
+
+/// A token cancelled on the first SIGTERM or SIGINT: the example apps' whole shutdown.
+pub fn stop_on_terminate() -> tokio_util::sync::CancellationToken {
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            terminated().await;
+            stop.cancel();
+        }
+    });
+    stop
+}

@@ -291,18 +291,7 @@ async fn an_upgraded_connection_passes_through_and_keeps_its_route_awake() {
         )
     );
     let ic = Interceptor::start(&config).await;
-    let mut stream = tokio::net::TcpStream::connect(ic.proxy).await.unwrap();
-    stream
-        .write_all(b"GET /upgrade-echo HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        stream.read_exact(&mut byte).await.unwrap();
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let (mut stream, head) = websocket(ic.proxy, "ws.test", "/upgrade-echo").await;
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
     assert!(head.contains("connection: upgrade"), "{head}");

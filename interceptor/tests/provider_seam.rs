@@ -83,6 +83,7 @@ fn route(id: &str, host: &str) -> RouteSpec {
         cold_response: None,
         protocol: Default::default(),
         upstream_tls: None,
+        keep_awake_max: Duration::from_secs(3600),
     }
 }
 

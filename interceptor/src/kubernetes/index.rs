@@ -562,6 +562,10 @@ impl ClusterIndex {
             response_header_timeout: spec.timeouts.response_header,
             request_timeout: spec.timeouts.request,
             max_in_flight_per_endpoint: spec.options.max_in_flight_per_endpoint,
+            keep_awake_max: spec
+                .options
+                .keep_awake_max
+                .unwrap_or(wakegate_crds::options::DEFAULT_KEEP_AWAKE_MAX),
             max_held: cold.max_pending.or(spec.options.max_held_requests),
             cold_response_on_overflow: cold.placeholder.is_some() && cold.overflow_placeholder,
             cold_response,

@@ -195,6 +195,7 @@ struct RawRoute {
     timeouts: RawTimeouts,
     max_in_flight_per_endpoint: Option<NonZeroUsize>,
     max_held_requests: Option<NonZeroUsize>,
+    keep_awake_max: Option<DurationValue>,
     failover: Option<RawFailover>,
     cold_start: Option<RawColdStart>,
     /// An InterceptorRoute's `rules` (instead of `hosts`/`pathPrefixes`/`headers`).
@@ -625,6 +626,9 @@ impl RawRoute {
                 response_header_timeout: self.timeouts.response_header.map(|d| d.0),
                 request_timeout: self.timeouts.request.map(|d| d.0),
                 max_in_flight_per_endpoint: self.max_in_flight_per_endpoint,
+                keep_awake_max: self
+                    .keep_awake_max
+                    .map_or(wakegate_crds::options::DEFAULT_KEEP_AWAKE_MAX, |d| d.0),
                 max_held: max_pending.or(self.max_held_requests),
                 cold_response_on_overflow: overflow_placeholder,
                 cold_response,
@@ -831,6 +835,7 @@ routes:
     target:
       upstream: 127.0.0.1:18002
     scaledownPeriod: 120
+    keepAwakeMax: 10m
     timeouts: { conditionWait: 2m, responseHeader: 500ms }
 "#,
         )
@@ -848,6 +853,11 @@ routes:
         }
         let always = &config.routes[1];
         assert_eq!(always.scaledown_period, Duration::from_secs(120));
+        assert_eq!(always.spec.keep_awake_max, Duration::from_secs(600));
+        assert_eq!(
+            hello.spec.keep_awake_max,
+            wakegate_crds::options::DEFAULT_KEEP_AWAKE_MAX
+        );
         assert_eq!(
             always.spec.readiness_timeout,
             Some(Duration::from_secs(120))
@@ -981,6 +991,7 @@ mod properties {
         "request",
         "maxInFlightPerEndpoint",
         "maxHeldRequests",
+        "keepAwakeMax",
         "failover",
         "timeout",
         "coldStart",

@@ -1,7 +1,8 @@
 //! The supervisor of one command target: starts the command when a request is held for it,
 //! reports it ready once its probe passes, restarts it after a crash when requests wait, and
 //! stops it (SIGTERM to its process group, SIGKILL after the grace period) once its route has
-//! been idle for the scale-down period or the interceptor stops.
+//! been idle for the scale-down period or the interceptor stops. A keep-awake deadline the
+//! command asked for (`Wakegate-Keep-Awake`) counts as busy until it passes.
 
 use std::net::SocketAddr;
 use std::process::{ExitStatus, Stdio};
@@ -274,11 +275,19 @@ impl Supervisor {
             let went_idle = self.load.went_idle();
             tokio::pin!(went_idle);
             went_idle.as_mut().enable();
+            // A backend that moves or releases its keep-awake deadline moves the stop.
+            let keep_awake_changed = self.load.keep_awake_changed();
+            tokio::pin!(keep_awake_changed);
+            keep_awake_changed.as_mut().enable();
             // While requests are in flight there is nothing to time: wait for the last to end.
+            // Otherwise the stop is `scaledownPeriod` after the route was last busy, and a
+            // keep-awake deadline ahead counts as busy until it passes.
             let idle_check = if self.load.in_flight() > 0 {
                 None
             } else {
-                let left = self.scaledown_period.saturating_sub(self.load.idle_for());
+                let left = (self.scaledown_period
+                    + self.load.keep_awake_left().unwrap_or_default())
+                .saturating_sub(self.load.idle_for());
                 if left.is_zero() {
                     return Run::Idle;
                 }
@@ -294,6 +303,7 @@ impl Supervisor {
                 status = child.wait() => return Run::Exited(status),
                 () = sleep => {}
                 () = &mut went_idle => {}
+                () = &mut keep_awake_changed => {}
                 () = self.stop.cancelled() => return Run::Stop,
             }
         }

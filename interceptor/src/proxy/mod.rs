@@ -4,7 +4,8 @@
 //! A request's way through: [`Proxy::handle`] routes it (and answers static routes), `hold`
 //! gets it an endpoint (waking the target and waiting when none is ready), `upstream` rewrites
 //! and sends it, and [`Completion`] accounts for it when its response ends. `session` reads and
-//! writes the cookie that pins a client to an endpoint.
+//! writes the cookie that pins a client to an endpoint; `keep_awake` takes a backend's
+//! `Wakegate-Keep-Awake` off its response.
 //!
 //! Everything here talks to targets through [`Provider`] only, so local mode and Kubernetes share
 //! this path unchanged.
@@ -13,6 +14,7 @@ mod body;
 mod error;
 mod headers;
 mod hold;
+mod keep_awake;
 mod session;
 mod upstream;
 
@@ -766,6 +768,12 @@ impl Proxy {
             }
         } else {
             headers::strip_hop_by_hop(rsp.headers_mut());
+        }
+        if let Some(asked) = keep_awake::take(rsp.headers_mut()) {
+            // The failover target is another service: it cannot keep this route's target up.
+            if !failed_over {
+                keep_awake::record(&route.spec, &route.load, &endpoint, asked);
+            }
         }
         rsp.headers_mut().insert(
             COLD_START_HEADER,
