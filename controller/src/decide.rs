@@ -4,7 +4,8 @@
 //! - Out: `ceil(metric / target)`, within `[min, max]`, at once.
 //! - To `min` (zero by default): once `scaledownPeriod` has passed with no request at all (by
 //!   the interceptors' own account of their last request), and never while requests are in
-//!   flight or held. Nothing else delays it: the stabilization window and a rate metric's
+//!   flight or held, or while a backend's keep-awake deadline is ahead (the caller counts that
+//!   time as busy, so the period runs from the deadline). Nothing else delays it: the stabilization window and a rate metric's
 //!   window describe traffic that has ended, so they shape scale-in between non-zero counts
 //!   only. The rule a user can predict: `scaledownPeriod` after the last request, plus at most
 //!   one sample interval.

@@ -7,6 +7,8 @@
 //! - `IsActive` is true while requests are in flight, or when any request was seen within the
 //!   activity window (KEDA's polling interval), so sparse traffic between two polls keeps the
 //!   route awake; KEDA's cooldown (the route's `scaledownPeriod`) then runs from the last one.
+//!   It is also true while a backend's keep-awake deadline (`Wakegate-Keep-Awake`, as the
+//!   interceptors report it) is ahead, so the cooldown runs from that deadline.
 //! - `GetMetrics` reports concurrency or request rate as a float, and never rounds a non-zero
 //!   value to a zero integer.
 //! - `StreamMetricSpec` sends the metric specs at once and again whenever the route changes, so
@@ -158,9 +160,11 @@ impl KedaScaler {
 
     fn active(&self, key: &str) -> bool {
         let m = self.interceptors.metrics(key);
+        let now = Instant::now();
         m.concurrency > 0.0
+            || m.kept_awake(now)
             || m.last_active
-                .is_some_and(|t| Instant::now().duration_since(t) < self.activity_window)
+                .is_some_and(|t| now.duration_since(t) < self.activity_window)
     }
 
     fn value(&self, key: &str, metric: &ScalingMetric) -> f64 {

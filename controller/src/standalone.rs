@@ -210,8 +210,14 @@ impl StandaloneScaler {
             target,
             in_flight: m.concurrency,
             // Never seen active by any interceptor since this controller started: count from
-            // the start, so a restart cannot make a warm workload look idle.
-            idle_for: now.duration_since(m.last_active.unwrap_or(self.started)),
+            // the start, so a restart cannot make a warm workload look idle. A keep-awake
+            // deadline ahead is busy time; once it passes, the interceptors' idle time runs
+            // from it.
+            idle_for: if m.kept_awake(now) {
+                Duration::ZERO
+            } else {
+                now.duration_since(m.last_active.unwrap_or(self.started))
+            },
             scaledown_period: route.workload.scaledown_period,
             in_initial_cooldown: route.entry.created.is_some_and(|c| {
                 SystemTime::now().duration_since(c).unwrap_or_default()

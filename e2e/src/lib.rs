@@ -454,6 +454,26 @@ impl Controller {
         controller_ns: &str,
         kubeconfig: &std::path::Path,
     ) -> Self {
+        Self::start_with_args(
+            cluster,
+            scaler,
+            interceptor_admin,
+            controller_ns,
+            kubeconfig,
+            &[],
+        )
+        .await
+    }
+
+    /// As [`Controller::start_with`], with more flags (say, `--activity-window 1s`).
+    pub async fn start_with_args(
+        cluster: &Cluster,
+        scaler: &str,
+        interceptor_admin: SocketAddr,
+        controller_ns: &str,
+        kubeconfig: &std::path::Path,
+        extra: &[&str],
+    ) -> Self {
         let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let controller_ns = controller_ns.to_owned();
@@ -478,6 +498,7 @@ impl Controller {
             "--identity".into(),
             format!("e2e-{}", free_port()),
         ];
+        argv.extend(extra.iter().map(|a| (*a).to_owned()));
         if cluster.simulated() {
             cluster
                 .publish_interceptor(interceptor_admin, &controller_ns)

@@ -13,13 +13,29 @@ impl Interceptors {
     /// The metrics of one route.
     pub fn metrics(&self, route: &str) -> RouteMetrics {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state
+        let keep_awake_until = state
+            .replicas
+            .values()
+            .filter_map(|r| r.keep_awake.get(route).copied())
+            .chain(state.departed_keep_awake.get(route).copied())
+            .max();
+        let mut metrics = state
             .routes
             .get(route)
             .map_or_else(RouteMetrics::default, |h| RouteMetrics {
                 concurrency: h.concurrency as f64,
                 last_active: h.last_active,
-            })
+                keep_awake_until: None,
+            });
+        let now = Instant::now();
+        // A deadline counts as activity until it passes, so the scale-down period runs from it
+        // even when the replica that reported it no longer answers.
+        if let Some(until) = keep_awake_until {
+            let busy = until.min(now);
+            metrics.last_active = Some(metrics.last_active.map_or(busy, |t| t.max(busy)));
+        }
+        metrics.keep_awake_until = keep_awake_until.filter(|t| *t > now);
+        metrics
     }
 
     /// Requests per second over `window`, from samples in `granularity` buckets.
@@ -67,6 +83,30 @@ impl Interceptors {
         let now = Instant::now();
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let live: HashSet<&String> = addrs.iter().collect();
+        let state = &mut *state;
+        // A departed replica's passed deadline is the route's last busy moment; keep that
+        // much of it.
+        for (route, until) in &state.departed_keep_awake {
+            if *until <= now {
+                let h = state.routes.entry(route.clone()).or_default();
+                h.last_active = Some(h.last_active.map_or(*until, |t| t.max(*until)));
+            }
+        }
+        state.departed_keep_awake.retain(|_, until| *until > now);
+        for (addr, replica) in &state.replicas {
+            if live.contains(addr) {
+                continue;
+            }
+            for (route, until) in &replica.keep_awake {
+                if *until > now {
+                    let kept = state
+                        .departed_keep_awake
+                        .entry(route.clone())
+                        .or_insert(*until);
+                    *kept = (*kept).max(*until);
+                }
+            }
+        }
         state.replicas.retain(|addr, _| live.contains(addr));
         let mut deltas: HashMap<RouteKey, u64> = HashMap::new();
         // The latest activity any replica that answered reports, per route.
@@ -93,6 +133,12 @@ impl Interceptors {
                             *latest = (*latest).max(at);
                         }
                     }
+                    replica.keep_awake = counts
+                        .iter()
+                        .filter_map(|(route, c)| {
+                            Some((route.clone(), now + Duration::from_millis(c.keep_awake_ms?)))
+                        })
+                        .collect();
                     replica.last = counts;
                     replica.reachable = true;
                 }

@@ -18,7 +18,8 @@
 //! When a route last had a request comes from the interceptors themselves (`IdleMs` in
 //! `/queue`: how long ago, by their own clock), not from what this controller happened to see,
 //! so a restarted or newly elected controller knows at its first sample how long each route
-//! has been idle.
+//! has been idle. Keep-awake deadlines come the same way (`KeepAwakeMs`: how long until the
+//! latest one a backend asked for), so they survive a controller restart too.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -65,12 +66,20 @@ struct QueueCounts {
     /// that do not report it).
     #[serde(rename = "IdleMs", default)]
     idle_ms: Option<u64>,
+    /// How long until the latest keep-awake deadline a backend asked for through this replica
+    /// (absent when none is ahead, or from interceptors that do not report it).
+    #[serde(rename = "KeepAwakeMs", default)]
+    keep_awake_ms: Option<u64>,
 }
 
 #[derive(Debug, Default)]
 struct Replica {
     last: HashMap<RouteKey, QueueCounts>,
     reachable: bool,
+    /// Keep-awake deadlines from the replica's last answer. A replica that stops answering
+    /// keeps them until they pass: a backend was promised that time, and the replica that
+    /// promised it may only be unreachable from here.
+    keep_awake: HashMap<RouteKey, Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -90,11 +99,24 @@ pub struct RouteMetrics {
     pub concurrency: f64,
     /// When a request was last in flight or counted; `None` if never seen.
     pub last_active: Option<Instant>,
+    /// The latest keep-awake deadline any replica reports for the route (`Wakegate-Keep-Awake`
+    /// from its backend), if one is ahead: the route is active until then.
+    pub keep_awake_until: Option<Instant>,
+}
+
+impl RouteMetrics {
+    /// Whether a keep-awake deadline is still ahead at `now`.
+    pub fn kept_awake(&self, now: Instant) -> bool {
+        self.keep_awake_until.is_some_and(|t| t > now)
+    }
 }
 
 #[derive(Debug, Default)]
 struct State {
     replicas: HashMap<String, Replica>,
+    /// Keep-awake deadlines of replicas that left the Service (an interceptor rollout), kept
+    /// until they pass: what a backend was promised does not end with the replica it told.
+    departed_keep_awake: HashMap<RouteKey, Instant>,
     routes: HashMap<RouteKey, RouteHistory>,
 }
 
@@ -192,6 +214,7 @@ mod tests {
                             concurrency: *c,
                             request_count: *n,
                             idle_ms: None,
+                            keep_awake_ms: None,
                         },
                     )
                 })
@@ -262,6 +285,61 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn keep_awake_is_the_latest_deadline_over_replicas_and_outlives_an_unreachable_or_departed_one(
+    ) {
+        let agg = aggregate();
+        let kept = |ms: Option<u64>| {
+            Some(HashMap::from([(
+                "ns/r".to_owned(),
+                QueueCounts {
+                    // Kept awake is busy; otherwise this replica saw nothing for an hour.
+                    idle_ms: Some(if ms.is_some() { 0 } else { 3_600_000 }),
+                    keep_awake_ms: ms,
+                    ..QueueCounts::default()
+                },
+            )]))
+        };
+        let addrs = vec!["a".to_owned(), "b".to_owned()];
+        // A new controller's first sample: a deadline reported is known at once.
+        agg.record(&addrs, vec![kept(Some(60_000)), kept(Some(600_000))]);
+        let m = agg.metrics("ns/r");
+        assert!(m.kept_awake(Instant::now()));
+        assert_eq!(
+            m.keep_awake_until.unwrap() - Instant::now(),
+            Duration::from_secs(600),
+            "the latest over replicas"
+        );
+        // b cannot be reached: its promise stands.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        agg.record(&addrs, vec![kept(Some(50_000)), None]);
+        assert_eq!(
+            agg.metrics("ns/r").keep_awake_until.unwrap() - Instant::now(),
+            Duration::from_secs(590)
+        );
+        // b leaves the Service (a rollout): its promise still stands until it passes.
+        let only_a = vec!["a".to_owned()];
+        agg.record(&only_a, vec![kept(None)]);
+        assert!(agg.metrics("ns/r").kept_awake(Instant::now()));
+        tokio::time::advance(Duration::from_secs(595)).await;
+        let passed_at = Instant::now() - Duration::from_secs(5);
+        agg.record(&only_a, vec![kept(None)]);
+        let m = agg.metrics("ns/r");
+        assert_eq!(m.keep_awake_until, None, "passed");
+        assert_eq!(
+            m.last_active,
+            Some(passed_at),
+            "the route was busy until the deadline: scale-down runs from it"
+        );
+
+        // A deadline released on a replica (`0`) is gone at its next sample.
+        let agg = aggregate();
+        agg.record(&only_a, vec![kept(Some(60_000))]);
+        assert!(agg.metrics("ns/r").kept_awake(Instant::now()));
+        agg.record(&only_a, vec![kept(None)]);
+        assert!(!agg.metrics("ns/r").kept_awake(Instant::now()));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_new_controller_learns_how_long_a_route_has_been_idle_from_the_interceptors() {
         let agg = aggregate();
         tokio::time::advance(Duration::from_secs(600)).await;
@@ -273,6 +351,7 @@ mod tests {
                     concurrency: 0,
                     request_count: 7,
                     idle_ms: Some(idle),
+                    keep_awake_ms: None,
                 },
             )]))
         };
