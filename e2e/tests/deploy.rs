@@ -652,3 +652,55 @@ fn the_real_cluster_mode_runs_the_image_the_manifests_name() {
         "the backend pods pass arguments to the image's entrypoint"
     );
 }
+
+#[test]
+fn the_job_service_example_renders_scales_standalone_and_may_ask_to_be_kept_awake() {
+    let objs = render("deploy/example");
+    let jobs: Deployment = typed(
+        of_kind(&objs, "Deployment")
+            .into_iter()
+            .find(|d| name(d) == ("demo".into(), "jobs".into()))
+            .expect("the jobs Deployment"),
+    );
+    let spec = jobs.spec.unwrap();
+    assert_eq!(spec.replicas, Some(0), "the job service starts at zero");
+    let pod = spec.template.spec.unwrap();
+    check_pod(&pod, "jobs", true);
+    assert_eq!(
+        pod.containers[0].args.as_ref().unwrap()[0],
+        "jobs",
+        "the example job service"
+    );
+    let route = of_kind(&objs, "InterceptorRoute")
+        .into_iter()
+        .find(|r| name(r) == ("demo".into(), "jobs".into()))
+        .expect("the jobs InterceptorRoute");
+    let parsed: wakegate_crds::interceptor_route::InterceptorRoute = typed(route);
+    let valid = parsed.validate().unwrap();
+    assert_eq!(
+        valid.options.keep_awake_max,
+        Some(std::time::Duration::from_secs(7200))
+    );
+    let workload = valid.workload.unwrap();
+    assert_eq!(
+        (
+            workload.kind.as_str(),
+            workload.name.as_str(),
+            workload.max_replicas
+        ),
+        ("Deployment", "jobs", 1)
+    );
+    assert!(of_kind(&objs, "Service")
+        .into_iter()
+        .any(|s| name(s) == ("demo".into(), valid.service.clone())));
+    let ingress: Ingress = typed(of_kind(&objs, "Ingress")[0]);
+    let hosts: Vec<_> = ingress
+        .spec
+        .unwrap()
+        .rules
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| r.host)
+        .collect();
+    assert!(hosts.contains(&valid.rules[0].hosts[0]), "{hosts:?}");
+}
