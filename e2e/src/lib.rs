@@ -428,7 +428,7 @@ pub struct Controller {
     /// Its admin address.
     pub admin: SocketAddr,
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    task: JoinHandle<Result<(), wakegate_controller::RunError>>,
 }
 
 impl Controller {
@@ -474,58 +474,60 @@ impl Controller {
         kubeconfig: &std::path::Path,
         extra: &[&str],
     ) -> Self {
-        let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let controller_ns = controller_ns.to_owned();
-        let mut argv = vec![
-            "wakegate-controller".to_owned(),
-            "--scaler".into(),
-            scaler.into(),
-            "--kubeconfig".into(),
-            kubeconfig.to_str().unwrap().into(),
-            "--watch-namespace".into(),
-            cluster.namespace.clone(),
-            "--namespace".into(),
-            controller_ns.clone(),
-            "--grpc-addr".into(),
-            grpc.to_string(),
-            "--admin-addr".into(),
-            admin.to_string(),
-            "--sample-interval".into(),
-            "200ms".into(),
-            "--scale-in-stabilization".into(),
-            "1s".into(),
-            "--identity".into(),
-            format!("e2e-{}", free_port()),
-        ];
-        argv.extend(extra.iter().map(|a| (*a).to_owned()));
-        if cluster.simulated() {
-            cluster
-                .publish_interceptor(interceptor_admin, &controller_ns)
-                .await;
-        } else {
-            argv.extend([
-                "--interceptor-admin-addrs".into(),
-                interceptor_admin.to_string(),
-            ]);
-        }
-        let args = wakegate_controller::cli::Args::try_parse_from(argv).unwrap();
-        let stop = CancellationToken::new();
-        let task = tokio::spawn({
-            let stop = stop.clone();
-            async move {
-                wakegate_controller::run_until(args, stop.cancelled_owned())
-                    .await
-                    .unwrap();
+        // `free_port` can race with a parallel test taking the same port: when the controller
+        // cannot bind, start it again on new ports.
+        for _ in 0..5 {
+            let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let mut argv = vec![
+                "wakegate-controller".to_owned(),
+                "--scaler".into(),
+                scaler.into(),
+                "--kubeconfig".into(),
+                kubeconfig.to_str().unwrap().into(),
+                "--watch-namespace".into(),
+                cluster.namespace.clone(),
+                "--namespace".into(),
+                controller_ns.to_owned(),
+                "--grpc-addr".into(),
+                grpc.to_string(),
+                "--admin-addr".into(),
+                admin.to_string(),
+                "--sample-interval".into(),
+                "200ms".into(),
+                "--scale-in-stabilization".into(),
+                "1s".into(),
+                "--identity".into(),
+                format!("e2e-{}", free_port()),
+            ];
+            argv.extend(extra.iter().map(|a| (*a).to_owned()));
+            if cluster.simulated() {
+                cluster
+                    .publish_interceptor(interceptor_admin, controller_ns)
+                    .await;
+            } else {
+                argv.extend([
+                    "--interceptor-admin-addrs".into(),
+                    interceptor_admin.to_string(),
+                ]);
             }
-        });
-        wait_ready("controller", admin).await;
-        Self {
-            grpc,
-            admin,
-            stop,
-            task,
+            let args = wakegate_controller::cli::Args::try_parse_from(argv).unwrap();
+            let stop = CancellationToken::new();
+            let mut task = tokio::spawn({
+                let stop = stop.clone();
+                async move { wakegate_controller::run_until(args, stop.cancelled_owned()).await }
+            });
+            tokio::select! {
+                () = wait_ready("controller", admin) => {
+                    return Self { grpc, admin, stop, task };
+                }
+                ended = &mut task => match ended.unwrap() {
+                    Err(wakegate_controller::RunError::Bind { .. }) => continue,
+                    other => panic!("the controller stopped at start: {other:?}"),
+                },
+            }
         }
+        panic!("no free ports for the controller after 5 tries");
     }
 
     /// Its Prometheus metrics.
