@@ -197,6 +197,18 @@ impl Cluster {
     }
 
     /// Whether this is the simulated cluster.
+    /// A cluster for a KEDA-mode test, or `None` (after saying why) on a real cluster without
+    /// KEDA's CRDs.
+    pub async fn start_keda(backend: &str) -> Option<Self> {
+        let cluster = Self::start(true, backend).await;
+        if !cluster.simulated() && std::env::var("WAKEGATE_E2E_KEDA").is_err() {
+            eprintln!("skipped: set WAKEGATE_E2E_KEDA=1 when the real cluster has KEDA's CRDs");
+            cluster.cleanup().await;
+            return None;
+        }
+        Some(cluster)
+    }
+
     pub fn simulated(&self) -> bool {
         matches!(self.backing, Backing::Simulated { .. })
     }

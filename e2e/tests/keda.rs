@@ -21,12 +21,10 @@ const XKCD: &str = wakegate_e2e::ADDON_EXAMPLE;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keda_plays_through_the_external_scaler_from_zero() {
-    let cluster = Cluster::start(true, env!("CARGO_BIN_EXE_wakegate-e2e-backend")).await;
-    if !cluster.simulated() && std::env::var("WAKEGATE_E2E_KEDA").is_err() {
-        eprintln!("skipped: set WAKEGATE_E2E_KEDA=1 when the real cluster has KEDA's CRDs");
-        cluster.cleanup().await;
+    let Some(cluster) = Cluster::start_keda(env!("CARGO_BIN_EXE_wakegate-e2e-backend")).await
+    else {
         return;
-    }
+    };
     cluster.apply(&cluster.app_yaml("xkcd")).await;
     cluster.apply(XKCD).await;
     let interceptor = Interceptor::start(&cluster).await;

@@ -132,12 +132,10 @@ async fn the_standalone_controller_keeps_the_workload_up_until_the_deadline_acro
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_keda_mode_is_active_follows_the_deadline() {
-    let cluster = Cluster::start(true, env!("CARGO_BIN_EXE_wakegate-e2e-backend")).await;
-    if !cluster.simulated() && std::env::var("WAKEGATE_E2E_KEDA").is_err() {
-        eprintln!("skipped: set WAKEGATE_E2E_KEDA=1 when the real cluster has KEDA's CRDs");
-        cluster.cleanup().await;
+    let Some(cluster) = Cluster::start_keda(env!("CARGO_BIN_EXE_wakegate-e2e-backend")).await
+    else {
         return;
-    }
+    };
     cluster.apply(&cluster.app_yaml("xkcd")).await;
     cluster.apply(&app()).await;
     let interceptor = Interceptor::start(&cluster).await;

@@ -16,12 +16,10 @@ use wakegate_e2e::{eventually, Cluster, Controller, Http, Interceptor};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_follower_answers_keda_like_the_leader() {
-    let cluster = Cluster::start(true, env!("CARGO_BIN_EXE_wakegate-e2e-backend")).await;
-    if !cluster.simulated() && std::env::var("WAKEGATE_E2E_KEDA").is_err() {
-        eprintln!("skipped: set WAKEGATE_E2E_KEDA=1 when the real cluster has KEDA's CRDs");
-        cluster.cleanup().await;
+    let Some(cluster) = Cluster::start_keda(env!("CARGO_BIN_EXE_wakegate-e2e-backend")).await
+    else {
         return;
-    }
+    };
     cluster.apply(&cluster.app_yaml("xkcd")).await;
     cluster.apply(wakegate_e2e::ADDON_EXAMPLE).await;
     let interceptor = Interceptor::start(&cluster).await;
