@@ -16,29 +16,30 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Reads one HTTP/1.1 response with a `content-length` body: (head, body).
+/// Reads one HTTP/1.1 response with a `content-length` body: (head, body). It reads no byte
+/// past the response, so pipelined responses that arrive in one segment are each read whole.
 async fn read_response(conn: &mut TcpStream) -> (String, String) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length: "))
-                .map_or(0, |v| v.trim().parse().unwrap());
-            if buf.len() >= end + 4 + len {
-                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
-                return (head, body);
-            }
-        }
-        let n = tokio::time::timeout(Duration::from_secs(60), conn.read(&mut chunk))
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let byte = tokio::time::timeout(Duration::from_secs(60), conn.read_u8())
             .await
-            .expect("a response within 60 s")
-            .unwrap();
-        assert!(n > 0, "connection closed before a whole response: {buf:?}");
-        buf.extend_from_slice(&chunk[..n]);
+            .expect("a response head within 60 s");
+        match byte {
+            Ok(byte) => head.push(byte),
+            Err(err) => panic!("connection closed before a whole response ({err}): {head:?}"),
+        }
     }
+    let head = String::from_utf8_lossy(&head[..head.len() - 4]).to_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let mut body = vec![0; len];
+    tokio::time::timeout(Duration::from_secs(60), conn.read_exact(&mut body))
+        .await
+        .expect("a response body within 60 s")
+        .unwrap_or_else(|err| panic!("connection closed in the body ({err}): {head}"));
+    (head, String::from_utf8_lossy(&body).into_owned())
 }
 
 async fn send_get(conn: &mut TcpStream, host: &str, path: &str) {
