@@ -11,6 +11,9 @@
 #                               h2load from nghttp2-client); every upstream stays HTTP/1.1
 #   BENCH_BEFORE=PATH           also run this wakegate-interceptor binary (an earlier build) as
 #                               "before", for before/after figures from one run
+#   BENCH_OBSERVED=1            also run the same binary with traces on ("traced": every request
+#                               sampled and exported over OTLP/HTTP to bench/otlp-sink.py) and
+#                               with the JSON access log on ("logged", to /dev/null)
 #
 # The load generator (one thread) is pinned to core 0; the proxy and the backend share core 1,
 # each single-threaded. A proxy's CPU time per request comes from /proc around each run.
@@ -61,6 +64,19 @@ if [ -n "${BENCH_BEFORE:-}" ]; then
         --proxy-addr "127.0.0.1:$BEFORE_PORT" --admin-addr "127.0.0.1:$BEFORE_ADMIN" >"$WORK/before.log" 2>&1 &
     BEFORE_PID=$!; PIDS+=($BEFORE_PID); TARGETS+=(before)
 fi
+if [ -n "${BENCH_OBSERVED:-}" ]; then
+    SINK_PORT=$(free_port); TRACED_PORT=$(free_port); TRACED_ADMIN=$(free_port)
+    LOGGED_PORT=$(free_port); LOGGED_ADMIN=$(free_port)
+    taskset -c 0 python3 "$(dirname "$0")/otlp-sink.py" "$SINK_PORT" &
+    PIDS+=($!)
+    OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$SINK_PORT" OTEL_BSP_MAX_QUEUE_SIZE=65536 \
+        TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 1 "$BIN/wakegate-interceptor" --config "$WORK/wakegate.yaml" \
+        --proxy-addr "127.0.0.1:$TRACED_PORT" --admin-addr "127.0.0.1:$TRACED_ADMIN" >"$WORK/traced.log" 2>&1 &
+    TRACED_PID=$!; PIDS+=($TRACED_PID)
+    TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 1 "$BIN/wakegate-interceptor" --config "$WORK/wakegate.yaml" \
+        --proxy-addr "127.0.0.1:$LOGGED_PORT" --admin-addr "127.0.0.1:$LOGGED_ADMIN" --access-log json >/dev/null 2>"$WORK/logged.log" &
+    LOGGED_PID=$!; PIDS+=($LOGGED_PID); TARGETS+=(traced logged)
+fi
 if [ -n "$GO_PROXY" ] && [ -z "$H2C" ]; then
     # h2c needs golang.org/x/net/http2/h2c, outside the standard library: HTTP/1.1 only.
     GOMAXPROCS=1 taskset -c 1 "$GO_PROXY" "127.0.0.1:$GO_PORT" "127.0.0.1:$BACKEND_PORT" &
@@ -70,10 +86,11 @@ fi
 wait_port "$BACKEND_PORT"; wait_port "$WG_PORT"; wait_port "$HYPER_PORT"; wait_port "$NGINX_PORT"
 [ -z "${GO_PID:-}" ] || wait_port "$GO_PORT"
 [ -z "${BEFORE_PID:-}" ] || wait_port "$BEFORE_PORT"
+[ -z "${TRACED_PID:-}" ] || { wait_port "$SINK_PORT"; wait_port "$TRACED_PORT"; wait_port "$LOGGED_PORT"; }
 NGINX_WORKER=$(pgrep -P "$NGINX_MASTER" | head -1)
 
-port_of() { case $1 in direct) echo "$BACKEND_PORT";; wakegate) echo "$WG_PORT";; hyper) echo "$HYPER_PORT";; nginx) echo "$NGINX_PORT";; go) echo "$GO_PORT";; before) echo "$BEFORE_PORT";; esac; }
-pid_of() { case $1 in direct) echo "";; wakegate) echo "$WG_PID";; hyper) echo "$HYPER_PID";; nginx) echo "$NGINX_WORKER";; go) echo "$GO_PID";; before) echo "$BEFORE_PID";; esac; }
+port_of() { case $1 in direct) echo "$BACKEND_PORT";; wakegate) echo "$WG_PORT";; hyper) echo "$HYPER_PORT";; nginx) echo "$NGINX_PORT";; go) echo "$GO_PORT";; before) echo "$BEFORE_PORT";; traced) echo "$TRACED_PORT";; logged) echo "$LOGGED_PORT";; esac; }
+pid_of() { case $1 in direct) echo "";; wakegate) echo "$WG_PID";; hyper) echo "$HYPER_PID";; nginx) echo "$NGINX_WORKER";; go) echo "$GO_PID";; before) echo "$BEFORE_PID";; traced) echo "$TRACED_PID";; logged) echo "$LOGGED_PID";; esac; }
 ticks() { [ -n "$1" ] && awk '{print $14 + $15}' "/proc/$1/stat" || echo 0; }
 
 run() { # name output-file

@@ -241,6 +241,8 @@ impl ExternalScaler for KedaScaler {
                     };
                     match wake {
                         Ok(wake) if wake.route == key => {
+                            // The push is the wake's whole work here: KEDA scales from it.
+                            let _span = wake.span("StreamIsActive push").entered();
                             if let Some(latency) = metrics.wake_latency(wake.held_at_us, "push") {
                                 tracing::info!(route = %key, wake_latency_us = latency.as_micros() as u64, "pushed active to KEDA");
                             }

@@ -3,8 +3,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 use wakegate_controller::cli::{Args, Command, LogFormat};
+use wakegate_telemetry::Telemetry;
 
 fn main() -> ExitCode {
     let args = match Args::try_parse() {
@@ -21,15 +21,6 @@ fn main() -> ExitCode {
     if let Some(Command::Migrate(m)) = &args.command {
         return migrate(m);
     }
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colour only for a terminal, as the interceptor does: redirected logs stay plain text.
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
-    let _ = match args.log_format {
-        LogFormat::Json => fmt.json().flatten_event(true).try_init(),
-        LogFormat::Text => fmt.try_init(),
-    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -40,13 +31,33 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(wakegate_controller::run_until(args, terminated())) {
+    // Inside the runtime: the OTLP exporter, when traces are on, runs on it.
+    let telemetry = {
+        let _entered = runtime.enter();
+        let format = match args.log_format {
+            LogFormat::Json => wakegate_telemetry::LogFormat::Json,
+            LogFormat::Text => wakegate_telemetry::LogFormat::Text,
+        };
+        match Telemetry::init("wakegate-controller", format) {
+            Ok(telemetry) => telemetry,
+            Err(err) => {
+                eprintln!("wakegate-controller: {err}");
+                return ExitCode::from(64);
+            }
+        }
+    };
+    let code = match runtime.block_on(wakegate_controller::run_until(args, terminated())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("wakegate-controller: {err}");
             ExitCode::FAILURE
         }
+    };
+    {
+        let _entered = runtime.enter();
+        telemetry.shutdown();
     }
+    code
 }
 
 /// `migrate`: reads the manifest, prints the migration, exits 1 with a message on a problem.

@@ -22,6 +22,7 @@ use crate::interceptors::{Interceptors, Wake};
 use crate::metrics::ControllerMetrics;
 use crate::routes::{RouteEntry, Routes};
 use crate::workloads::{WorkloadKey, Workloads};
+use tracing::Instrument as _;
 
 /// Scales the routes' workloads until `stop`.
 pub struct StandaloneScaler {
@@ -104,8 +105,14 @@ impl StandaloneScaler {
         )
     }
 
-    /// A held request at a workload at zero: scale to `max(1, min)` now.
+    /// A held request at a workload at zero: scale to `max(1, min)` now, in a span joined to
+    /// the held request's trace.
     async fn on_wake(&self, wake: &Wake) {
+        let span = wake.span("wake");
+        self.wake(wake).instrument(span).await;
+    }
+
+    async fn wake(&self, wake: &Wake) {
         let Some(route) = self.routes.get(&wake.route).and_then(Target::of) else {
             tracing::debug!(route = %wake.route, "wake for a route whose workload this controller does not scale");
             return;
@@ -264,13 +271,37 @@ impl StandaloneScaler {
             Some(rv) => json!({"metadata": {"resourceVersion": rv}, "spec": {"replicas": to}}),
             None => json!({"spec": {"replicas": to}}),
         };
-        api.patch_scale(
-            &route.workload.name,
-            &PatchParams::default(),
-            &Patch::Merge(patch),
-        )
-        .await
-        .map(|_| ())
+        let span = tracing::info_span!(
+            target: wakegate_telemetry::TARGET,
+            "scale",
+            otel.name = "PATCH scale",
+            otel.kind = "client",
+            wakegate.workload = %route.workload.target_workload(),
+            k8s.namespace.name = %route.entry.namespace,
+            wakegate.replicas = to,
+            otel.status_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
+        let patched = api
+            .patch_scale(
+                &route.workload.name,
+                &PatchParams::default(),
+                &Patch::Merge(patch),
+            )
+            .instrument(span.clone())
+            .await
+            .map(|_| ());
+        if let Err(err) = &patched {
+            span.record("otel.status_code", "error");
+            span.record(
+                "error.type",
+                match err {
+                    kube::Error::Api(s) => s.code.to_string(),
+                    _ => "request".to_owned(),
+                },
+            );
+        }
+        patched
     }
 
     fn scaled(&self, route: &Target, to: i32, reason: Reason) {

@@ -1,6 +1,6 @@
-//! The admin server: health probes, the add-on-compatible `/queue`, Prometheus `/metrics` and a
-//! `/status` view of routes and targets. It listens on its own address so the proxy port carries
-//! user traffic only.
+//! The admin server: health probes, the add-on-compatible `/queue`, Prometheus `/metrics`, a
+//! `/status` view of routes and targets, the `/events` wake stream and a live `/dashboard`. It
+//! listens on its own address so the proxy port carries user traffic only.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -85,6 +85,8 @@ impl Admin {
                     text(StatusCode::OK, "ready\n")
                 }
             }
+            "/dashboard" | "/dashboard/" => page(DASHBOARD_HTML, "text/html; charset=utf-8"),
+            "/dashboard.js" => page(DASHBOARD_JS, "text/javascript; charset=utf-8"),
             "/queue" => json(&self.loads.queue()),
             "/events" => self.events(),
             "/status" => json(&serde_json::json!({
@@ -92,6 +94,7 @@ impl Admin {
                 "queue": self.loads.queue(),
                 "held": self.loads.held(),
                 "keepAwakeUntil": self.loads.kept_awake(),
+                "routes": self.proxy.route_targets(),
                 "targets": self.provider.status(),
             })),
             "/metrics" => {
@@ -113,7 +116,7 @@ impl Admin {
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; try /livez /readyz /queue /status /metrics /events\n",
+                "not found; try /livez /readyz /queue /status /metrics /events /dashboard\n",
             ),
         }
     }
@@ -147,6 +150,30 @@ impl Admin {
         );
         rsp
     }
+}
+
+/// The dashboard: a page and its script, served from the binary (no CDN, no build step). It
+/// reads `/status`, `/metrics` and `/events` from this server, and nothing else.
+const DASHBOARD_HTML: &str = include_str!("dashboard/index.html");
+const DASHBOARD_JS: &str = include_str!("dashboard/dashboard.js");
+
+/// A static dashboard file, locked to this origin: scripts from here only, fetches to here only.
+fn page(body: &'static str, content_type: &'static str) -> Response<AdminBody> {
+    let mut rsp = Response::new(Full::new(Bytes::from_static(body.as_bytes())).boxed_unsync());
+    let headers = rsp.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        ),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    rsp
 }
 
 fn line(value: &serde_json::Value) -> Bytes {

@@ -193,6 +193,12 @@ pub struct ServeArgs {
     #[arg(long, env = "WAKEGATE_MAX_PENDING_REQUESTS")]
     pub max_pending_requests: Option<std::num::NonZeroUsize>,
 
+    /// Write one access log line per proxied request to stdout, as `text` (logfmt) or `json`:
+    /// route, method, path, status, bytes, duration, cold-start wait, upstream and trace id.
+    /// Off by default.
+    #[arg(long, env = "WAKEGATE_ACCESS_LOG", value_enum)]
+    pub access_log: Option<crate::access_log::AccessLogFormat>,
+
     /// Largest request header block accepted (bytes); larger ones get 431. At least 8192.
     #[arg(long, env = "WAKEGATE_MAX_HEADER_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(8192..))]
     pub max_header_bytes: u32,

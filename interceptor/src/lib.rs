@@ -5,6 +5,7 @@
 //! The core ([`proxy`], [`routing`], [`load`]) knows targets only through the [`provider`] seam;
 //! [`local`] implements it with child processes.
 
+pub mod access_log;
 pub mod admin;
 pub mod backend;
 pub mod cli;
@@ -22,7 +23,6 @@ pub mod request_head;
 pub mod routing;
 pub mod server;
 pub mod signal;
-pub mod telemetry;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -68,6 +68,9 @@ pub enum RunError {
     /// The metrics could not be registered (a bug: names clash).
     #[error("registering metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The access log's writer thread could not start.
+    #[error("starting the access log: {0}")]
+    AccessLog(#[source] std::io::Error),
 }
 
 impl RunError {
@@ -75,7 +78,7 @@ impl RunError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Config(_) | Self::Tls(_) => 64,
-            Self::Kube(_) | Self::Bind { .. } | Self::Metrics(_) => 1,
+            Self::Kube(_) | Self::Bind { .. } | Self::Metrics(_) | Self::AccessLog(_) => 1,
         }
     }
 }
@@ -177,6 +180,11 @@ pub async fn run_until(
             bytes_per_second: args.min_request_body_rate,
             grace: args.header_read_timeout,
         }),
+        access_log: args
+            .access_log
+            .map(|format| access_log::AccessLog::start(format, &registry))
+            .transpose()
+            .map_err(RunError::AccessLog)?,
     };
     let client_connections = Arc::new(server::Connections::new(
         args.max_client_connections as usize,

@@ -4,8 +4,10 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use wakegate_interceptor::cli::LogFormat;
 use wakegate_interceptor::cli::{Cli, Command};
-use wakegate_interceptor::{backend, jobs, telemetry};
+use wakegate_interceptor::{backend, jobs};
+use wakegate_telemetry::Telemetry;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -20,7 +22,6 @@ fn main() -> ExitCode {
             };
         }
     };
-    telemetry::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -31,7 +32,22 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match cli.command {
+    // Inside the runtime: the OTLP exporter, when traces are on, runs on it.
+    let telemetry = {
+        let _entered = runtime.enter();
+        let format = match cli.log_format {
+            LogFormat::Text => wakegate_telemetry::LogFormat::Text,
+            LogFormat::Json => wakegate_telemetry::LogFormat::Json,
+        };
+        match Telemetry::init("wakegate-interceptor", format) {
+            Ok(telemetry) => telemetry,
+            Err(err) => {
+                eprintln!("wakegate-interceptor: {err}");
+                return ExitCode::from(64);
+            }
+        }
+    };
+    let code = match cli.command {
         Some(Command::Backend(args)) => match runtime.block_on(backend::run(args)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
@@ -53,5 +69,10 @@ fn main() -> ExitCode {
                 ExitCode::from(err.exit_code())
             }
         },
+    };
+    {
+        let _entered = runtime.enter();
+        telemetry.shutdown();
     }
+    code
 }

@@ -107,6 +107,7 @@ async fn start_with(
         max_released_at_once: parking.unwrap_or(0),
         trusted_proxies: Vec::new().into(),
         min_body_rate: None,
+        access_log: None,
     };
     let proxy = Proxy::new(provider, loads, metrics, settings, Default::default());
     tokio::spawn(proxy.clone().follow_routes());

@@ -125,6 +125,7 @@ impl Interceptors {
                     let _ = self.wakes.send(Wake {
                         route: route.to_owned(),
                         held_at_us: event["atUs"].as_u64(),
+                        traceparent: event["traceparent"].as_str().map(str::to_owned),
                     });
                 }
             }
@@ -137,6 +138,7 @@ impl Interceptors {
                             let _ = self.wakes.send(Wake {
                                 route: route.clone(),
                                 held_at_us: None,
+                                traceparent: None,
                             });
                         }
                     }

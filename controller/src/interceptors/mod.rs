@@ -50,6 +50,32 @@ pub struct Wake {
     pub route: RouteKey,
     /// When the interceptor held the request (Unix µs), if it said.
     pub held_at_us: Option<u64>,
+    /// The held request's W3C `traceparent`, when the interceptor traces.
+    pub traceparent: Option<String>,
+}
+
+impl Wake {
+    /// A span for handling this wake, joined to the held request's trace when the wake
+    /// carries one. Nothing when traces are off.
+    pub fn span(&self, name: &'static str) -> tracing::Span {
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+        let span = tracing::info_span!(
+            target: wakegate_telemetry::TARGET,
+            "wake",
+            otel.name = name,
+            otel.kind = "internal",
+            wakegate.route = %self.route,
+        );
+        let parent = self
+            .traceparent
+            .as_deref()
+            .and_then(wakegate_telemetry::context::from_traceparent);
+        if let Some(parent) = parent {
+            use opentelemetry::trace::TraceContextExt as _;
+            let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(parent));
+        }
+        span
+    }
 }
 
 /// How long request-count history is kept (longer than any sane rate window).

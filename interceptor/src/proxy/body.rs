@@ -375,7 +375,11 @@ impl Body for ProxyBody {
                         }
                         drop(done.take());
                     }
-                    Some(Ok(_)) => {}
+                    Some(Ok(frame)) => {
+                        if let Some(observed) = done.as_mut().and_then(|d| d.observed.as_mut()) {
+                            observed.bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
+                        }
+                    }
                 }
                 Poll::Ready(frame.map(|f| f.map_err(|e| Box::new(e) as ResponseBodyError)))
             }

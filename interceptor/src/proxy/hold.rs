@@ -14,6 +14,9 @@ use super::{error, refuse, routed_authority, Proxy, ProxyError, RouteState};
 use crate::client_conn::ClientConn;
 use crate::load::EndpointLease;
 use crate::provider::Endpoint;
+use opentelemetry::trace::SpanContext;
+
+use super::observe::{Observed, RequestTrace};
 
 impl Proxy {
     /// Gets an endpoint for a request: at once when one is ready, otherwise by holding the
@@ -27,6 +30,7 @@ impl Proxy {
         client: Option<&ClientConn>,
         wants_html: bool,
         parked_since: Option<Instant>,
+        trace: Option<&SpanContext>,
     ) -> Result<Acquired, ProxyError> {
         let cap = route.spec.max_in_flight_per_endpoint;
         if let Some((endpoint, lease)) = route.load.pick(&route.endpoints.borrow(), cap) {
@@ -55,7 +59,8 @@ impl Proxy {
         if let (Some(response), false) = (cold_response, on_overflow) {
             // Answer at once, but the wake goes on.
             self.provider.wake(&route.spec.target);
-            self.wakes.publish(&route.spec.id, &route.spec.target);
+            self.wakes
+                .publish(&route.spec.id, &route.spec.target, trace);
             return Err(ProxyError::Waking {
                 route: route.spec.id.clone(),
                 target: route.spec.target.clone(),
@@ -78,7 +83,7 @@ impl Proxy {
             }
             (other, _) => other?,
         };
-        self.wake_held(route, first);
+        self.wake_held(route, first, trace);
         let mut ready = route.endpoints.clone();
         let wait = async {
             // A target whose set can no longer change (fixed upstreams, or one the provider
@@ -201,11 +206,14 @@ pub(super) struct Acquired {
 impl Proxy {
     /// Raises the wake for a request now held; the route's first held request also publishes
     /// the wake event, and its release will publish the ready one.
-    fn wake_held(&self, route: &RouteState, first: bool) {
+    /// `trace` is the request's span, which the wake event carries so that the controller's
+    /// wake joins its trace.
+    fn wake_held(&self, route: &RouteState, first: bool, trace: Option<&SpanContext>) {
         self.provider.wake(&route.spec.target);
         if first {
             route.awaiting_ready.store(true, Ordering::Relaxed);
-            self.wakes.publish(&route.spec.id, &route.spec.target);
+            self.wakes
+                .publish(&route.spec.id, &route.spec.target, trace);
         }
     }
 
@@ -220,6 +228,7 @@ impl Proxy {
     ) -> Acquired {
         if route.awaiting_ready.swap(false, Ordering::Relaxed) {
             self.wakes.publish_ready(&route.spec.id, &route.spec.target);
+            route.awaiting_first_byte.store(true, Ordering::Relaxed);
         }
         let waited = held_at.elapsed();
         self.metrics
@@ -241,6 +250,19 @@ pub(super) struct Parked {
     pub(super) in_flight: Arc<std::sync::Mutex<Option<crate::load::InFlight>>>,
     /// Its place among the parked requests released at once.
     pub(super) released: Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>,
+    /// Its spans and access-log fields, begun when it was parked (traces or the access log on).
+    observed: Option<Arc<std::sync::Mutex<Option<Box<Observed>>>>>,
+}
+
+impl Parked {
+    /// The request's spans and access-log fields, begun while it was parked.
+    pub(super) fn take_observed(&self) -> Option<Box<Observed>> {
+        self.observed
+            .as_ref()?
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
 }
 
 impl Proxy {
@@ -278,7 +300,30 @@ impl Proxy {
         let (total, held, first) = self.admit_hold(&route).ok()?;
         let since = Instant::now();
         let in_flight = route.load.start_request();
-        self.wake_held(&route, first);
+        let tracer = wakegate_telemetry::tracer();
+        let mut observed = if tracer.is_some() || self.settings.access_log.is_some() {
+            let trace = tracer.map(|tracer| {
+                RequestTrace::start(
+                    tracer,
+                    &head,
+                    authority.as_str(),
+                    &route.spec.id,
+                    client,
+                    since,
+                )
+            });
+            Observed::new(trace, self.settings.access_log.is_some(), path, client)
+        } else {
+            None
+        };
+        if let Some(observed) = observed.as_mut() {
+            observed.holding = Some(since);
+        }
+        let trace = observed
+            .as_ref()
+            .and_then(|o| o.trace.as_ref())
+            .map(|t| t.context().clone());
+        self.wake_held(&route, first, trace.as_ref());
         let mut until = since + route.readiness_timeout;
         if let Some((_, after)) = &route.failover {
             until = until.min(since + *after);
@@ -315,6 +360,16 @@ impl Proxy {
                         .metrics
                         .request(&method, error::CLIENT_CLOSED_REQUEST, since.elapsed(), false);
                     tracing::debug!(route = %route.spec.id, "client went away while parked");
+                    if let Some(observed) = observed {
+                        observed.finish(
+                            proxy.settings.access_log.as_ref(),
+                            &route.spec.id,
+                            &method,
+                            error::CLIENT_CLOSED_REQUEST,
+                            since.elapsed(),
+                            false,
+                        );
+                    }
                     return None;
                 }
             }
@@ -334,6 +389,7 @@ impl Proxy {
                 since,
                 in_flight: Arc::new(std::sync::Mutex::new(Some(in_flight))),
                 released: Arc::new(std::sync::Mutex::new(released)),
+                observed: observed.map(|o| Arc::new(std::sync::Mutex::new(Some(o)))),
             });
             Some(extensions)
         }))

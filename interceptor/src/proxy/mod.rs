@@ -15,6 +15,7 @@ mod error;
 mod headers;
 mod hold;
 mod keep_awake;
+mod observe;
 mod session;
 mod upstream;
 
@@ -34,6 +35,7 @@ pub use self::body::{ClientFault, MinRate, ProxyBody, RequestBody};
 pub use self::error::ProxyError;
 pub(crate) use self::headers::client_value;
 use self::hold::{round_to_ms, Acquired};
+use self::observe::{Observed, RequestTrace};
 use self::session::{pinned_endpoint, session_cookie};
 use self::upstream::{
     idempotent, upstream_request, ClientKey, Http1Conn, Http1Pool, SendError, Upstream,
@@ -76,6 +78,8 @@ pub struct ProxySettings {
     pub trusted_proxies: Arc<[ipnet::IpNet]>,
     /// The rate a request body must keep; `None` for no minimum.
     pub min_body_rate: Option<MinRate>,
+    /// Where each request's access log line goes; `None` writes none.
+    pub access_log: Option<crate::access_log::AccessLog>,
 }
 
 /// A route as the proxy uses it: its spec, its load, and its target's ready endpoints.
@@ -99,6 +103,9 @@ pub struct RouteState {
     /// Set when a wake is published, cleared (and a ready event published) when the first held
     /// request is released.
     awaiting_ready: AtomicBool,
+    /// Set when the ready event is published, cleared (and a served event published) when the
+    /// first released request's response headers arrive.
+    awaiting_first_byte: AtomicBool,
     /// The static routes, in order: each one's rules as a table, its answer, and `Always`.
     statics: Vec<(RouteTable<()>, Box<crate::provider::ColdResponse>, bool)>,
     /// Whether a static route's or the placeholder's body comes from a ConfigMap.
@@ -178,6 +185,20 @@ impl Proxy {
             .any(|net| net.contains(&ip))
     }
 
+    /// Each route and the target it forwards to, for `/status`.
+    pub fn route_targets(&self) -> serde_json::Map<String, serde_json::Value> {
+        self.table
+            .load()
+            .values()
+            .map(|r| {
+                (
+                    r.spec.id.to_string(),
+                    serde_json::json!({ "target": r.spec.target.to_string() }),
+                )
+            })
+            .collect()
+    }
+
     /// Whether the first route set has been loaded.
     pub fn is_loaded(&self) -> bool {
         self.loaded.load(Ordering::Acquire)
@@ -242,6 +263,7 @@ impl Proxy {
                 http1: pools.get(&spec.id).cloned().unwrap_or_default(),
                 metrics: self.metrics.route(&spec.id),
                 awaiting_ready: AtomicBool::new(false),
+                awaiting_first_byte: AtomicBool::new(false),
                 load: self.loads.get(&spec.id),
                 endpoints: self.provider.endpoints(&spec.target),
                 readiness_timeout,
@@ -422,7 +444,31 @@ impl Proxy {
         // A body kept in a ConfigMap may be named by the request path: kept only for those.
         let path = route.config_map_bodies.then(|| req.uri().path().to_owned());
         let span = tracing::debug_span!("request", route = %route.spec.id, method = %req.method(), path = req.uri().path());
+        let tracer = wakegate_telemetry::tracer();
+        let observed = if tracer.is_some() || self.settings.access_log.is_some() {
+            parked
+                .as_ref()
+                .filter(|p| p.route == route.spec.id)
+                .and_then(|p| p.take_observed())
+                .or_else(|| {
+                    let trace = tracer.map(|tracer| {
+                        RequestTrace::start(
+                            tracer,
+                            &req,
+                            authority.as_str(),
+                            &route.spec.id,
+                            &client,
+                            start,
+                        )
+                    });
+                    let access_log = self.settings.access_log.is_some();
+                    Observed::new(trace, access_log, req.uri().path(), &client)
+                })
+        } else {
+            None
+        };
         let mut done = Completion {
+            observed,
             uncounted: static_match.map(|(response, _)| Box::new(response.clone())),
             cold: false,
             proxy: self.clone(),
@@ -510,7 +556,11 @@ impl Proxy {
                 } else {
                     tracing::info!(error = %err, "request not forwarded");
                 }
-                err.to_response()
+                let rsp = err.to_response();
+                if let Some(observed) = done.observed.as_mut() {
+                    observed.bytes = http_body::Body::size_hint(rsp.body()).exact().unwrap_or(0);
+                }
+                rsp
             }
         }
     }
@@ -572,10 +622,41 @@ impl Proxy {
             }
         } else {
             let parked_since = done.parked_since;
-            match self
-                .acquire(&route, hold_until, watched, wants_html, parked_since)
-                .await
-            {
+            let trace = done.observed.as_mut().and_then(|o| {
+                o.holding = Some(parked_since.unwrap_or_else(Instant::now));
+                o.trace.as_ref().map(|t| t.context().clone())
+            });
+            let acquired = self
+                .acquire(
+                    &route,
+                    hold_until,
+                    watched,
+                    wants_html,
+                    parked_since,
+                    trace.as_ref(),
+                )
+                .await;
+            if let Some(observed) = done.observed.as_mut() {
+                match &acquired {
+                    Ok(Acquired {
+                        waited: Some(waited),
+                        ..
+                    }) => {
+                        observed.cold_wait = Some(*waited);
+                        observed.hold_ended("released");
+                    }
+                    Err(
+                        ProxyError::ReadinessTimeout { .. } | ProxyError::CapacityTimeout { .. },
+                    ) if route.failover.is_some() => observed.hold_ended("failed_over"),
+                    Err(
+                        ProxyError::ReadinessTimeout { .. } | ProxyError::CapacityTimeout { .. },
+                    ) => observed.hold_ended("timed_out"),
+                    Err(ProxyError::ClientGone { .. }) => observed.hold_ended("client_gone"),
+                    // Served at once, or answered without holding.
+                    _ => observed.holding = None,
+                }
+            }
+            match acquired {
                 Err(ProxyError::ReadinessTimeout { .. } | ProxyError::CapacityTimeout { .. })
                     if route.failover.is_some() =>
                 {
@@ -637,6 +718,14 @@ impl Proxy {
         if let (Some(protocol), UpstreamProtocol::Http1) = (&upgrade, route.spec.protocol) {
             headers::set_upgrade(req.headers_mut(), protocol.clone());
         }
+        // The upstream's `traceparent` names the interceptor's client span.
+        let upstream_span = done.observed.as_mut().and_then(|o| {
+            o.upstream = Some(acquired.endpoint.clone());
+            o.trace.as_ref().map(|t| {
+                let method = req.method().clone();
+                t.upstream(&method, &acquired.endpoint, req.headers_mut())
+            })
+        });
         let upstream = match (route.spec.protocol, failed_over) {
             // HTTP/2: the URI carries the routed authority, so the client is the endpoint's.
             (UpstreamProtocol::H2c, false) => Upstream::Legacy(
@@ -713,6 +802,24 @@ impl Proxy {
             }
         };
         let endpoint = acquired.endpoint;
+        if cold
+            && matches!(sent, Ok(Ok(_)))
+            && route.awaiting_first_byte.swap(false, Ordering::Relaxed)
+        {
+            self.wakes
+                .publish_served(&route.spec.id, &route.spec.target);
+        }
+        if let Some(span) = upstream_span {
+            observe::upstream_ended(
+                span,
+                match &sent {
+                    Ok(Ok((rsp, _))) => Ok(rsp.status()),
+                    Ok(Err(SendError::Connect(_))) => Err("connect"),
+                    Ok(Err(SendError::Exchange(_))) => Err("exchange"),
+                    Err(()) => Err("response_header_timeout"),
+                },
+            );
+        }
         if let Some(fault) = body_watch.fault() {
             // Whatever the upstream client made of it, the client broke the exchange.
             if sent.as_ref().map_or(true, |rsp| rsp.is_err()) {
@@ -936,6 +1043,8 @@ fn routed_authority<B>(req: &Request<B>) -> Result<RoutedAuthority, ProxyError> 
 /// A request's bookkeeping, ended when the response body ends or is dropped: the in-flight
 /// count, the per-endpoint lease, and the request metrics.
 pub struct Completion {
+    /// The request's spans and access-log fields, when traces or the access log are on.
+    observed: Option<Box<Observed>>,
     proxy: Arc<Proxy>,
     route: Arc<RouteState>,
     method: Method,
@@ -973,8 +1082,19 @@ impl Completion {
 
 impl Drop for Completion {
     fn drop(&mut self) {
+        let elapsed = self.start.elapsed();
         self.route
             .metrics
-            .request(&self.method, self.code, self.start.elapsed(), self.cold);
+            .request(&self.method, self.code, elapsed, self.cold);
+        if let Some(observed) = self.observed.take() {
+            observed.finish(
+                self.proxy.settings.access_log.as_ref(),
+                &self.route.spec.id,
+                &self.method,
+                self.code,
+                elapsed,
+                self.cold,
+            );
+        }
     }
 }

@@ -151,10 +151,15 @@ impl Interceptor {
     }
 
     pub async fn start_with(config: &str, args: &[&str]) -> Self {
+        Self::start_with_env(config, args, &[]).await
+    }
+
+    /// Starts the interceptor with `env` added to its environment.
+    pub async fn start_with_env(config: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         // `free_port` can race with a parallel test taking the same port: when the interceptor
         // exits because its address is in use, start it again on new ports.
         for _ in 0..5 {
-            let mut this = Self::spawn(config, args);
+            let mut this = Self::spawn_with_env(config, args, env);
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             loop {
                 let ready = this.http.get(this.admin, "admin", "/readyz").await;
@@ -182,6 +187,10 @@ impl Interceptor {
 
     /// Starts the interceptor without waiting for it.
     pub fn spawn(config: &str, args: &[&str]) -> Self {
+        Self::spawn_with_env(config, args, &[])
+    }
+
+    fn spawn_with_env(config: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("config.yaml");
         std::fs::write(&config_path, config).unwrap();
@@ -203,6 +212,7 @@ impl Interceptor {
             .args(["--drain-timeout", "1s"])
             .args(args)
             .env("RUST_LOG", "info,wakegate_interceptor=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
