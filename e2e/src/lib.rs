@@ -34,6 +34,21 @@ use wakegate_testapi::{ApiServer, PodSimulator, ResourceDef, SimulatorConfig};
 /// The KEDA HTTP Add-on's documented example HTTPScaledObject, unchanged.
 pub const ADDON_EXAMPLE: &str = include_str!("../../examples/httpscaledobject.yaml");
 
+/// Exports this process's traces to `endpoint` over gRPC, as the binaries do from the standard
+/// `OTEL_*` variables (set here, before the components start), with a short batch delay. The
+/// interceptor and the controller run in the test's process, so they share this exporter. Call
+/// it first, in a test file of its own: the environment and the exporter are process-wide.
+pub fn export_traces(endpoint: &str) -> wakegate_telemetry::Telemetry {
+    std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
+    std::env::set_var("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc");
+    std::env::set_var("OTEL_BSP_SCHEDULE_DELAY", "50");
+    let telemetry =
+        wakegate_telemetry::Telemetry::init("wakegate-e2e", wakegate_telemetry::LogFormat::Text)
+            .unwrap();
+    assert!(wakegate_telemetry::tracer().is_some(), "traces are on");
+    telemetry
+}
+
 /// The simulated backend's boot delay.
 pub const BOOT_DELAY: Duration = Duration::from_millis(300);
 

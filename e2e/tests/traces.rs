@@ -34,15 +34,7 @@ fn one<'a>(spans: &'a [ReceivedSpan], name: &str) -> &'a ReceivedSpan {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_start_through_the_controller_is_one_trace() {
     let otlp = Receiver::start().await.unwrap();
-    // Before any other thread reads the environment: this file's only test sets it up as a
-    // deployment would.
-    std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.grpc_endpoint());
-    std::env::set_var("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc");
-    std::env::set_var("OTEL_BSP_SCHEDULE_DELAY", "50");
-    let telemetry =
-        wakegate_telemetry::Telemetry::init("wakegate-e2e", wakegate_telemetry::LogFormat::Text)
-            .unwrap();
-    assert!(wakegate_telemetry::tracer().is_some());
+    let telemetry = wakegate_e2e::export_traces(&otlp.grpc_endpoint());
 
     let cluster = Cluster::start(false, env!("CARGO_BIN_EXE_wakegate-e2e-backend")).await;
     cluster.apply(&cluster.app_yaml("xkcd")).await;
@@ -136,6 +128,24 @@ async fn a_cold_start_through_the_controller_is_one_trace() {
             s.parent_span_id
         );
     }
+
+    // The dashboard's data in Kubernetes mode: each route names its target, whose ready
+    // endpoints `/status` reports, and the page itself is served.
+    let (_, _, status) = Http::default()
+        .get(interceptor.admin, "admin", "/status")
+        .await
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let route = format!("{}/xkcd", cluster.namespace);
+    let target = status["routes"][&route]["target"].as_str().unwrap();
+    assert_eq!(status["targets"][target]["readyEndpoints"], 1, "{status}");
+    let (code, headers, page) = Http::default()
+        .get(interceptor.admin, "admin", "/dashboard")
+        .await
+        .unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(headers["content-type"], "text/html; charset=utf-8");
+    assert!(page.contains("/dashboard.js"), "{page}");
 
     controller.stop().await;
     interceptor.stop().await;

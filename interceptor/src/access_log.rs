@@ -64,8 +64,17 @@ pub struct Entry<'a> {
 }
 
 impl AccessLog {
-    /// Starts the writer thread and registers the dropped-lines counter.
+    /// Starts the writer thread on stdout and registers the dropped-lines counter.
     pub fn start(format: AccessLogFormat, registry: &Registry) -> std::io::Result<Self> {
+        Self::start_writing_to(format, registry, QUEUE, std::io::stdout())
+    }
+
+    fn start_writing_to(
+        format: AccessLogFormat,
+        registry: &Registry,
+        queue: usize,
+        out: impl std::io::Write + Send + 'static,
+    ) -> std::io::Result<Self> {
         let dropped = IntCounter::new(
             "wakegate_access_log_dropped_total",
             "Access log lines dropped because stdout could not keep up",
@@ -74,10 +83,10 @@ impl AccessLog {
         registry
             .register(Box::new(dropped.clone()))
             .map_err(std::io::Error::other)?;
-        let (lines, rx) = mpsc::sync_channel::<String>(QUEUE);
+        let (lines, rx) = mpsc::sync_channel::<String>(queue);
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_lines(&rx))?;
+            .spawn(move || write_lines(&rx, out))?;
         Ok(Self {
             format,
             lines,
@@ -98,8 +107,8 @@ impl AccessLog {
 }
 
 /// Writes queued lines, flushing whenever the queue is empty; ends when every sender is gone.
-fn write_lines(rx: &mpsc::Receiver<String>) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
+fn write_lines(rx: &mpsc::Receiver<String>, out: impl std::io::Write) {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
     while let Ok(line) = rx.recv() {
         let mut next = Some(line);
         while let Some(line) = next {
@@ -167,6 +176,9 @@ fn json(e: &Entry<'_>) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Condvar, Mutex};
+
     use super::*;
 
     fn entry() -> Entry<'static> {
@@ -202,6 +214,82 @@ mod tests {
         ] {
             assert!(line.contains(field), "{field} missing from {line}");
         }
+    }
+
+    /// A writer that takes nothing until it is let go, like a stdout nobody reads; `entered`
+    /// tells that the writer thread is stuck in it.
+    #[derive(Default)]
+    struct Stalled {
+        open: Mutex<bool>,
+        opened: Condvar,
+        entered: AtomicBool,
+        written: Mutex<Vec<u8>>,
+    }
+
+    struct StalledWriter(Arc<Stalled>);
+
+    impl std::io::Write for StalledWriter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.entered.store(true, Ordering::SeqCst);
+            let mut open = self.0.open.lock().unwrap();
+            while !*open {
+                open = self.0.opened.wait(open).unwrap();
+            }
+            self.0.written.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn until(what: &str, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn a_stalled_stdout_drops_lines_and_never_blocks_a_request() {
+        let stalled = Arc::new(Stalled::default());
+        let registry = Registry::new();
+        let log = AccessLog::start_writing_to(
+            AccessLogFormat::Text,
+            &registry,
+            8,
+            StalledWriter(stalled.clone()),
+        )
+        .unwrap();
+        log.record(&entry());
+        until("the writer stuck in stdout", || {
+            stalled.entered.load(Ordering::SeqCst)
+        });
+        // Eight lines fill the queue; every other one is dropped, at once.
+        for _ in 0..100 {
+            log.record(&entry());
+        }
+        assert_eq!(log.dropped.get(), 92);
+        *stalled.open.lock().unwrap() = true;
+        stalled.opened.notify_all();
+        until("the queued lines written", || {
+            String::from_utf8_lossy(&stalled.written.lock().unwrap())
+                .lines()
+                .count()
+                == 9
+        });
+        let written = String::from_utf8(stalled.written.lock().unwrap().clone()).unwrap();
+        assert!(written
+            .lines()
+            .all(|l| l.starts_with("ts=") && l.contains("route=default/hello")));
+        assert!(registry
+            .gather()
+            .iter()
+            .any(|m| m.name() == "wakegate_access_log_dropped_total"));
     }
 
     #[test]

@@ -330,3 +330,69 @@ async fn a_client_gone_while_held_ends_the_hold_span_so() {
     assert_eq!(hold.parent_span_id, server.span_id);
     assert_eq!(hold.attr("wakegate.hold.outcome"), Some("client_gone"));
 }
+
+/// A request that waits out its failover delay and is answered by the failover target: its
+/// hold ends `failed_over`, and the upstream call goes to the failover target.
+#[tokio::test]
+async fn a_failover_ends_the_hold_span_so() {
+    let otlp = Receiver::start().await.unwrap();
+    let fallback = Upstream::start("fallback", Duration::ZERO).await;
+    let port = free_port();
+    let extra = format!(
+        "    failover: {{ upstream: \"{}\", timeout: 200ms }}\n    timeouts: {{ readiness: 60s }}\n",
+        fallback.addr
+    );
+    let config = format!(
+        "routes:\n{}",
+        backend_route("fo", "fo.test", port, "60s", &extra)
+    );
+    let endpoint = otlp.http_endpoint();
+    let ic = Interceptor::start_with_env(
+        &config,
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+        ],
+    )
+    .await;
+    let reply = ic.get("fo.test", "/").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(reply.text().starts_with("fallback /"), "{}", reply.text());
+    let spans = otlp
+        .wait_for(Duration::from_secs(15), |spans| {
+            spans.iter().any(|s| s.kind == "SERVER") && spans.iter().any(|s| s.kind == "CLIENT")
+        })
+        .await
+        .unwrap_or_else(|got| panic!("spans by the deadline: {got:#?}\n{}", ic.log()));
+    let server = one(&spans, "server", |s| s.kind == "SERVER");
+    assert_eq!(server.attr("wakegate.cold_start"), Some("true"));
+    let hold = one(&spans, "hold", |s| s.name == "hold");
+    assert_eq!(hold.attr("wakegate.hold.outcome"), Some("failed_over"));
+    assert_eq!(hold.status, "UNSET");
+    assert!(
+        hold.duration() >= Duration::from_millis(150),
+        "{:?}",
+        hold.duration()
+    );
+    let client = one(&spans, "upstream", |s| s.kind == "CLIENT");
+    assert_eq!(
+        client.attr("server.port"),
+        Some(fallback.addr.port().to_string().as_str())
+    );
+}
+
+/// An OTLP endpoint that is not a URL stops the interceptor at start, saying so.
+#[tokio::test]
+async fn a_bad_otlp_endpoint_is_refused_at_start() {
+    let config = "routes:\n  - name: any\n    target: { upstream: \"127.0.0.1:9\" }\n";
+    let mut ic =
+        Interceptor::spawn_with_env(config, &[], &[("OTEL_EXPORTER_OTLP_ENDPOINT", "not a url")]);
+    let status = ic.wait(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(64), "{}", ic.log());
+    let log = ic.log();
+    assert!(
+        log.contains("OTLP trace exporter") && log.contains("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        "{log}"
+    );
+}

@@ -190,7 +190,7 @@ impl Interceptor {
         Self::spawn_with_env(config, args, &[])
     }
 
-    fn spawn_with_env(config: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+    pub fn spawn_with_env(config: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("config.yaml");
         std::fs::write(&config_path, config).unwrap();
