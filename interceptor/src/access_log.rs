@@ -32,7 +32,7 @@ const QUEUE: usize = 16 * 1024;
 #[derive(Clone)]
 pub struct AccessLog {
     format: AccessLogFormat,
-    lines: mpsc::SyncSender<String>,
+    lines: mpsc::SyncSender<Line>,
     dropped: IntCounter,
 }
 
@@ -83,7 +83,7 @@ impl AccessLog {
         registry
             .register(Box::new(dropped.clone()))
             .map_err(std::io::Error::other)?;
-        let (lines, rx) = mpsc::sync_channel::<String>(queue);
+        let (lines, rx) = mpsc::sync_channel::<Line>(queue);
         std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || write_lines(&rx, out))?;
@@ -100,26 +100,80 @@ impl AccessLog {
             AccessLogFormat::Text => text(entry),
             AccessLogFormat::Json => json(entry),
         };
-        if self.lines.try_send(line).is_err() {
+        if self.lines.try_send(Line::Text(line)).is_err() {
             self.dropped.inc();
         }
     }
+
+    /// Writes out every line queued so far, waiting up to `deadline` (at shutdown: the last
+    /// lines are not lost with the process).
+    pub fn flush(&self, deadline: Duration) {
+        let until = std::time::Instant::now() + deadline;
+        let (done, flushed) = mpsc::sync_channel(1);
+        let mut flush = Line::Flush(done);
+        // The queue may be full behind a slow stdout: retry until there is room or time is up.
+        loop {
+            match self.lines.try_send(flush) {
+                Ok(()) => break,
+                Err(mpsc::TrySendError::Full(again)) if std::time::Instant::now() < until => {
+                    flush = again;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(_) => return,
+            }
+        }
+        let _ = flushed.recv_timeout(until.saturating_duration_since(std::time::Instant::now()));
+    }
 }
 
-/// Writes queued lines, flushing whenever the queue is empty; ends when every sender is gone.
-fn write_lines(rx: &mpsc::Receiver<String>, out: impl std::io::Write) {
+/// What the writer thread is sent.
+enum Line {
+    Text(String),
+    /// Flush, then say so.
+    Flush(mpsc::SyncSender<()>),
+}
+
+/// How long a written line may wait in the buffer: one `write` per this much, under load.
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
+
+/// Writes queued lines, buffered: flushed when a line has waited [`FLUSH_EVERY`] (or the buffer
+/// fills), so a busy proxy makes one `write` per interval, not one per request. Ends when every
+/// sender is gone.
+fn write_lines(rx: &mpsc::Receiver<Line>, out: impl std::io::Write) {
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
-    while let Ok(line) = rx.recv() {
-        let mut next = Some(line);
-        while let Some(line) = next {
-            if out.write_all(line.as_bytes()).is_err() {
+    // When the oldest unflushed line was written, if any is.
+    let mut pending: Option<std::time::Instant> = None;
+    loop {
+        let line = match pending {
+            None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+            Some(since) => rx.recv_timeout(FLUSH_EVERY.saturating_sub(since.elapsed())),
+        };
+        match line {
+            Ok(Line::Flush(done)) => {
+                let _ = out.flush();
+                pending = None;
+                let _ = done.try_send(());
+                continue;
+            }
+            Ok(Line::Text(line)) => {
+                if out.write_all(line.as_bytes()).is_err() {
+                    return;
+                }
+                let since = *pending.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() < FLUSH_EVERY {
+                    continue;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = out.flush();
                 return;
             }
-            next = rx.try_recv().ok();
         }
         if out.flush().is_err() {
             return;
         }
+        pending = None;
     }
 }
 
@@ -155,23 +209,40 @@ fn text(e: &Entry<'_>) -> String {
     line
 }
 
+/// A JSON line's fields, in order, serialised straight from the entry's borrows.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct JsonLine<'a> {
+    ts: String,
+    route: &'a str,
+    method: &'a str,
+    path: &'a str,
+    status: u16,
+    bytes: u64,
+    duration_ms: f64,
+    cold_wait_ms: Option<f64>,
+    upstream: Option<&'a str>,
+    trace_id: Option<&'a str>,
+    client: IpAddr,
+}
+
 fn json(e: &Entry<'_>) -> String {
-    let mut line = serde_json::json!({
-        "ts": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-        "route": e.route,
-        "method": e.method.as_str(),
-        "path": e.path,
-        "status": e.status.as_u16(),
-        "bytes": e.bytes,
-        "durationMs": millis(e.duration),
-        "coldWaitMs": e.cold_wait.map(millis),
-        "upstream": e.upstream,
-        "traceId": e.trace_id,
-        "client": e.client.to_string(),
-    })
-    .to_string();
-    line.push('\n');
-    line
+    let line = JsonLine {
+        ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        route: e.route,
+        method: e.method.as_str(),
+        path: e.path,
+        status: e.status.as_u16(),
+        bytes: e.bytes,
+        duration_ms: millis(e.duration),
+        cold_wait_ms: e.cold_wait.map(millis),
+        upstream: e.upstream,
+        trace_id: e.trace_id.as_deref(),
+        client: e.client,
+    };
+    let mut text = serde_json::to_string(&line).unwrap_or_default();
+    text.push('\n');
+    text
 }
 
 #[cfg(test)]

@@ -168,6 +168,11 @@ pub async fn run_until(
         }
     };
     let metrics = ProxyMetrics::register(&registry, loads.clone())?;
+    let access_log = args
+        .access_log
+        .map(|format| access_log::AccessLog::start(format, &registry))
+        .transpose()
+        .map_err(RunError::AccessLog)?;
     let proxy_settings = ProxySettings {
         readiness: args.readiness_timeout,
         response_header: args.response_header_timeout,
@@ -180,11 +185,7 @@ pub async fn run_until(
             bytes_per_second: args.min_request_body_rate,
             grace: args.header_read_timeout,
         }),
-        access_log: args
-            .access_log
-            .map(|format| access_log::AccessLog::start(format, &registry))
-            .transpose()
-            .map_err(RunError::AccessLog)?,
+        access_log: access_log.clone(),
     };
     let client_connections = Arc::new(server::Connections::new(
         args.max_client_connections as usize,
@@ -297,6 +298,11 @@ pub async fn run_until(
     }
     stop_admin.cancel();
     let _ = admin_server.await;
+    if let Some(log) = access_log {
+        // Off the runtime's threads: it may wait for the writer.
+        let _ =
+            tokio::task::spawn_blocking(move || log.flush(std::time::Duration::from_secs(2))).await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

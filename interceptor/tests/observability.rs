@@ -29,6 +29,22 @@ fn get_with_traceparent(
         .unwrap()
 }
 
+/// The first access log line containing `needle`, once it is written (lines are flushed at
+/// least every 100 ms).
+async fn access_log_line(ic: &Interceptor, needle: &str) -> String {
+    eventually(
+        &format!("an access log line with {needle}"),
+        Duration::from_secs(10),
+        || async { ic.log().contains(needle) },
+    )
+    .await;
+    ic.log()
+        .lines()
+        .find(|l| l.contains(needle))
+        .unwrap()
+        .to_owned()
+}
+
 fn one<'a>(
     spans: &'a [ReceivedSpan],
     what: &str,
@@ -138,12 +154,9 @@ async fn a_cold_start_is_one_trace_that_continues_the_clients() {
     assert!(otlp.exports().1 > 0, "exported over HTTP/protobuf");
 
     // The access log line of the same request, with its trace id and cold-start wait.
-    let log = ic.log();
-    let line = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["route"] == "traced" && v["path"] == "/headers")
-        .unwrap_or_else(|| panic!("no access log line:\n{log}"));
+    let line = access_log_line(&ic, "\"route\":\"traced\"").await;
+    let line: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(line["path"], "/headers");
     assert_eq!(line["traceId"], CLIENT_TRACE);
     assert_eq!(line["status"], 200);
     assert_eq!(line["method"], "GET");
@@ -229,11 +242,7 @@ async fn a_hold_that_times_out_ends_its_span_so() {
         "a request served at once was not held"
     );
 
-    let log = ic.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("route=slow method="))
-        .unwrap_or_else(|| panic!("no access log line:\n{log}"));
+    let line = access_log_line(&ic, "route=slow method=").await;
     for field in [
         "method=GET",
         "path=\"/\"",
@@ -247,10 +256,7 @@ async fn a_hold_that_times_out_ends_its_span_so() {
         line.contains(&format!("trace_id={}", slow.trace_id)),
         "{line}"
     );
-    let warm_line = log
-        .lines()
-        .find(|l| l.contains("route=warm method="))
-        .unwrap();
+    let warm_line = access_log_line(&ic, "route=warm method=").await;
     assert!(warm_line.contains("cold_wait_ms=-"), "{warm_line}");
     assert!(
         warm_line.contains(&format!("upstream={}", warm.addr)),
@@ -395,4 +401,27 @@ async fn a_bad_otlp_endpoint_is_refused_at_start() {
         log.contains("OTLP trace exporter") && log.contains("OTEL_EXPORTER_OTLP_ENDPOINT"),
         "{log}"
     );
+}
+
+/// The access log's last lines are written out when the interceptor stops, not lost with the
+/// process: twenty requests, then SIGTERM at once, and twenty lines.
+#[tokio::test]
+async fn the_access_log_is_flushed_at_shutdown() {
+    let up = Upstream::start("last", Duration::ZERO).await;
+    let config = format!(
+        "routes:\n  - name: last\n    hosts: [\"last.test\"]\n    target: {{ upstream: \"{}\" }}\n",
+        up.addr
+    );
+    let mut ic = Interceptor::start_with(&config, &["--access-log", "text"]).await;
+    for i in 0..20 {
+        assert_eq!(ic.get("last.test", &format!("/{i}")).await.status, 200);
+    }
+    ic.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(ic.wait(Duration::from_secs(20)).await.success());
+    let log = ic.log();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("route=last method="))
+        .count();
+    assert_eq!(lines, 20, "{log}");
 }

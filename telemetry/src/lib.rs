@@ -94,6 +94,18 @@ impl Telemetry {
                     .map_err(|e| Error(format!("log filter: {e}")))?,
             );
         let ansi = std::io::stdout().is_terminal();
+        let Some(provider) = provider else {
+            // Traces off: the plain log subscriber, its filter global, so a disabled log
+            // statement costs the hot path one level comparison.
+            let logs = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_ansi(ansi);
+            let _ = match format {
+                LogFormat::Text => logs.try_init(),
+                LogFormat::Json => logs.json().flatten_event(true).try_init(),
+            };
+            return Ok(Self { provider: None });
+        };
         let logs = match format {
             LogFormat::Text => tracing_subscriber::fmt::layer().with_ansi(ansi).boxed(),
             LogFormat::Json => tracing_subscriber::fmt::layer()
@@ -102,21 +114,19 @@ impl Telemetry {
                 .boxed(),
         }
         .with_filter(filter);
-        let traces = provider.as_ref().map(|p| {
-            let tracer = p.tracer(service);
-            let _ = TRACER.set(tracer.clone());
-            tracing_opentelemetry::layer()
-                .with_tracer(tracer)
-                .with_filter(Targets::new().with_target(TARGET, tracing::Level::TRACE))
-        });
+        let tracer = provider.tracer(service);
+        let _ = TRACER.set(tracer.clone());
+        let traces = tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(Targets::new().with_target(TARGET, tracing::Level::TRACE));
         let _ = tracing_subscriber::registry()
             .with(logs)
             .with(traces)
             .try_init();
-        if provider.is_some() {
-            tracing::info!("exporting traces over OTLP");
-        }
-        Ok(Self { provider })
+        tracing::info!("exporting traces over OTLP");
+        Ok(Self {
+            provider: Some(provider),
+        })
     }
 
     /// Exports the spans still queued, and stops the exporter.

@@ -622,9 +622,10 @@ impl Proxy {
             }
         } else {
             let parked_since = done.parked_since;
+            // Boxed: the request future keeps it across the hold.
             let trace = done.observed.as_mut().and_then(|o| {
                 o.holding = Some(parked_since.unwrap_or_else(Instant::now));
-                o.trace.as_ref().map(|t| t.context().clone())
+                o.trace.as_ref().map(|t| Box::new(t.context().clone()))
             });
             let acquired = self
                 .acquire(
@@ -633,7 +634,7 @@ impl Proxy {
                     watched,
                     wants_html,
                     parked_since,
-                    trace.as_ref(),
+                    trace.as_deref(),
                 )
                 .await;
             if let Some(observed) = done.observed.as_mut() {
@@ -721,9 +722,10 @@ impl Proxy {
         // The upstream's `traceparent` names the interceptor's client span.
         let upstream_span = done.observed.as_mut().and_then(|o| {
             o.upstream = Some(acquired.endpoint.clone());
+            // Boxed: the request future keeps it across the send, and is laid out for it.
             o.trace.as_ref().map(|t| {
                 let method = req.method().clone();
-                t.upstream(&method, &acquired.endpoint, req.headers_mut())
+                Box::new(t.upstream(&method, &acquired.endpoint, req.headers_mut()))
             })
         });
         let upstream = match (route.spec.protocol, failed_over) {

@@ -165,7 +165,7 @@ impl RequestTrace {
 }
 
 /// Ends an upstream client span with the response's status, or the error that ended it.
-pub(crate) fn upstream_ended(mut span: Span, status: Result<StatusCode, &str>) {
+pub(crate) fn upstream_ended(mut span: Box<Span>, status: Result<StatusCode, &str>) {
     match status {
         Ok(status) => {
             span.set_attribute(KeyValue::new(
