@@ -133,48 +133,55 @@ enum Line {
     Flush(mpsc::SyncSender<()>),
 }
 
-/// How long a written line may wait in the buffer: one `write` per this much, under load.
+/// How long a line may wait before it is written: under load, one wake-up and one `write` per
+/// this much.
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
-/// Writes queued lines, buffered: flushed when a line has waited [`FLUSH_EVERY`] (or the buffer
-/// fills), so a busy proxy makes one `write` per interval, not one per request. Ends when every
-/// sender is gone.
+/// Writes queued lines. Idle, it waits for a line; once one comes it works in ticks of
+/// [`FLUSH_EVERY`]: each tick takes every line queued meanwhile and writes them at once. So
+/// under load a request never wakes the writer (a `try_send` into a queue nobody waits on is
+/// a few atomic operations), and the writer wakes ten times a second. Ends when every sender is
+/// gone, writing what is left.
 fn write_lines(rx: &mpsc::Receiver<Line>, out: impl std::io::Write) {
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
-    // When the oldest unflushed line was written, if any is.
-    let mut pending: Option<std::time::Instant> = None;
-    loop {
-        let line = match pending {
-            None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
-            Some(since) => rx.recv_timeout(FLUSH_EVERY.saturating_sub(since.elapsed())),
-        };
-        match line {
-            Ok(Line::Flush(done)) => {
-                let _ = out.flush();
-                pending = None;
-                let _ = done.try_send(());
-                continue;
-            }
-            Ok(Line::Text(line)) => {
-                if out.write_all(line.as_bytes()).is_err() {
-                    return;
-                }
-                let since = *pending.get_or_insert_with(std::time::Instant::now);
-                if since.elapsed() < FLUSH_EVERY {
-                    continue;
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let _ = out.flush();
+    let write = |line: Line, out: &mut std::io::BufWriter<_>| match line {
+        Line::Text(text) => out.write_all(text.as_bytes()).is_ok(),
+        Line::Flush(done) => {
+            let flushed = out.flush().is_ok();
+            let _ = done.try_send(());
+            flushed
+        }
+    };
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        // Ticks, while lines keep coming.
+        while let Some(line) = next.take() {
+            if !write(line, &mut out) {
                 return;
             }
+            std::thread::sleep(FLUSH_EVERY);
+            loop {
+                match rx.try_recv() {
+                    Ok(line) => {
+                        if !write(line, &mut out) {
+                            return;
+                        }
+                    }
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        let _ = out.flush();
+                        return;
+                    }
+                }
+            }
+            if out.flush().is_err() {
+                return;
+            }
+            // A quiet tick ends the ticking: wait for the next line instead.
+            next = rx.try_recv().ok();
         }
-        if out.flush().is_err() {
-            return;
-        }
-        pending = None;
     }
+    let _ = out.flush();
 }
 
 fn millis(d: Duration) -> f64 {
