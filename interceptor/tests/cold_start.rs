@@ -271,9 +271,14 @@ async fn the_first_held_request_is_pushed_on_the_events_stream() {
     assert_eq!(ready["route"], "wake");
     let boot = ready["atUs"].as_u64().unwrap() - wake["atUs"].as_u64().unwrap();
     assert!(boot >= 300_000, "ready {boot} us after the wake");
+    // And one `served` when the first released request's response headers arrive.
+    let served = next_line().await;
+    assert_eq!(served["type"], "served");
+    assert_eq!(served["route"], "wake");
+    assert!(served["atUs"].as_u64().unwrap() >= ready["atUs"].as_u64().unwrap());
     assert_eq!(first.await.unwrap().unwrap().status, StatusCode::OK);
     assert_eq!(second.await.unwrap().unwrap().status, StatusCode::OK);
-    // One wake and one ready per cold start, not one per held request.
+    // One wake, one ready and one served per cold start, not one per held request.
     let more = tokio::time::timeout(Duration::from_millis(200), body.frame()).await;
     assert!(more.is_err(), "no second event for the same cold start");
 }
