@@ -155,18 +155,26 @@ pin_project_lite::pin_project! {
         // `None`: a request replayed without a body (see `RequestBody::replay`).
         #[pin]
         body: Option<Incoming>,
-        watch: Arc<BodyWatch>,
+        // `None` for a request without a body: it is sent with its head, and its client cannot
+        // fail it.
+        watch: Option<Arc<BodyWatch>>,
         rate: Option<RateState>,
     }
 }
 
 impl RequestBody {
-    /// Wraps `body`; `rate`, if any, is enforced on it.
-    pub fn new(body: Incoming, rate: Option<MinRate>) -> (Self, Arc<BodyWatch>) {
-        let watch = Arc::new(BodyWatch::default());
+    /// Wraps `body`; `rate`, if any, is enforced on it. A request without a body gets no
+    /// watch (nothing to report, and no allocation for it): it counts as sent at once.
+    pub fn new(body: Incoming, rate: Option<MinRate>) -> (Self, Option<Arc<BodyWatch>>) {
         if body.is_end_stream() {
-            watch.mark_sent();
+            let body = Self {
+                body: Some(body),
+                watch: None,
+                rate: None,
+            };
+            return (body, None);
         }
+        let watch = Arc::new(BodyWatch::default());
         let rate = rate.map(|min| RateState {
             min,
             received: 0,
@@ -177,19 +185,18 @@ impl RequestBody {
         (
             Self {
                 body: Some(body),
-                watch: watch.clone(),
+                watch: Some(watch.clone()),
                 rate,
             },
-            watch,
+            Some(watch),
         )
     }
 
-    /// An empty body for a request sent again, which had no body the first time either. It
-    /// reports to `watch`, which already counts it as sent.
-    pub fn replay(watch: Arc<BodyWatch>) -> Self {
+    /// An empty body for a request sent again, which had no body the first time either.
+    pub fn replay() -> Self {
         Self {
             body: None,
-            watch,
+            watch: None,
             rate: None,
         }
     }
@@ -226,7 +233,9 @@ impl Body for RequestBody {
                         return Poll::Pending;
                     }
                 }
-                let _ = this.watch.fault.set(ClientFault::TooSlow);
+                if let Some(watch) = this.watch {
+                    let _ = watch.fault.set(ClientFault::TooSlow);
+                }
                 Poll::Ready(Some(Err(ClientBodyError {
                     fault: ClientFault::TooSlow,
                     source: None,
@@ -241,21 +250,25 @@ impl Body for RequestBody {
                         rate.received += data.remaining() as u64;
                     }
                 }
-                if body.is_end_stream() {
-                    this.watch.mark_sent();
+                if let (true, Some(watch)) = (body.is_end_stream(), this.watch) {
+                    watch.mark_sent();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(err))) => {
                 let fault = ClientFault::of(&err);
-                let _ = this.watch.fault.set(fault);
+                if let Some(watch) = this.watch {
+                    let _ = watch.fault.set(fault);
+                }
                 Poll::Ready(Some(Err(ClientBodyError {
                     fault,
                     source: Some(err),
                 })))
             }
             Poll::Ready(None) => {
-                this.watch.mark_sent();
+                if let Some(watch) = this.watch {
+                    watch.mark_sent();
+                }
                 Poll::Ready(None)
             }
         }

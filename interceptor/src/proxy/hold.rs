@@ -22,13 +22,13 @@ impl Proxy {
     /// Gets an endpoint for a request: at once when one is ready, otherwise by holding the
     /// request until one is (or the deadline passes). Holding raises the wake signal.
     /// `parked_since` is when a request parked before hyper began to wait: it has waited
-    /// since then already.
+    /// since then already. `headers` are the request's (a browser's may get the waiting page).
     pub(super) async fn acquire(
         &self,
         route: &Arc<RouteState>,
         deadline: Instant,
         client: Option<&ClientConn>,
-        wants_html: bool,
+        headers: &http::HeaderMap,
         parked_since: Option<Instant>,
         trace: Option<&SpanContext>,
     ) -> Result<Acquired, ProxyError> {
@@ -47,7 +47,8 @@ impl Proxy {
         }
 
         let held_at = parked_since.unwrap_or_else(Instant::now);
-        let cold_response = route.cold_response_for(wants_html);
+        // Only a request that cannot be served at once asks whether it is a browser's.
+        let cold_response = route.cold_response_for(wants_html(headers));
         // `overflow: Placeholder` holds up to a cap and answers only the overflow; without any
         // cap there is no overflow, and the placeholder answers at once.
         let on_overflow = route.spec.cold_response_on_overflow

@@ -588,7 +588,6 @@ impl Proxy {
         // only a request with an unread body needs the socket watched (which costs a file
         // descriptor per held request).
         let watch_client = !http_body::Body::is_end_stream(req.body());
-        let wants_html = hold::wants_html(req.headers());
         let watched = watch_client.then_some(client);
         // Session affinity: a valid cookie naming a ready endpoint pins the request to it.
         let session = route.spec.session.as_ref();
@@ -632,7 +631,7 @@ impl Proxy {
                     &route,
                     hold_until,
                     watched,
-                    wants_html,
+                    req.headers(),
                     parked_since,
                     trace.as_deref(),
                 )
@@ -756,7 +755,9 @@ impl Proxy {
         // ResponseHeaderTimeout). A client too slow to send is bounded by the body's minimum
         // rate instead.
         let header_timeout = async {
-            body_watch.sent().await;
+            if let Some(watch) = &body_watch {
+                watch.sent().await;
+            }
             tokio::time::sleep(route.response_header_timeout).await;
         };
         // A request without a body and with an idempotent method is sent once more, on another
@@ -768,7 +769,7 @@ impl Proxy {
             && http_body::Body::is_end_stream(req.body())
             && idempotent(req.method()))
         .then(|| {
-            let mut again = Request::new(RequestBody::replay(body_watch.clone()));
+            let mut again = Request::new(RequestBody::replay());
             *again.method_mut() = req.method().clone();
             *again.uri_mut() = req.uri().clone();
             *again.version_mut() = req.version();
@@ -822,7 +823,7 @@ impl Proxy {
                 },
             );
         }
-        if let Some(fault) = body_watch.fault() {
+        if let Some(fault) = body_watch.as_ref().and_then(|w| w.fault()) {
             // Whatever the upstream client made of it, the client broke the exchange.
             if sent.as_ref().map_or(true, |rsp| rsp.is_err()) {
                 return Err(ProxyError::ClientBody {

@@ -125,7 +125,7 @@ pub(super) fn upstream_request(
     protocol: UpstreamProtocol,
     tls: bool,
     min_body_rate: Option<MinRate>,
-) -> (Request<RequestBody>, Arc<body::BodyWatch>) {
+) -> (Request<RequestBody>, Option<Arc<body::BodyWatch>>) {
     let (mut parts, body) = req.into_parts();
     let host = authority.0.clone();
     // gRPC streams may be quiet for minutes by design: no minimum rate for them.
@@ -295,12 +295,17 @@ type Io = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
 type Sender = hyper::client::conn::http1::SendRequest<RequestBody>;
 type Conn = Pin<Box<hyper::client::conn::http1::Connection<Io, RequestBody>>>;
 
+/// The pool's map, by endpoint. Its keys come from the provider, never from a client, so it
+/// needs no DoS-resistant hash: `Authority` hashes byte by byte, which SipHash makes the
+/// costlier part of taking a connection and giving it back.
+type IdleMap = HashMap<http::uri::Authority, Vec<Idle>, foldhash::fast::RandomState>;
+
 /// A route's idle plaintext HTTP/1.1 connections, by endpoint. A connection is owned by one
 /// request at a time and polled only by it, so no task or channel sits between a request and
 /// its socket; the lock is taken once to take a connection and once to give it back.
 #[derive(Default)]
 pub(super) struct Http1Pool {
-    idle: std::sync::Mutex<HashMap<http::uri::Authority, Vec<Idle>>>,
+    idle: std::sync::Mutex<IdleMap>,
 }
 
 impl std::fmt::Debug for Http1Pool {
@@ -316,7 +321,7 @@ struct Idle {
 }
 
 impl Http1Pool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<http::uri::Authority, Vec<Idle>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, IdleMap> {
         self.idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
