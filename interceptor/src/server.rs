@@ -602,7 +602,12 @@ impl Session<'_> {
         F: Future<Output = Response<B>> + Send + 'static,
         B: ResponseBody,
     {
-        let service = request_service(handler, self.parked, &self.activity, self.client);
+        // Each request's future is boxed here: hyper's HTTP/1 server keeps room for its
+        // service's future for the connection's whole life, and these sessions keep idle
+        // keep-alive connections in hyper (TLS, parking off), which would otherwise each hold
+        // the size of a request future for nothing.
+        let request = request_fn(handler, self.parked, &self.activity, self.client);
+        let service = service_fn(move |req| -> ServiceFuture<B> { Box::pin(request(req)) });
         let limit = self.settings.max_header_bytes;
         let io = match tls {
             None => Either::Left(io),
@@ -654,7 +659,15 @@ impl Session<'_> {
         F: Future<Output = Response<B>> + Send + 'static,
         B: ResponseBody,
     {
-        let service = request_service(handler, self.parked, &self.activity, self.client);
+        // Each request's future is kept unboxed, in the room hyper keeps for it: that room
+        // lives only while the connection is busy (it goes with hyper's state when the
+        // connection is parked), so a request costs no allocation of its future.
+        let service = service_fn(request_fn(
+            handler,
+            self.parked,
+            &self.activity,
+            self.client,
+        ));
         let io = RequestHeads::new(io, self.settings.max_header_bytes, self.activity.clone());
         let mut conn = http1
             .serve_connection(TokioIo::new(io), service)
@@ -693,60 +706,72 @@ impl Session<'_> {
 }
 
 /// The service hyper calls for each request of a session: the handler, with the parked
-/// extensions on the first request and the connection's activity tracked.
-fn request_service<H, F, B>(
+/// extensions on the first request and the connection's activity tracked, and a panic
+/// answered by a 500.
+fn request_fn<H, F, B>(
     handler: H,
     parked: Option<http::Extensions>,
     activity: &Arc<Activity>,
     client: &ClientConn,
-) -> impl hyper::service::Service<
-    Request<Incoming>,
-    Response = Response<TrackedBody<B>>,
-    Error = Infallible,
-    Future = ServiceFuture<B>,
-> + Unpin
+) -> impl Fn(Request<Incoming>) -> Handled<F, B> + Send + Sync + Unpin + 'static
 where
-    H: Fn(Request<Incoming>, ClientConn) -> F + Clone + Send + Sync + Unpin + 'static,
+    H: Handler<F>,
     F: Future<Output = Response<B>> + Send + 'static,
     B: Body + Default + Send + 'static,
 {
     let first = std::sync::Mutex::new(parked);
     let activity = activity.clone();
     let client = client.clone();
-    // Each request's future is boxed: hyper keeps room for its service's future for the
-    // connection's whole life, so an idle keep-alive connection would otherwise hold the size
-    // of the largest request future (7 KiB) for nothing. A combinator, not an async block: a
-    // block awaiting the handler's future would hold it twice (as its capture and as its
-    // awaitee).
-    service_fn(move |mut req: Request<Incoming>| -> ServiceFuture<B> {
+    move |mut req: Request<Incoming>| {
         if let Some(parked) = first.lock().ok().and_then(|mut p| p.take()) {
             req.extensions_mut().extend(parked);
         }
         let active = activity.begin(!req.body().is_end_stream());
-        Box::pin(
-            AssertUnwindSafe(handler(req, client.clone()))
-                .catch_unwind()
-                .map(move |rsp| {
-                    // A panic while handling one request answers that request with a 500 and
-                    // ends nothing else: not the connection, not the process.
-                    let rsp = rsp.unwrap_or_else(|panic| {
-                        let what = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| (*s).to_owned())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_default();
-                        tracing::error!(panic = %what, "request handler panicked");
-                        let mut rsp = Response::new(B::default());
-                        *rsp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
-                        rsp
-                    });
-                    Ok(rsp.map(|body| TrackedBody {
-                        body,
-                        active: Some(active),
-                    }))
-                }),
-        )
-    })
+        Handled {
+            handler: AssertUnwindSafe(handler(req, client.clone())).catch_unwind(),
+            active: Some(active),
+            body: std::marker::PhantomData,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request's future as hyper polls it. A future of its own, not an async block: a block
+    /// awaiting the handler's future would hold it twice (as its capture and as its awaitee).
+    struct Handled<F, B> {
+        #[pin]
+        handler: futures_util::future::CatchUnwind<AssertUnwindSafe<F>>,
+        active: Option<ActiveRequest>,
+        body: std::marker::PhantomData<fn() -> B>,
+    }
+}
+
+impl<F, B> Future for Handled<F, B>
+where
+    F: Future<Output = Response<B>>,
+    B: Default,
+{
+    type Output = Result<Response<TrackedBody<B>>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let rsp = std::task::ready!(this.handler.poll(cx));
+        // A panic while handling one request answers that request with a 500 and ends
+        // nothing else: not the connection, not the process.
+        let rsp = rsp.unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(panic = %what, "request handler panicked");
+            let mut rsp = Response::new(B::default());
+            *rsp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+            rsp
+        });
+        let active = this.active.take();
+        Poll::Ready(Ok(rsp.map(|body| TrackedBody { body, active })))
+    }
 }
 
 /// Peeks at a connection's first bytes (until `deadline`) and, if they hold a complete

@@ -261,24 +261,30 @@ pub(super) enum Upstream<'a> {
     Legacy(UpstreamClient),
 }
 
-impl Upstream<'_> {
+impl<'a> Upstream<'a> {
     /// Sends `req` to `endpoint` and waits for the response head. An `Http1Conn` comes back
     /// with a response from the route's pool: the response body drives it.
-    pub(super) async fn send(
-        &self,
-        endpoint: &Endpoint,
+    pub(super) fn send<'s>(
+        &'s self,
+        endpoint: &'s Endpoint,
         req: Request<RequestBody>,
-    ) -> Result<(hyper::Response<Incoming>, Option<Http1Conn>), SendError> {
+    ) -> impl Future<Output = Result<(hyper::Response<Incoming>, Option<Http1Conn>), SendError>>
+           + Send
+           + use<'a, 's>
+           + 's {
+        // Either future as it is, not wrapped in an async block that would hold the request
+        // a second time (see `Proxy::handle`).
+        use futures_util::future::{Either, FutureExt};
         match self {
-            Self::Legacy(client) => client
-                .request(req)
-                .await
-                .map(|rsp| (rsp, None))
-                .map_err(SendError::from_legacy),
-            Self::Http1(pool, connector) => {
-                let (rsp, conn) = pool.send(connector, endpoint.authority(), req).await?;
-                Ok((rsp, Some(conn)))
-            }
+            Self::Legacy(client) => Either::Left(
+                client
+                    .request(req)
+                    .map(|sent| sent.map(|rsp| (rsp, None)).map_err(SendError::from_legacy)),
+            ),
+            Self::Http1(pool, connector) => Either::Right(
+                pool.send(connector, endpoint.authority(), req)
+                    .map(|sent| sent.map(|(rsp, conn)| (rsp, Some(conn)))),
+            ),
         }
     }
 }
@@ -414,48 +420,53 @@ impl Http1Pool {
 
     /// Sends `req` on an idle connection to `endpoint`, or a new one, driving the connection
     /// until the response head arrives.
-    async fn send(
-        self: &Arc<Self>,
-        connector: &RetryingConnector,
-        endpoint: &http::uri::Authority,
+    #[allow(clippy::manual_async_fn)] // see `Proxy::handle`
+    fn send<'s>(
+        self: &'s Arc<Self>,
+        connector: &'s RetryingConnector,
+        endpoint: &'s http::uri::Authority,
         mut req: Request<RequestBody>,
-    ) -> Result<(hyper::Response<Incoming>, Http1Conn), SendError> {
-        // `client::conn` writes the URI as given: origin form, as the request line wants it.
-        let path = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        *req.uri_mut() = Uri::from(path);
-        let (mut sender, mut conn) = match self.checkout(endpoint).await {
-            Some(idle) => idle,
-            None => Self::connect(connector, endpoint).await?,
-        };
-        let mut response = std::pin::pin!(sender.send_request(req));
-        let mut ended = false;
-        let rsp = std::future::poll_fn(|cx| {
-            if let Poll::Ready(rsp) = response.as_mut().poll(cx) {
-                return Poll::Ready(rsp);
-            }
-            if !ended && conn.as_mut().poll(cx).is_ready() {
-                // The connection is done; the response (or why there is none) is final now.
-                ended = true;
-                return response.as_mut().poll(cx);
-            }
-            Poll::Pending
-        })
-        .await
-        .map_err(|e| SendError::Exchange(Box::new(e)))?;
-        let reusable = http_body::Body::is_end_stream(rsp.body());
-        Ok((
-            rsp,
-            Http1Conn {
-                live: (!ended).then_some((sender, conn)),
-                pool: self.clone(),
-                endpoint: endpoint.clone(),
-                reusable,
-            },
-        ))
+    ) -> impl Future<Output = Result<(hyper::Response<Incoming>, Http1Conn), SendError>> + Send + 's
+    {
+        // An async block, not an async fn, so that the request is held once (see `Proxy::handle`).
+        async move {
+            // `client::conn` writes the URI as given: origin form, as the request line wants it.
+            let path = req
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            *req.uri_mut() = Uri::from(path);
+            let (mut sender, mut conn) = match self.checkout(endpoint).await {
+                Some(idle) => idle,
+                None => Self::connect(connector, endpoint).await?,
+            };
+            let mut response = std::pin::pin!(sender.send_request(req));
+            let mut ended = false;
+            let rsp = std::future::poll_fn(|cx| {
+                if let Poll::Ready(rsp) = response.as_mut().poll(cx) {
+                    return Poll::Ready(rsp);
+                }
+                if !ended && conn.as_mut().poll(cx).is_ready() {
+                    // The connection is done; the response (or why there is none) is final now.
+                    ended = true;
+                    return response.as_mut().poll(cx);
+                }
+                Poll::Pending
+            })
+            .await
+            .map_err(|e| SendError::Exchange(Box::new(e)))?;
+            let reusable = http_body::Body::is_end_stream(rsp.body());
+            Ok((
+                rsp,
+                Http1Conn {
+                    live: (!ended).then_some((sender, conn)),
+                    pool: self.clone(),
+                    endpoint: endpoint.clone(),
+                    reusable,
+                },
+            ))
+        }
     }
 }
 
