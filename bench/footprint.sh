@@ -7,7 +7,9 @@ source "$(dirname "$0")/common.sh"
 build
 (cd "$ROOT" && cargo build --release --locked -p wakegate-testapi --example serve >&2)
 
-rss() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
+# VmRSS, and how much of it is the process's own memory (RssAnon: heap, stacks) and how much
+# the binary's and libraries' pages (RssFile).
+rss() { awk '/VmRSS/{r=$2} /RssAnon/{a=$2} /RssFile/{f=$2} END{printf "%s (anonymous %s, file %s)", r, a, f}' "/proc/$1/status"; }
 settle() { sleep 2; } # let start-up allocations settle before reading (a reading, not sync)
 
 PROXY=$(free_port); ADMIN=$(free_port)
