@@ -301,6 +301,27 @@ spec:
         )
     }
 
+    /// The KEDA ScaledObjects in the test namespace.
+    pub fn scaled_objects(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(
+            self.client.clone(),
+            &self.namespace,
+            &wakegate_controller::reconcile::scaled_object_resource(),
+        )
+    }
+
+    /// The ScaledObject `name`, once the controller has made it (20 s at most).
+    pub async fn scaled_object(&self, name: &str) -> DynamicObject {
+        let sos = self.scaled_objects();
+        eventually(
+            &format!("the ScaledObject {name} exists"),
+            Duration::from_secs(20),
+            || async { sos.get_opt(name).await.unwrap().is_some() },
+        )
+        .await;
+        sos.get(name).await.unwrap()
+    }
+
     /// The workload's desired replicas.
     pub async fn replicas(&self, deployment: &str) -> i32 {
         let api: Api<k8s_openapi::api::apps::v1::Deployment> =

@@ -9,11 +9,10 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use wakegate_controller::proto::external_scaler_client::ExternalScalerClient;
 use wakegate_controller::proto::{GetMetricsRequest, ScaledObjectRef};
-use wakegate_controller::reconcile::scaled_object_resource;
 use wakegate_e2e::{eventually, Cluster, Controller, Http, Interceptor};
 
 /// The KEDA HTTP Add-on's documented example, unchanged.
@@ -31,18 +30,8 @@ async fn keda_plays_through_the_external_scaler_from_zero() {
     let controller = Controller::start(&cluster, "auto", interceptor.admin).await;
 
     // The ScaledObject, exactly as the add-on makes it.
-    let sos: Api<DynamicObject> = Api::namespaced_with(
-        cluster.client.clone(),
-        &cluster.namespace,
-        &scaled_object_resource(),
-    );
-    eventually(
-        "the ScaledObject exists",
-        Duration::from_secs(20),
-        || async { sos.get_opt("xkcd").await.unwrap().is_some() },
-    )
-    .await;
-    let so = sos.get("xkcd").await.unwrap();
+    let sos = cluster.scaled_objects();
+    let so = cluster.scaled_object("xkcd").await;
     let hso_uid = Api::<wakegate_crds::HTTPScaledObject>::namespaced(
         cluster.client.clone(),
         &cluster.namespace,

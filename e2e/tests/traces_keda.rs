@@ -7,12 +7,11 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use wakegate_controller::proto::external_scaler_client::ExternalScalerClient;
 use wakegate_controller::proto::ScaledObjectRef;
-use wakegate_controller::reconcile::scaled_object_resource;
-use wakegate_e2e::{eventually, Cluster, Controller, Http, Interceptor};
+use wakegate_e2e::{Cluster, Controller, Http, Interceptor};
 use wakegate_testotlp::Receiver;
 
 const CLIENT_TRACE: &str = "5b8aa5a2d2c872e8321cf37308d69df2";
@@ -30,18 +29,7 @@ async fn the_push_to_keda_is_a_span_in_the_held_requests_trace() {
     cluster.apply(wakegate_e2e::ADDON_EXAMPLE).await;
     let interceptor = Interceptor::start(&cluster).await;
     let controller = Controller::start(&cluster, "auto", interceptor.admin).await;
-    let sos: Api<DynamicObject> = Api::namespaced_with(
-        cluster.client.clone(),
-        &cluster.namespace,
-        &scaled_object_resource(),
-    );
-    eventually(
-        "the ScaledObject exists",
-        Duration::from_secs(20),
-        || async { sos.get_opt("xkcd").await.unwrap().is_some() },
-    )
-    .await;
-    let so = sos.get("xkcd").await.unwrap();
+    let so = cluster.scaled_object("xkcd").await;
     let metadata: HashMap<String, String> = so.data["spec"]["triggers"][0]["metadata"]
         .as_object()
         .unwrap()

@@ -7,11 +7,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use wakegate_controller::proto::external_scaler_client::ExternalScalerClient;
 use wakegate_controller::proto::{GetMetricsRequest, ScaledObjectRef};
-use wakegate_controller::reconcile::scaled_object_resource;
 use wakegate_e2e::{eventually, Cluster, Controller, Http, Interceptor};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -24,17 +23,8 @@ async fn the_follower_answers_keda_like_the_leader() {
     cluster.apply(wakegate_e2e::ADDON_EXAMPLE).await;
     let interceptor = Interceptor::start(&cluster).await;
     let leader = Controller::start(&cluster, "keda", interceptor.admin).await;
-    let sos: Api<DynamicObject> = Api::namespaced_with(
-        cluster.client.clone(),
-        &cluster.namespace,
-        &scaled_object_resource(),
-    );
-    eventually(
-        "the leader made the ScaledObject",
-        Duration::from_secs(20),
-        || async { sos.get_opt("xkcd").await.unwrap().is_some() },
-    )
-    .await;
+    // The leader made it.
+    cluster.scaled_object("xkcd").await;
     // The second replica starts while the first holds the lease: it follows.
     let follower = Controller::start(&cluster, "keda", interceptor.admin).await;
     assert!(
