@@ -29,6 +29,16 @@ fn get_with_traceparent(
         .unwrap()
 }
 
+/// An interceptor exporting its traces to `endpoint` every 50 ms, with `env` beside that.
+async fn traced(config: &str, args: &[&str], endpoint: &str, env: &[(&str, &str)]) -> Interceptor {
+    let mut vars = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+        ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+    ];
+    vars.extend_from_slice(env);
+    Interceptor::start_with_env(config, args, &vars).await
+}
+
 /// The first access log line containing `needle`, once it is written (lines are flushed at
 /// least every 100 ms).
 async fn access_log_line(ic: &Interceptor, needle: &str) -> String {
@@ -79,14 +89,11 @@ async fn a_cold_start_is_one_trace_that_continues_the_clients() {
         gated_backend_route("traced", "traced.test", port, &gate, "")
     );
     let endpoint = otlp.http_endpoint();
-    let ic = Interceptor::start_with_env(
+    let ic = traced(
         &config,
         &["--access-log", "json"],
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
-            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
-        ],
+        &endpoint,
+        &[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")],
     )
     .await;
     let held = {
@@ -179,13 +186,12 @@ async fn a_hold_that_times_out_ends_its_span_so() {
         backend_route("slow", "slow.test", port, "60s", "    timeouts: { readiness: 300ms }\n")
     );
     let endpoint = otlp.grpc_endpoint();
-    let ic = Interceptor::start_with_env(
+    let ic = traced(
         &config,
         &["--access-log", "text"],
+        &endpoint,
         &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
-            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
             ("OTEL_SERVICE_NAME", "edge-a"),
         ],
     )
@@ -309,15 +315,7 @@ async fn a_client_gone_while_held_ends_the_hold_span_so() {
         backend_route("left", "left.test", port, "60s", "")
     );
     let endpoint = otlp.http_endpoint();
-    let ic = Interceptor::start_with_env(
-        &config,
-        &[],
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
-            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
-        ],
-    )
-    .await;
+    let ic = traced(&config, &[], &endpoint, &[]).await;
     let mut conn = tokio::net::TcpStream::connect(ic.proxy).await.unwrap();
     conn.write_all(b"GET /gone HTTP/1.1\r\nhost: left.test\r\n\r\n")
         .await
@@ -353,15 +351,7 @@ async fn a_failover_ends_the_hold_span_so() {
         backend_route("fo", "fo.test", port, "60s", &extra)
     );
     let endpoint = otlp.http_endpoint();
-    let ic = Interceptor::start_with_env(
-        &config,
-        &[],
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
-            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
-        ],
-    )
-    .await;
+    let ic = traced(&config, &[], &endpoint, &[]).await;
     let reply = ic.get("fo.test", "/").await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert!(reply.text().starts_with("fallback /"), "{}", reply.text());
