@@ -353,3 +353,110 @@ async fn a_parked_burst_is_released_a_bounded_number_at_a_time() {
         }
     }
 }
+
+/// An upstream that notes when each request arrived and when it was answered: a path under
+/// `/slow` is answered after a second, any other at once.
+async fn timing_upstream() -> (SocketAddr, TimingLog) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log = TimingLog::default();
+    let seen = log.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let seen = seen.clone();
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let seen = seen.clone();
+                    async move {
+                        let arrived = tokio::time::Instant::now();
+                        if req.uri().path().starts_with("/slow") {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                        let answered = tokio::time::Instant::now();
+                        seen.lock().unwrap().push((arrived, answered));
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                        ))
+                    }
+                });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc),
+            );
+        }
+    });
+    (addr, log)
+}
+
+/// Each request's (arrived, answered), in the order answered.
+type TimingLog = Arc<Mutex<Vec<(tokio::time::Instant, tokio::time::Instant)>>>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_request_released_after_a_cold_start_goes_up_alone() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let provider = ManualProvider::new(Some(vec![route("ns/app", "app.test")]));
+    let (addr, proxy, _stop) = start_with(provider.clone(), Some(0)).await;
+    eventually("routes loaded", Duration::from_secs(5), || async {
+        proxy.is_loaded()
+    })
+    .await;
+    let (up, log) = timing_upstream().await;
+    let ready = || std::iter::once(Endpoint::new(up.to_string().parse().unwrap())).collect();
+    // Two cold starts: the gate opens on the first's answer, then on its 5 ms bound.
+    for (cold_start, path) in [(1, "/fast"), (2, "/slow")] {
+        provider.endpoints.send_replace(ReadyEndpoints::none());
+        log.lock().unwrap().clear();
+        let wakes = provider.wakes.lock().unwrap().len();
+        // Four new connections, parked at the cold target.
+        let mut conns = Vec::new();
+        for i in 0..4 {
+            let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+            conn.write_all(
+                format!("GET {path}/{i} HTTP/1.1\r\nhost: app.test\r\nconnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
+            conns.push(conn);
+        }
+        eventually("all four held", Duration::from_secs(10), || async {
+            provider.wakes.lock().unwrap().len() >= wakes + 4
+        })
+        .await;
+        let released_at = tokio::time::Instant::now();
+        provider.endpoints.send_replace(ready());
+        for mut conn in conns {
+            let mut out = String::new();
+            conn.read_to_string(&mut out).await.unwrap();
+            assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+            assert!(out.contains("x-keda-http-cold-start: true"), "{out}");
+        }
+        let mut seen = log.lock().unwrap().clone();
+        seen.sort();
+        assert_eq!(seen.len(), 4, "cold start {cold_start}");
+        let (first_arrived, first_answered) = seen[0];
+        let second_arrived = seen[1].0;
+        if path == "/fast" {
+            // The rest went up once the first had its answer.
+            assert!(
+                second_arrived >= first_answered,
+                "cold start {cold_start}: a second request arrived {:?} before the first was answered",
+                first_answered - second_arrived
+            );
+        } else {
+            // A slow first answer holds the rest back only briefly (5 ms): they do not wait
+            // out its second.
+            assert!(
+                second_arrived - first_arrived >= Duration::from_millis(3),
+                "cold start {cold_start}: the first went up alone, so the second came {:?} after it",
+                second_arrived - first_arrived
+            );
+            assert!(
+                released_at.elapsed() < Duration::from_millis(1800),
+                "the rest did not wait for the slow first answer: {:?}",
+                released_at.elapsed()
+            );
+        }
+    }
+}

@@ -38,6 +38,7 @@ impl Proxy {
                 route.metrics.warm();
                 return Ok(Acquired {
                     endpoint,
+                    first: None,
                     lease,
                     waited: None,
                 });
@@ -127,7 +128,12 @@ impl Proxy {
             }
         };
         match outcome {
-            Ok((endpoint, lease)) => Ok(self.released(route, held_at, endpoint, lease)),
+            Ok((endpoint, lease)) => {
+                let first = route.pass_release_gate().await;
+                let mut acquired = self.released(route, held_at, endpoint, lease);
+                acquired.first = first;
+                Ok(acquired)
+            }
             Err(_elapsed) => {
                 let ready = route.endpoints.borrow().as_slice().len();
                 let waited = round_to_ms(held_at.elapsed());
@@ -148,6 +154,81 @@ impl Proxy {
                     },
                 })
             }
+        }
+    }
+}
+
+/// How long the rest of a cold start's held requests wait for the first one's response head
+/// before they go up anyway. Long enough for a quick first answer (a fraction of a millisecond
+/// on loopback, a few on a Raspberry Pi), short enough that a slow first request barely delays
+/// the rest.
+pub(super) const FIRST_ALONE_FOR: Duration = Duration::from_millis(5);
+
+/// The first request released after a cold start goes up alone: the rest of the backlog
+/// follows once its response head has arrived (or [`FIRST_ALONE_FOR`] has passed). Released all
+/// at once, the backlog's hand-over, connects and requests interleave with the first one's on
+/// the interceptor and on the backend that has just booted, so the first answer comes only when
+/// nearly all of them do. The nginx and Envoy idea of a slow start for a new endpoint, at its
+/// smallest.
+#[derive(Debug, Default)]
+pub(super) struct ReleaseGate {
+    /// [`GATE_OPEN`], [`GATE_ARMED`] or [`GATE_FIRST_OUT`].
+    state: std::sync::atomic::AtomicU8,
+    first_answered: tokio::sync::Notify,
+}
+
+/// No cold start is in progress: released requests pass at once.
+const GATE_OPEN: u8 = 0;
+/// A wake was raised: the next released request is the first.
+const GATE_ARMED: u8 = 1;
+/// The first is on its way up: the rest wait for it.
+const GATE_FIRST_OUT: u8 = 2;
+
+impl ReleaseGate {
+    /// A cold start began: the next request released is the first.
+    pub(super) fn arm(&self) {
+        let _ =
+            self.state
+                .compare_exchange(GATE_OPEN, GATE_ARMED, Ordering::AcqRel, Ordering::Relaxed);
+    }
+}
+
+/// Held by the first request released after a cold start until its response head arrives (or
+/// it fails, or is dropped): then the rest go.
+pub(super) struct FirstOut(Arc<RouteState>);
+
+impl Drop for FirstOut {
+    fn drop(&mut self) {
+        let gate = &self.0.release_gate;
+        gate.state.store(GATE_OPEN, Ordering::Release);
+        gate.first_answered.notify_waiters();
+    }
+}
+
+impl RouteState {
+    /// Passes a held request on its release: the first of a cold start at once, with the guard
+    /// that lets the rest go; the rest when the first has its answer, or after
+    /// [`FIRST_ALONE_FOR`].
+    pub(super) async fn pass_release_gate(self: &Arc<Self>) -> Option<FirstOut> {
+        let gate = &self.release_gate;
+        match gate.state.compare_exchange(
+            GATE_ARMED,
+            GATE_FIRST_OUT,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => Some(FirstOut(self.clone())),
+            Err(GATE_FIRST_OUT) => {
+                let answered = gate.first_answered.notified();
+                tokio::pin!(answered);
+                // Registered before looking again, so the first's answer cannot slip between.
+                answered.as_mut().enable();
+                if gate.state.load(Ordering::Acquire) == GATE_FIRST_OUT {
+                    let _ = tokio::time::timeout(FIRST_ALONE_FOR, answered).await;
+                }
+                None
+            }
+            Err(_) => None,
         }
     }
 }
@@ -199,6 +280,8 @@ impl Proxy {
 
 pub(super) struct Acquired {
     pub(super) endpoint: Endpoint,
+    /// The first request released after a cold start holds this until its answer.
+    pub(super) first: Option<FirstOut>,
     pub(super) lease: Option<EndpointLease>,
     /// How long the request was held; `None` when an endpoint was ready at once.
     pub(super) waited: Option<Duration>,
@@ -212,6 +295,7 @@ impl Proxy {
     fn wake_held(&self, route: &RouteState, first: bool, trace: Option<&SpanContext>) {
         self.provider.wake(&route.spec.target);
         if first {
+            route.release_gate.arm();
             route.awaiting_ready.store(true, Ordering::Relaxed);
             self.wakes
                 .publish(&route.spec.id, &route.spec.target, trace);
@@ -236,6 +320,7 @@ impl Proxy {
             .cold_start_outcome(&route.spec.id, "waited", waited);
         Acquired {
             endpoint,
+            first: None,
             lease,
             waited: Some(waited),
         }
@@ -251,6 +336,8 @@ pub(super) struct Parked {
     pub(super) in_flight: Arc<std::sync::Mutex<Option<crate::load::InFlight>>>,
     /// Its place among the parked requests released at once.
     pub(super) released: Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>,
+    /// Held if it is the first released after its cold start, until its answer.
+    pub(super) first: Arc<std::sync::Mutex<Option<FirstOut>>>,
     /// Its spans and access-log fields, begun when it was parked (traces or the access log on).
     observed: Option<Arc<std::sync::Mutex<Option<Box<Observed>>>>>,
 }
@@ -350,9 +437,9 @@ impl Proxy {
                     std::future::pending::<()>().await;
                 }
             };
-            tokio::select! {
-                () = ready => {}
-                () = tokio::time::sleep_until(until) => {}
+            let ready = tokio::select! {
+                () = ready => true,
+                () = tokio::time::sleep_until(until) => false,
                 () = gone => {
                     proxy
                         .metrics
@@ -373,7 +460,13 @@ impl Proxy {
                     }
                     return None;
                 }
-            }
+            };
+            // The first of a cold start goes alone; past the deadline, hyper serves the request
+            // at once to meet its timeout.
+            let first = match ready {
+                true => route.pass_release_gate().await,
+                false => None,
+            };
             // Released in turn: a burst goes up a bounded number at a time (until the deadline;
             // then it is served at once, to meet its timeout).
             let released = match &proxy.releasing {
@@ -390,6 +483,7 @@ impl Proxy {
                 since,
                 in_flight: Arc::new(std::sync::Mutex::new(Some(in_flight))),
                 released: Arc::new(std::sync::Mutex::new(released)),
+                first: Arc::new(std::sync::Mutex::new(first)),
                 observed: observed.map(|o| Arc::new(std::sync::Mutex::new(Some(o)))),
             });
             Some(extensions)

@@ -51,6 +51,8 @@ use crate::routing::RouteTable;
 
 /// The response header telling whether the request waited for a cold start.
 pub const COLD_START_HEADER: &str = "x-keda-http-cold-start";
+/// [`COLD_START_HEADER`] as a name made once: a `&str` name is checked on every insert.
+const COLD_START_NAME: header::HeaderName = header::HeaderName::from_static(COLD_START_HEADER);
 /// What a timeout turned off (`0s`) stands for: far enough never to pass, near enough that
 /// adding it to an `Instant` cannot overflow.
 const NO_DEADLINE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -110,6 +112,8 @@ pub struct RouteState {
     statics: Vec<(RouteTable<()>, Box<crate::provider::ColdResponse>, bool)>,
     /// Whether a static route's or the placeholder's body comes from a ConfigMap.
     config_map_bodies: bool,
+    /// Lets the first request released after a cold start go up alone.
+    release_gate: hold::ReleaseGate,
 }
 
 /// The proxy: a routing table swapped whole on change, and a pooled upstream client.
@@ -264,6 +268,7 @@ impl Proxy {
                 metrics: self.metrics.route(&spec.id),
                 awaiting_ready: AtomicBool::new(false),
                 awaiting_first_byte: AtomicBool::new(false),
+                release_gate: hold::ReleaseGate::default(),
                 load: self.loads.get(&spec.id),
                 endpoints: self.provider.endpoints(&spec.target),
                 readiness_timeout,
@@ -504,6 +509,12 @@ impl Proxy {
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .take()
                 }),
+                first_out: parked.as_ref().and_then(|p| {
+                    p.first
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .take()
+                }),
                 parked_since: parked.map(|p| p.since),
                 _lease: None,
                 route,
@@ -611,6 +622,7 @@ impl Proxy {
                 route.metrics.warm();
                 Acquired {
                     endpoint,
+                    first: None,
                     lease: None,
                     waited: None,
                 }
@@ -623,6 +635,7 @@ impl Proxy {
                 {
                     Some((endpoint, lease)) => Acquired {
                         endpoint,
+                        first: None,
                         lease,
                         waited: None,
                     },
@@ -693,6 +706,7 @@ impl Proxy {
                         tracing::info!(endpoint = %endpoint, "failing over after the cold-start timeout");
                         Acquired {
                             endpoint,
+                            first: None,
                             lease: None,
                             waited: None,
                         }
@@ -701,6 +715,9 @@ impl Proxy {
                 }
             };
             done._lease = acquired.lease;
+            if acquired.first.is_some() {
+                done.first_out = acquired.first;
+            }
             let cold = acquired.waited.is_some() || failed_over;
             done.cold = cold;
             if let Some(waited) = acquired.waited {
@@ -835,6 +852,8 @@ impl Proxy {
                     }
                 }
             };
+            // The response head (or why there is none) is here: the rest of the backlog may go.
+            done.first_out = None;
             let endpoint = acquired.endpoint;
             if cold
                 && matches!(sent, Ok(Ok(_)))
@@ -917,7 +936,7 @@ impl Proxy {
                 }
             }
             rsp.headers_mut().insert(
-                COLD_START_HEADER,
+                COLD_START_NAME,
                 HeaderValue::from_static(if cold { "true" } else { "false" }),
             );
             if let (Some(s), None, false) = (session, &pinned, failed_over) {
@@ -1101,6 +1120,8 @@ pub struct Completion {
     parked_since: Option<Instant>,
     /// A parked request's place among those released at once, given back when it ends.
     _released: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Held by the first request released after a cold start until its response head arrives.
+    first_out: Option<hold::FirstOut>,
 }
 
 impl Completion {
