@@ -334,12 +334,18 @@ pub(super) struct Parked {
     pub(super) route: crate::provider::RouteId,
     pub(super) since: Instant,
     pub(super) in_flight: Arc<std::sync::Mutex<Option<crate::load::InFlight>>>,
-    /// Its place among the parked requests released at once.
-    pub(super) released: Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>,
-    /// Held if it is the first released after its cold start, until its answer.
-    pub(super) first: Arc<std::sync::Mutex<Option<FirstOut>>>,
+    /// Its place among the parked requests released at once, and (if it is the first released
+    /// after its cold start) the guard that lets the rest go: taken together, in one lock.
+    pub(super) released: Arc<std::sync::Mutex<Release>>,
     /// Its spans and access-log fields, begun when it was parked (traces or the access log on).
     observed: Option<Arc<std::sync::Mutex<Option<Box<Observed>>>>>,
+}
+
+/// What a parked request's release hands to hyper's side along with it.
+#[derive(Default)]
+pub(super) struct Release {
+    pub(super) permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    pub(super) first: Option<FirstOut>,
 }
 
 impl Parked {
@@ -482,8 +488,10 @@ impl Proxy {
                 route: route.spec.id.clone(),
                 since,
                 in_flight: Arc::new(std::sync::Mutex::new(Some(in_flight))),
-                released: Arc::new(std::sync::Mutex::new(released)),
-                first: Arc::new(std::sync::Mutex::new(first)),
+                released: Arc::new(std::sync::Mutex::new(Release {
+                    permit: released,
+                    first,
+                })),
                 observed: observed.map(|o| Arc::new(std::sync::Mutex::new(Some(o)))),
             });
             Some(extensions)

@@ -503,22 +503,22 @@ impl Proxy {
                         })
                         .unwrap_or_else(|| route.load.start_request())
                 }),
-                _released: parked.as_ref().and_then(|p| {
-                    p.released
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .take()
-                }),
-                first_out: parked.as_ref().and_then(|p| {
-                    p.first
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .take()
-                }),
-                parked_since: parked.map(|p| p.since),
+                _released: None,
+                first_out: None,
+                parked_since: parked.as_ref().map(|p| p.since),
                 _lease: None,
                 route,
             };
+            if let Some(p) = &parked {
+                let release = std::mem::take(
+                    &mut *p
+                        .released
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner),
+                );
+                done._released = release.permit;
+                done.first_out = release.first;
+            }
             let deadline = done.route.request_timeout.map(|t| (start + t, t));
             let route_id = done.route.spec.id.clone();
             let forwarded = self
