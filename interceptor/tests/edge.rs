@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, StatusCode};
+use http::{HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -871,10 +871,11 @@ async fn error_bodies_say_what_happened_not_where() {
 /// An upstream that answers the first request on each connection and keeps it open, then
 /// closes it without answering when the next request arrives: what an app with a short
 /// keep-alive timeout does when its close crosses the proxy's reuse of the connection.
-async fn closes_reused_connections() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+/// Each answered request's head is recorded.
+async fn closes_reused_connections() -> (SocketAddr, Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let answered = Arc::new(std::sync::Mutex::new(Vec::new()));
     let count = answered.clone();
     tokio::spawn(async move {
         loop {
@@ -890,7 +891,7 @@ async fn closes_reused_connections() -> (SocketAddr, Arc<std::sync::atomic::Atom
                     }
                     head.extend_from_slice(&buf[..n]);
                 }
-                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                count.lock().unwrap().push(head);
                 let _ = conn
                     .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                     .await;
@@ -909,15 +910,41 @@ async fn an_idempotent_request_on_a_connection_the_upstream_closed_is_sent_again
         "routes:\n  - name: app\n    hosts: [\"app.test\"]\n    target: {{ upstream: \"{upstream}\" }}\n"
     );
     let ic = Interceptor::start(&config).await;
+    let http = Http::default();
     // The first GET opens the pooled connection; the second is sent on it, meets the close,
-    // and is sent again on a new connection.
+    // and is sent again on a new connection, and so is the third.
     for i in 0..3 {
-        let reply = ic.get("app.test", "/").await;
+        let req = Request::get(format!("http://{}/items?page={i}&q=a%20b", ic.proxy))
+            .header("host", "app.test")
+            .header("x-tag", "one")
+            .header("x-tag", "two")
+            .header(
+                "x-note",
+                HeaderValue::from_bytes(b"caf\xc3\xa9 \"q\"").unwrap(),
+            )
+            .body(Full::default())
+            .unwrap();
+        let reply = http.send(req).await.unwrap();
         assert_eq!(reply.status, StatusCode::OK, "GET {i}: {}", reply.text());
     }
-    assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 3);
+    // The requests sent again (the second and third) arrive as the first did: request line,
+    // Host, repeated fields in order, and a non-ASCII value byte for byte.
+    let heads = answered.lock().unwrap().clone();
+    assert_eq!(heads.len(), 3);
+    for (i, head) in heads.iter().enumerate() {
+        let text = String::from_utf8_lossy(head);
+        assert!(
+            head.starts_with(format!("GET /items?page={i}&q=a%20b HTTP/1.1\r\n").as_bytes()),
+            "{text}"
+        );
+        assert!(text.contains("host: app.test\r\n"), "{text}");
+        assert!(text.contains("x-tag: one\r\nx-tag: two\r\n"), "{text}");
+        assert!(
+            head.windows(17).any(|w| w == b"x-note: caf\xc3\xa9 \"q\""),
+            "{text}"
+        );
+    }
     // A POST with a body is not sent twice: its failure is the upstream's.
-    let http = Http::default();
     let _ = ic.get("app.test", "/").await;
     let post = Request::post(format!("http://{}/", ic.proxy))
         .header("host", "app.test")

@@ -38,7 +38,7 @@ use self::hold::{round_to_ms, Acquired};
 use self::observe::{Observed, RequestTrace};
 use self::session::{pinned_endpoint, session_cookie};
 use self::upstream::{
-    idempotent, upstream_request, ClientKey, Http1Conn, Http1Pool, SendError, Upstream,
+    idempotent, upstream_request, ClientKey, Http1Conn, Http1Pool, Replay, SendError, Upstream,
     UpstreamClient,
 };
 use crate::client_conn::ClientConn;
@@ -766,7 +766,7 @@ impl Proxy {
             let (attempt, body_watch, replay, upstream_span) = {
                 let (mut req, body_watch) = upstream_request(
                     req,
-                    &authority,
+                    authority,
                     &acquired.endpoint,
                     client,
                     trusted,
@@ -794,15 +794,7 @@ impl Proxy {
                 let replay = (upgrade.is_none()
                     && http_body::Body::is_end_stream(req.body())
                     && idempotent(req.method()))
-                .then(|| {
-                    let mut again = Request::new(RequestBody::replay());
-                    *again.method_mut() = req.method().clone();
-                    *again.uri_mut() = req.uri().clone();
-                    *again.version_mut() = req.version();
-                    *again.headers_mut() = req.headers().clone();
-                    // Boxed: the request future keeps it across the first send, and is laid out for it.
-                    Box::new(again)
-                });
+                .then(|| Replay::of(&req));
                 (
                     upstream.send(&acquired.endpoint, req),
                     body_watch,
@@ -840,14 +832,16 @@ impl Proxy {
                         // The upstream is gone (it closed because it exited): the first failure
                         // is the one to report.
                         (Err(SendError::Connect(_)), Some(first)) => break Ok(Err(first)),
-                        (Err(err), None) if err.closed_before_response() => match replay.take() {
-                            Some(again) => {
-                                tracing::debug!(error = ?err, "upstream closed the connection before answering; sending again");
-                                attempt.set(upstream.send(&acquired.endpoint, *again));
-                                first_failure = Some(err);
+                        (Err(err), None) if err.closed_before_response() => {
+                            match replay.take().and_then(|r| r.request()) {
+                                Some(again) => {
+                                    tracing::debug!(error = ?err, "upstream closed the connection before answering; sending again");
+                                    attempt.set(upstream.send(&acquired.endpoint, again));
+                                    first_failure = Some(err);
+                                }
+                                None => break Ok(Err(err)),
                             }
-                            None => break Ok(Err(err)),
-                        },
+                        }
                         (other, _) => break Ok(other),
                     }
                 }

@@ -118,7 +118,7 @@ impl Proxy {
 #[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
 pub(super) fn upstream_request(
     req: Request<Incoming>,
-    authority: &RoutedAuthority,
+    authority: RoutedAuthority,
     endpoint: &Endpoint,
     client: &ClientConn,
     trusted: bool,
@@ -127,7 +127,9 @@ pub(super) fn upstream_request(
     min_body_rate: Option<MinRate>,
 ) -> (Request<RequestBody>, Option<Arc<body::BodyWatch>>) {
     let (mut parts, body) = req.into_parts();
-    let host = authority.0.clone();
+    // Taken, not cloned: the value points into the client connection's read buffer, and the
+    // request is the last to need it (see `Replay`).
+    let host = authority.0;
     // gRPC streams may be quiet for minutes by design: no minimum rate for them.
     let grpc = parts
         .headers
@@ -186,6 +188,84 @@ pub(super) fn upstream_request(
         host.as_ref(),
     );
     (Request::from_parts(parts, body), watch)
+}
+
+/// A request head kept to send the request once more, owning its bytes.
+///
+/// A client's header values and path point into its connection's read buffer (hyper slices
+/// them out of it). A copy sharing them would keep that buffer from being reused while the
+/// request waits for its response, and hyper, reading on to notice the client leave, would
+/// allocate another one for every request in flight. So the head is written out as bytes (the
+/// URI, the method, then the headers as HTTP/1.1 fields) in one allocation, and read back with
+/// httparse only if the request is sent again.
+pub(super) struct Replay {
+    head: Box<[u8]>,
+    uri_len: u32,
+    method_len: u32,
+    headers: u32,
+    version: Version,
+}
+
+impl Replay {
+    /// A copy of `req`'s head.
+    pub(super) fn of<B>(req: &Request<B>) -> Self {
+        use std::io::Write;
+        let fields: usize = req
+            .headers()
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum();
+        let mut head = Vec::with_capacity(fields + 128);
+        // Writing to a Vec cannot fail.
+        let _ = write!(head, "{}", req.uri());
+        let uri_len = head.len();
+        head.extend_from_slice(req.method().as_str().as_bytes());
+        let method_len = head.len() - uri_len;
+        for (name, value) in req.headers() {
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
+        let len = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Self {
+            head: head.into_boxed_slice(),
+            uri_len: len(uri_len),
+            method_len: len(method_len),
+            headers: len(req.headers().len()),
+            version: req.version(),
+        }
+    }
+
+    /// The request again, without a body; `None` if its head does not read back (it was
+    /// written from valid parts, so this would be a bug, and the first failure is reported).
+    pub(super) fn request(&self) -> Option<Request<RequestBody>> {
+        let uri_end = usize::try_from(self.uri_len).ok()?;
+        let method_end = uri_end + usize::try_from(self.method_len).ok()?;
+        let uri = Uri::try_from(self.head.get(..uri_end)?).ok()?;
+        let method = Method::from_bytes(self.head.get(uri_end..method_end)?).ok()?;
+        let mut fields = vec![httparse::EMPTY_HEADER; usize::try_from(self.headers).ok()?];
+        let block = self.head.get(method_end..)?;
+        let httparse::Status::Complete((_, fields)) =
+            httparse::parse_headers(block, &mut fields).ok()?
+        else {
+            return None;
+        };
+        let mut req = Request::new(RequestBody::replay());
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.version_mut() = self.version;
+        let headers = req.headers_mut();
+        headers.reserve(fields.len());
+        for field in fields {
+            headers.append(
+                http::HeaderName::from_bytes(field.name.as_bytes()).ok()?,
+                HeaderValue::from_bytes(field.value).ok()?,
+            );
+        }
+        Some(req)
+    }
 }
 
 /// Methods whose requests may be sent twice (RFC 9110 §9.2.2).
@@ -504,5 +584,71 @@ impl Drop for Http1Conn {
                 self.pool.checkin(self.endpoint.clone(), sender, conn);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use bytes::Bytes;
+    use http::{HeaderValue, Method, Request, Version};
+
+    use super::Replay;
+
+    /// A head whose path and header values are slices of one buffer, as hyper parses them.
+    fn parsed_like_hyper(buffer: &Bytes) -> Request<()> {
+        let text = std::str::from_utf8(buffer).unwrap();
+        let at = |s: &str| {
+            let start = text.find(s).unwrap();
+            buffer.slice(start..start + s.len())
+        };
+        let mut req = Request::new(());
+        *req.method_mut() = Method::PUT;
+        *req.uri_mut() = http::Uri::from_maybe_shared(at("/a/b?c=d%20e")).unwrap();
+        *req.version_mut() = Version::HTTP_11;
+        let headers = req.headers_mut();
+        headers.append(
+            "host",
+            HeaderValue::from_maybe_shared(at("app.test")).unwrap(),
+        );
+        headers.append("x-tag", HeaderValue::from_maybe_shared(at("one")).unwrap());
+        headers.append("x-tag", HeaderValue::from_maybe_shared(at("two")).unwrap());
+        headers.append("x-note", HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap());
+        req
+    }
+
+    #[test]
+    fn a_replay_reads_back_the_head_it_copied() {
+        let buffer = Bytes::from_static(b"/a/b?c=d%20e app.test one two");
+        let original = parsed_like_hyper(&buffer);
+        let again = Replay::of(&original).request().unwrap();
+        assert_eq!(again.method(), original.method());
+        assert_eq!(again.uri(), original.uri());
+        assert_eq!(again.version(), original.version());
+        assert_eq!(again.headers(), original.headers());
+        let tags: Vec<_> = again.headers().get_all("x-tag").iter().collect();
+        assert_eq!(tags, ["one", "two"]);
+        // An absolute URI (the pooled client's form) and an extension method come back too.
+        let mut absolute = Request::new(());
+        *absolute.method_mut() = Method::from_bytes(b"PURGE").unwrap();
+        *absolute.uri_mut() = "http://10.0.0.7:8080/x?y".parse().unwrap();
+        let again = Replay::of(&absolute).request().unwrap();
+        assert_eq!(again.method().as_str(), "PURGE");
+        assert_eq!(again.uri(), absolute.uri());
+        assert!(again.headers().is_empty());
+    }
+
+    #[test]
+    fn a_replay_does_not_keep_the_clients_read_buffer() {
+        let buffer = Bytes::from(b"/a/b?c=d%20e app.test one two".to_vec());
+        let original = parsed_like_hyper(&buffer);
+        assert!(!buffer.is_unique());
+        let replay = Replay::of(&original);
+        drop(original);
+        // With only the copy left, the buffer is the connection's alone again, so hyper can
+        // read the next bytes into it instead of allocating another.
+        assert!(buffer.is_unique());
+        assert!(replay.request().is_some());
     }
 }
