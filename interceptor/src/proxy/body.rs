@@ -158,7 +158,9 @@ pin_project_lite::pin_project! {
         // `None` for a request without a body: it is sent with its head, and its client cannot
         // fail it.
         watch: Option<Arc<BodyWatch>>,
-        rate: Option<RateState>,
+        // Boxed: only a request with a body has one, and the request is laid out in every slot
+        // of hyper's dispatch channel (32 per upstream connection).
+        rate: Option<Box<RateState>>,
     }
 }
 
@@ -175,12 +177,14 @@ impl RequestBody {
             return (body, None);
         }
         let watch = Arc::new(BodyWatch::default());
-        let rate = rate.map(|min| RateState {
-            min,
-            received: 0,
-            waited: Duration::ZERO,
-            waiting_since: None,
-            timer: None,
+        let rate = rate.map(|min| {
+            Box::new(RateState {
+                min,
+                received: 0,
+                waited: Duration::ZERO,
+                waiting_since: None,
+                timer: None,
+            })
         });
         (
             Self {
