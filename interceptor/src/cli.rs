@@ -186,6 +186,13 @@ pub struct ServeArgs {
     #[arg(long, env = "WAKEGATE_MAX_RELEASED_AT_ONCE", default_value_t = 1024)]
     pub max_released_at_once: usize,
 
+    /// After a cold start, how long the rest of the held requests wait for the first one's
+    /// response head before they follow it anyway. The first goes up alone so that the backend
+    /// that has just booted answers it first (a slow start for the new endpoint, at its
+    /// smallest). 0s releases them all at once.
+    #[arg(long, env = "WAKEGATE_FIRST_RELEASE_ALONE_FOR", default_value = "5ms", value_parser = humantime::parse_duration)]
+    pub first_release_alone_for: Duration,
+
     /// Most requests held at once per route, for routes that set no cap of their own (an
     /// InterceptorRoute's `coldStart.maxPendingRequests`, `wakegate.dev/max-held-requests`, or a
     /// local route's `maxHeldRequests`); past it, 503 or the route's overflow placeholder.

@@ -180,6 +180,7 @@ pub async fn run_until(
         max_held_total: args.max_held_requests,
         default_max_held: args.max_pending_requests,
         max_released_at_once: args.max_released_at_once,
+        first_release_alone_for: args.first_release_alone_for,
         trusted_proxies: args.trusted_proxies.iter().filter_map(|t| t.0).collect(),
         min_body_rate: (args.min_request_body_rate > 0).then_some(proxy::MinRate {
             bytes_per_second: args.min_request_body_rate,

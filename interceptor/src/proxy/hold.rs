@@ -158,23 +158,21 @@ impl Proxy {
     }
 }
 
-/// How long the rest of a cold start's held requests wait for the first one's response head
-/// before they go up anyway. Long enough for a quick first answer (a fraction of a millisecond
-/// on loopback, a few on a Raspberry Pi), short enough that a slow first request barely delays
-/// the rest.
-pub(super) const FIRST_ALONE_FOR: Duration = Duration::from_millis(5);
-
 /// The first request released after a cold start goes up alone: the rest of the backlog
-/// follows once its response head has arrived (or [`FIRST_ALONE_FOR`] has passed). Released all
+/// follows once its response head has arrived (or `--first-release-alone-for`, 5 ms by default,
+/// has passed: long enough for a quick first answer, a fraction of a millisecond on loopback and
+/// a few on a Raspberry Pi, short enough that a slow first request barely delays the rest). Released all
 /// at once, the backlog's hand-over, connects and requests interleave with the first one's on
 /// the interceptor and on the backend that has just booted, so the first answer comes only when
 /// nearly all of them do. The nginx and Envoy idea of a slow start for a new endpoint, at its
 /// smallest.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct ReleaseGate {
     /// [`GATE_OPEN`], [`GATE_ARMED`] or [`GATE_FIRST_OUT`].
     state: std::sync::atomic::AtomicU8,
     first_answered: tokio::sync::Notify,
+    /// The longest the rest wait for the first's answer; zero never arms the gate.
+    first_alone_for: Duration,
 }
 
 /// No cold start is in progress: released requests pass at once.
@@ -185,8 +183,20 @@ const GATE_ARMED: u8 = 1;
 const GATE_FIRST_OUT: u8 = 2;
 
 impl ReleaseGate {
+    /// A gate whose first request holds the rest back for `first_alone_for` at most.
+    pub(super) fn new(first_alone_for: Duration) -> Self {
+        Self {
+            state: std::sync::atomic::AtomicU8::new(GATE_OPEN),
+            first_answered: tokio::sync::Notify::new(),
+            first_alone_for,
+        }
+    }
+
     /// A cold start began: the next request released is the first.
     pub(super) fn arm(&self) {
+        if self.first_alone_for.is_zero() {
+            return;
+        }
         let _ =
             self.state
                 .compare_exchange(GATE_OPEN, GATE_ARMED, Ordering::AcqRel, Ordering::Relaxed);
@@ -207,8 +217,7 @@ impl Drop for FirstOut {
 
 impl RouteState {
     /// Passes a held request on its release: the first of a cold start at once, with the guard
-    /// that lets the rest go; the rest when the first has its answer, or after
-    /// [`FIRST_ALONE_FOR`].
+    /// that lets the rest go; the rest when the first has its answer, or after the gate's bound.
     pub(super) async fn pass_release_gate(self: &Arc<Self>) -> Option<FirstOut> {
         let gate = &self.release_gate;
         match gate.state.compare_exchange(
@@ -224,7 +233,7 @@ impl RouteState {
                 // Registered before looking again, so the first's answer cannot slip between.
                 answered.as_mut().enable();
                 if gate.state.load(Ordering::Acquire) == GATE_FIRST_OUT {
-                    let _ = tokio::time::timeout(FIRST_ALONE_FOR, answered).await;
+                    let _ = tokio::time::timeout(gate.first_alone_for, answered).await;
                 }
                 None
             }

@@ -76,6 +76,9 @@ pub struct ProxySettings {
     pub default_max_held: Option<std::num::NonZeroUsize>,
     /// Most parked requests released to their upstreams at once; 0 for no bound.
     pub max_released_at_once: usize,
+    /// How long the rest of a cold start's held requests wait for the first one's response head
+    /// (`--first-release-alone-for`); zero releases them together.
+    pub first_release_alone_for: Duration,
     /// Peers whose `X-Forwarded-*` headers are believed.
     pub trusted_proxies: Arc<[ipnet::IpNet]>,
     /// The rate a request body must keep; `None` for no minimum.
@@ -268,7 +271,7 @@ impl Proxy {
                 metrics: self.metrics.route(&spec.id),
                 awaiting_ready: AtomicBool::new(false),
                 awaiting_first_byte: AtomicBool::new(false),
-                release_gate: hold::ReleaseGate::default(),
+                release_gate: hold::ReleaseGate::new(self.settings.first_release_alone_for),
                 load: self.loads.get(&spec.id),
                 endpoints: self.provider.endpoints(&spec.target),
                 readiness_timeout,
