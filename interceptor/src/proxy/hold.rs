@@ -23,7 +23,52 @@ impl Proxy {
     /// request until one is (or the deadline passes). Holding raises the wake signal.
     /// `parked_since` is when a request parked before hyper began to wait: it has waited
     /// since then already. `headers` are the request's (a browser's may get the waiting page).
-    pub(super) async fn acquire(
+    ///
+    /// The hold is boxed: it is a few hundred bytes of state that only a request at a cold
+    /// target needs, and every request in flight would otherwise carry room for it.
+    #[allow(clippy::type_complexity)] // an `Either` of the two ways, named once here
+    pub(super) fn acquire<'a>(
+        &'a self,
+        route: &'a Arc<RouteState>,
+        deadline: Instant,
+        client: Option<&'a ClientConn>,
+        headers: &'a http::HeaderMap,
+        parked_since: Option<Instant>,
+        trace: Option<&'a SpanContext>,
+    ) -> futures_util::future::Either<
+        std::future::Ready<Result<Acquired, ProxyError>>,
+        Pin<Box<dyn Future<Output = Result<Acquired, ProxyError>> + Send + 'a>>,
+    > {
+        use futures_util::future::Either;
+        let cap = route.spec.max_in_flight_per_endpoint;
+        if let Some((endpoint, lease)) = route.load.pick(&route.endpoints.borrow(), cap) {
+            let Some(held_at) = parked_since else {
+                route.metrics.warm();
+                return Either::Left(std::future::ready(Ok(Acquired {
+                    endpoint,
+                    first: None,
+                    lease,
+                    waited: None,
+                })));
+            };
+            // Released from parking: it was held, and its wait ends here.
+            return Either::Left(std::future::ready(Ok(
+                self.released(route, held_at, endpoint, lease)
+            )));
+        }
+        Either::Right(Box::pin(self.hold(
+            route,
+            deadline,
+            client,
+            headers,
+            parked_since,
+            trace,
+        )))
+    }
+
+    /// Holds a request that found no endpoint ready: the caps, the waiting page, the wake, and
+    /// the wait until an endpoint is ready, the deadline passes or the client leaves.
+    async fn hold(
         &self,
         route: &Arc<RouteState>,
         deadline: Instant,
@@ -33,20 +78,6 @@ impl Proxy {
         trace: Option<&SpanContext>,
     ) -> Result<Acquired, ProxyError> {
         let cap = route.spec.max_in_flight_per_endpoint;
-        if let Some((endpoint, lease)) = route.load.pick(&route.endpoints.borrow(), cap) {
-            let Some(held_at) = parked_since else {
-                route.metrics.warm();
-                return Ok(Acquired {
-                    endpoint,
-                    first: None,
-                    lease,
-                    waited: None,
-                });
-            };
-            // Released from parking: it was held, and its wait ends here.
-            return Ok(self.released(route, held_at, endpoint, lease));
-        }
-
         let held_at = parked_since.unwrap_or_else(Instant::now);
         // Only a request that cannot be served at once asks whether it is a browser's.
         let cold_response = route.cold_response_for(wants_html(headers));

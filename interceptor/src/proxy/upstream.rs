@@ -23,8 +23,10 @@ use crate::client_conn::ClientConn;
 use crate::connect::RetryingConnector;
 use crate::provider::{Endpoint, Trust, UpstreamProtocol, UpstreamTls};
 
-/// A pooled upstream client. Every client can speak TLS; only `https` URIs do.
-pub(super) type UpstreamClient = Client<HttpsConnector<RetryingConnector>, RequestBody>;
+/// A pooled upstream client. Every client can speak TLS; only `https` URIs do. Shared behind an
+/// `Arc`: a request holds its client while it waits for the response, and hyper-util's client
+/// is a few hundred bytes of handles, each cloned on its own.
+pub(super) type UpstreamClient = Arc<Client<HttpsConnector<RetryingConnector>, RequestBody>>;
 
 /// What keys a pooled client: the protocol, and the TLS settings if any.
 pub(super) type ClientKey = (UpstreamProtocol, Option<UpstreamTls>);
@@ -108,7 +110,7 @@ impl Proxy {
             UpstreamProtocol::Http1 => connector.enable_http1().wrap_connector(tcp),
             UpstreamProtocol::H2c => connector.enable_http2().wrap_connector(tcp),
         };
-        pooled(protocol).build(connector)
+        Arc::new(pooled(protocol).build(connector))
     }
 }
 
@@ -331,8 +333,6 @@ impl SendError {
 }
 
 /// How a request reaches its endpoint.
-// The legacy client is a stack value for one request; boxing it would allocate per request.
-#[allow(clippy::large_enum_variant)]
 pub(super) enum Upstream<'a> {
     /// Plaintext HTTP/1.1: a route's own pool of `client::conn` connections, each driven by
     /// the request using it, in its client connection's task.
@@ -413,8 +413,15 @@ impl Http1Pool {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The most recently used idle connection to `endpoint` that is still usable.
-    async fn checkout(&self, endpoint: &http::uri::Authority) -> Option<(Sender, Conn)> {
+    /// The most recently used idle connection to `endpoint` that is still usable. Each one is
+    /// polled once: it notices a close the upstream sent while it sat idle, and finishes the
+    /// previous exchange's bookkeeping so that it is ready. Polled in the caller's context, so
+    /// the connection's wakeups go to the request that takes it.
+    fn checkout(
+        &self,
+        endpoint: &http::uri::Authority,
+        cx: &mut Context<'_>,
+    ) -> Option<(Sender, Conn)> {
         loop {
             let Idle {
                 mut sender,
@@ -434,15 +441,8 @@ impl Http1Pool {
                 self.lock().remove(endpoint);
                 return None;
             }
-            // Poll the connection once: it notices a close the upstream sent while it sat
-            // idle, and finishes the previous exchange's bookkeeping so that it is ready.
-            let usable = std::future::poll_fn(|cx| {
-                if conn.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(false);
-                }
-                Poll::Ready(matches!(sender.poll_ready(cx), Poll::Ready(Ok(()))))
-            })
-            .await;
+            let usable = conn.as_mut().poll(cx).is_pending()
+                && matches!(sender.poll_ready(cx), Poll::Ready(Ok(())));
             if usable {
                 return Some((sender, conn));
             }
@@ -500,54 +500,159 @@ impl Http1Pool {
 
     /// Sends `req` on an idle connection to `endpoint`, or a new one, driving the connection
     /// until the response head arrives.
-    #[allow(clippy::manual_async_fn)] // see `Proxy::handle`
     fn send<'s>(
         self: &'s Arc<Self>,
         connector: &'s RetryingConnector,
         endpoint: &'s http::uri::Authority,
         mut req: Request<RequestBody>,
-    ) -> impl Future<Output = Result<(hyper::Response<Incoming>, Http1Conn), SendError>> + Send + 's
-    {
-        // An async block, not an async fn, so that the request is held once (see `Proxy::handle`).
-        async move {
-            // `client::conn` writes the URI as given: origin form, as the request line wants it.
-            let path = req
-                .uri()
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/"));
-            *req.uri_mut() = Uri::from(path);
-            let (mut sender, mut conn) = match self.checkout(endpoint).await {
-                Some(idle) => idle,
-                None => Self::connect(connector, endpoint).await?,
-            };
-            let mut response = std::pin::pin!(sender.send_request(req));
-            let mut ended = false;
-            let rsp = std::future::poll_fn(|cx| {
-                if let Poll::Ready(rsp) = response.as_mut().poll(cx) {
-                    return Poll::Ready(rsp);
-                }
-                if !ended && conn.as_mut().poll(cx).is_ready() {
-                    // The connection is done; the response (or why there is none) is final now.
-                    ended = true;
-                    return response.as_mut().poll(cx);
-                }
-                Poll::Pending
-            })
-            .await
-            .map_err(|e| SendError::Exchange(Box::new(e)))?;
-            let reusable = http_body::Body::is_end_stream(rsp.body());
-            Ok((
-                rsp,
-                Http1Conn {
-                    live: (!ended).then_some((sender, conn)),
-                    pool: self.clone(),
-                    endpoint: endpoint.clone(),
-                    reusable,
-                },
-            ))
+    ) -> PoolSend<'s, impl Future<Output = hyper::Result<hyper::Response<Incoming>>> + Send> {
+        // `client::conn` writes the URI as given: origin form, as the request line wants it.
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(path);
+        PoolSend {
+            pool: self,
+            connector,
+            endpoint,
+            send: |sender: &mut Sender, req| sender.send_request(req),
+            state: SendState::Start { req: Some(req) },
         }
     }
+}
+
+/// A connection being dialled.
+type Connecting = Pin<Box<dyn Future<Output = Result<(Sender, Conn), SendError>> + Send>>;
+
+pin_project_lite::pin_project! {
+    /// A request on its way up through a route's pool, until its response head arrives.
+    ///
+    /// Written out rather than an async block: a block keeps the request it captured for its
+    /// whole life, beside the send that took it over, and this future is part of every request
+    /// in flight. Here the request is held only until a connection is at hand, and the dial (a
+    /// new connection's few hundred bytes of state) is boxed, so a request on a pooled
+    /// connection carries only hyper's send.
+    pub(super) struct PoolSend<'s, F> {
+        pool: &'s Arc<Http1Pool>,
+        connector: &'s RetryingConnector,
+        endpoint: &'s http::uri::Authority,
+        send: fn(&mut Sender, Request<RequestBody>) -> F,
+        #[pin]
+        state: SendState<F>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = SendProj]
+    enum SendState<F> {
+        /// Not polled yet: an idle connection is taken at the first poll, else one is dialled.
+        Start { req: Option<Request<RequestBody>> },
+        /// No idle connection: a new one is being dialled.
+        Dialling { req: Option<Request<RequestBody>>, connecting: Connecting },
+        /// The request is in the connection's hands; `conn` is `None` once it has closed.
+        Sending {
+            #[pin]
+            response: F,
+            sender: Option<Sender>,
+            conn: Option<Conn>,
+        },
+        Done,
+    }
+}
+
+impl<F> Future for PoolSend<'_, F>
+where
+    F: Future<Output = hyper::Result<hyper::Response<Incoming>>>,
+{
+    type Output = Result<(hyper::Response<Incoming>, Http1Conn), SendError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            let next = match this.state.as_mut().project() {
+                SendProj::Start { req } => {
+                    let Some(req) = req.take() else {
+                        return Poll::Ready(Err(polled_after_completion()));
+                    };
+                    match this.pool.checkout(this.endpoint, cx) {
+                        Some((mut sender, conn)) => SendState::Sending {
+                            response: (this.send)(&mut sender, req),
+                            sender: Some(sender),
+                            conn: Some(conn),
+                        },
+                        None => {
+                            let connector = this.connector.clone();
+                            let endpoint = this.endpoint.clone();
+                            SendState::Dialling {
+                                req: Some(req),
+                                connecting: Box::pin(async move {
+                                    Http1Pool::connect(&connector, &endpoint).await
+                                }),
+                            }
+                        }
+                    }
+                }
+                SendProj::Dialling { req, connecting } => {
+                    let connected = std::task::ready!(connecting.as_mut().poll(cx));
+                    match (connected, req.take()) {
+                        (Ok((mut sender, conn)), Some(req)) => SendState::Sending {
+                            response: (this.send)(&mut sender, req),
+                            sender: Some(sender),
+                            conn: Some(conn),
+                        },
+                        (Err(err), _) => {
+                            this.state.set(SendState::Done);
+                            return Poll::Ready(Err(err));
+                        }
+                        (Ok(_), None) => return Poll::Ready(Err(polled_after_completion())),
+                    }
+                }
+                SendProj::Sending {
+                    mut response,
+                    sender,
+                    conn,
+                } => {
+                    let rsp = loop {
+                        if let Poll::Ready(rsp) = response.as_mut().poll(cx) {
+                            break rsp;
+                        }
+                        let ended = match conn.as_mut() {
+                            Some(c) => c.as_mut().poll(cx).is_ready(),
+                            None => return Poll::Pending,
+                        };
+                        if !ended {
+                            return Poll::Pending;
+                        }
+                        // The connection is done: the response (or why there is none) is final
+                        // now.
+                        *conn = None;
+                    };
+                    let live = sender.take().zip(conn.take());
+                    this.state.set(SendState::Done);
+                    let rsp = rsp.map_err(|e| SendError::Exchange(Box::new(e)))?;
+                    let reusable = http_body::Body::is_end_stream(rsp.body());
+                    return Poll::Ready(Ok((
+                        rsp,
+                        Http1Conn {
+                            live,
+                            pool: this.pool.clone(),
+                            endpoint: this.endpoint.clone(),
+                            reusable,
+                        },
+                    )));
+                }
+                SendProj::Done => return Poll::Ready(Err(polled_after_completion())),
+            };
+            this.state.set(next);
+        }
+    }
+}
+
+/// What a [`PoolSend`] polled again after it finished answers (a bug in its caller).
+fn polled_after_completion() -> SendError {
+    SendError::Exchange("the upstream send was polled after it completed".into())
 }
 
 /// A connection carrying a response body: the body polls it, and it goes back to its pool when
