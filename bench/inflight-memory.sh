@@ -74,6 +74,22 @@ print(rss, ok, failed)
 PY
 }
 
+# settled_rss PID: its RSS once it stops growing. The last requests' upstream connections are
+# up, but their proxies may not have set up every buffer yet (hyper allocates an upstream
+# connection's read buffer at its first read): read every 250 ms until two readings agree
+# within 0.5% (5 s at most), and keep the largest.
+settled_rss() {
+    local last=0 now max=0
+    for _ in $(seq 1 20); do
+        now=$(rss_kib "$1")
+        [ "$now" -gt "$max" ] && max=$now
+        if [ "$last" -gt 0 ] && [ $(( (now - last) * 200 )) -le "$last" ]; then break; fi
+        last=$now
+        sleep 0.25
+    done
+    echo "$max"
+}
+
 measure() { # name port pid
     local name=$1 port=$2 pid=$3 idle held="" t
     wait_port "$port"
@@ -94,7 +110,7 @@ measure() { # name port pid
     local load=$!
     # Poll until every request has its upstream connection (bounded by the delay).
     for t in $(seq 1 $(( DELAY / 100 ))); do
-        if [ "$(established_to "$BACKEND")" -ge "$N" ]; then held=$(rss_kib "$pid"); break; fi
+        if [ "$(established_to "$BACKEND")" -ge "$N" ]; then held=$(settled_rss "$pid"); break; fi
         sleep 0.1
     done
     wait "$load" || true

@@ -422,7 +422,17 @@ where
         .max_buf_size(settings.max_header_bytes)
         .keep_alive(true);
     let tracker = TaskTracker::new();
-    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
+    // What every connection needs of the listener, shared: each connection's task holds one
+    // handle to it rather than its own copies (the two builders alone are 344 bytes), and the
+    // task is memory per open connection.
+    let shared = Arc::new(Listening {
+        builder,
+        http1,
+        tls: tls.map(tokio_rustls::TlsAcceptor::from),
+        handler,
+        settings,
+        stop: stop.clone(),
+    });
 
     loop {
         let (stream, remote) = tokio::select! {
@@ -442,21 +452,24 @@ where
         let accepted_at = Instant::now();
         // Past the cap the socket is closed at once: the connections already open keep being
         // served, and the file descriptor is returned before the next accept.
-        let Some(open) = settings.connections.admit() else {
+        let Some(open) = shared.settings.connections.admit() else {
             tracing::debug!(%remote, "connection refused: --max-client-connections reached");
             drop(stream);
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let (client, io) = ClientConn::new(stream, remote, tls.is_some());
-        let builder = builder.clone();
-        let settings = settings.clone();
-        let tls = tls.clone();
-        let stop = stop.clone();
-        let http1 = http1.clone();
+        let (client, io) = ClientConn::new(stream, remote, shared.tls.is_some());
+        let shared = shared.clone();
         tracker.spawn(async move {
             let _open = open;
+            let Listening {
+                builder,
+                http1,
+                tls,
+                handler,
+                settings,
+                stop,
+            } = &*shared;
             // One deadline from accept to the first complete request head, whatever the
             // connection spends it on: the TLS handshake, the HTTP/2 preface, the head itself.
             let mut first_head = accepted_at + settings.header_read_timeout;
@@ -468,14 +481,14 @@ where
                 let activity = Arc::new(Activity::new());
                 let mut parked = None;
                 let mut is_http1 = idle_since.is_some();
-                if let (None, Some(park)) = (&tls, &settings.park) {
+                if let (None, Some(park)) = (tls, &settings.park) {
                     let parking = match idle_since {
                         None => park_first(park.as_ref(), &client, first_head, None).await,
                         Some(since) => {
                             let deadline = since + settings.idle_timeout;
                             settings.connections.idle_parked.inc();
                             let parking =
-                                park_first(park.as_ref(), &client, deadline, Some(&stop)).await;
+                                park_first(park.as_ref(), &client, deadline, Some(stop)).await;
                             settings.connections.idle_parked.dec();
                             parking
                         }
@@ -503,15 +516,15 @@ where
                     activity,
                     parked,
                     first_head,
-                    settings: &settings,
-                    stop: &stop,
+                    settings,
+                    stop,
                 };
                 // Served in a future of its own, boxed: a parked connection's task holds only
                 // what parking needs, not room for hyper's connection.
                 let back = if is_http1 && settings.park_idle_after.is_some() {
-                    Box::pin(session.serve_http1(io, &http1, handler.clone())).await
+                    Box::pin(session.serve_http1(io, http1, handler.clone())).await
                 } else {
-                    Box::pin(session.serve_any(io, tls.clone(), &builder, handler.clone())).await;
+                    Box::pin(session.serve_any(io, tls.clone(), builder, handler.clone())).await;
                     None
                 };
                 match back {
@@ -538,6 +551,18 @@ where
             abandoned: tracker.len(),
         },
     }
+}
+
+/// A listener's settings and handler, shared by its connections.
+struct Listening<H> {
+    /// Serves a connection whose protocol is still to be told (TLS, or parking off).
+    builder: auto::Builder<TokioExecutor>,
+    /// Serves a plaintext connection known to be HTTP/1 (its head was parsed while parked).
+    http1: hyper::server::conn::http1::Builder,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    handler: H,
+    settings: ConnectionSettings,
+    stop: CancellationToken,
 }
 
 /// How parking a connection ended.

@@ -1168,11 +1168,13 @@ mod tests {
     /// A request in flight holds its future for as long as the upstream takes, and each one
     /// is written into the room hyper keeps for it: its size is memory per request and a copy
     /// per request. It was 5.3 KiB while `handle` and `forward` were async fns (each argument
-    /// held twice) and the send and its replay were laid out side by side; keep it down.
+    /// held twice) and the send and its replay were laid out side by side, and 2.9 KiB while
+    /// the pool's send kept its request beside hyper's, hyper-util's client was held by value
+    /// and every request had room for a hold; 2.1 KiB now. Keep it down.
     #[test]
     fn a_request_future_stays_small() {
         let size = returned_size(Proxy::handle);
         println!("Proxy::handle's future: {size} bytes");
-        assert!(size <= 3584, "Proxy::handle's future grew to {size} bytes");
+        assert!(size <= 2560, "Proxy::handle's future grew to {size} bytes");
     }
 }

@@ -211,15 +211,26 @@ pub(super) struct Replay {
 impl Replay {
     /// A copy of `req`'s head.
     pub(super) fn of<B>(req: &Request<B>) -> Self {
-        use std::io::Write;
         let fields: usize = req
             .headers()
             .iter()
             .map(|(name, value)| name.as_str().len() + value.len() + 4)
             .sum();
-        let mut head = Vec::with_capacity(fields + 128);
-        // Writing to a Vec cannot fail.
-        let _ = write!(head, "{}", req.uri());
+        let uri = req.uri();
+        let mut head = Vec::with_capacity(fields + uri.path().len() + 128);
+        // The URI as `Uri`'s Display writes it, without the formatting machinery.
+        if let Some(scheme) = uri.scheme() {
+            head.extend_from_slice(scheme.as_str().as_bytes());
+            head.extend_from_slice(b"://");
+        }
+        if let Some(authority) = uri.authority() {
+            head.extend_from_slice(authority.as_str().as_bytes());
+        }
+        head.extend_from_slice(uri.path().as_bytes());
+        if let Some(query) = uri.query() {
+            head.push(b'?');
+            head.extend_from_slice(query.as_bytes());
+        }
         let uri_len = head.len();
         head.extend_from_slice(req.method().as_str().as_bytes());
         let method_len = head.len() - uri_len;
