@@ -38,6 +38,8 @@ struct Socket {
     stream: TcpStream,
     /// [`IDLE_SERVING`], [`IDLE_PARK_ASKED`] or [`IDLE_PARKED`].
     idle: AtomicU8,
+    /// Whether the client is a trusted proxy, decided at its first request.
+    trusted: std::sync::OnceLock<bool>,
 }
 
 impl std::ops::Deref for Socket {
@@ -60,6 +62,7 @@ impl ClientConn {
         let stream = Arc::new(Socket {
             stream,
             idle: AtomicU8::new(IDLE_SERVING),
+            trusted: std::sync::OnceLock::new(),
         });
         (
             Self {
@@ -101,6 +104,15 @@ impl ClientConn {
     /// The client's address as a forwarding header value.
     pub(crate) fn forwarded_for(&self) -> &http::HeaderValue {
         &self.forwarded_for
+    }
+
+    /// Whether the client is trusted, as `is_trusted` says of its address: asked once per
+    /// connection, not for every request on it.
+    pub(crate) fn trusted_by(&self, is_trusted: impl FnOnce(std::net::IpAddr) -> bool) -> bool {
+        *self
+            .stream
+            .trusted
+            .get_or_init(|| is_trusted(self.remote.ip()))
     }
 
     /// Whether the connection came in over TLS.

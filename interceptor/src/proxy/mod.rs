@@ -183,13 +183,16 @@ impl Proxy {
         })
     }
 
-    /// Whether `client` is a trusted proxy, whose `X-Forwarded-*` headers are kept.
+    /// Whether `client` is a trusted proxy, whose `X-Forwarded-*` headers are kept (decided once
+    /// per connection).
     fn is_trusted(&self, client: &ClientConn) -> bool {
-        let ip = headers::canonical(client.remote().ip());
-        self.settings
-            .trusted_proxies
-            .iter()
-            .any(|net| net.contains(&ip))
+        client.trusted_by(|ip| {
+            let ip = headers::canonical(ip);
+            self.settings
+                .trusted_proxies
+                .iter()
+                .any(|net| net.contains(&ip))
+        })
     }
 
     /// Each route and the target it forwards to, for `/status`.
@@ -825,6 +828,9 @@ impl Proxy {
                 let mut first_failure: Option<SendError> = None;
                 loop {
                     let result = tokio::select! {
+                        // The send first: it is what a poll is usually for, and a response ready
+                        // by then is taken without looking at the timer.
+                        biased;
                         rsp = &mut attempt => Some(rsp),
                         () = &mut header_timeout => None,
                     };

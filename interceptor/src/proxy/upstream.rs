@@ -426,30 +426,30 @@ impl Http1Pool {
 
     /// The most recently used idle connection to `endpoint` that is still usable. Each one is
     /// polled once: it notices a close the upstream sent while it sat idle, and finishes the
-    /// previous exchange's bookkeeping so that it is ready. Polled in the caller's context, so
-    /// the connection's wakeups go to the request that takes it.
-    fn checkout(
-        &self,
-        endpoint: &http::uri::Authority,
-        cx: &mut Context<'_>,
-    ) -> Option<(Sender, Conn)> {
+    /// previous exchange's bookkeeping so that it is ready.
+    ///
+    /// Polled with a waker that does nothing: the request that takes the connection sends on it
+    /// and polls it with its own context at once, and a real waker registered here would only
+    /// be woken by that send, for a poll with nothing to do.
+    fn checkout(&self, endpoint: &http::uri::Authority) -> Option<(Sender, Conn)> {
+        let cx = &mut Context::from_waker(std::task::Waker::noop());
         loop {
             let Idle {
                 mut sender,
                 mut conn,
                 since,
             } = {
+                // An emptied list stays, with its allocation, for the connection to come back
+                // to: under load a route's pool empties and refills with every request. The
+                // sweep removes lists left empty.
                 let mut idle = self.lock();
-                let list = idle.get_mut(endpoint)?;
-                let found = list.pop()?;
-                if list.is_empty() {
-                    idle.remove(endpoint);
-                }
-                found
+                idle.get_mut(endpoint)?.pop()?
             };
             if since.elapsed() >= IDLE_TIMEOUT {
                 // The rest are older still.
-                self.lock().remove(endpoint);
+                if let Some(list) = self.lock().get_mut(endpoint) {
+                    list.clear();
+                }
                 return None;
             }
             let usable = conn.as_mut().poll(cx).is_pending()
@@ -480,7 +480,8 @@ impl Http1Pool {
         }
     }
 
-    /// Closes the connections idle for longer than the idle timeout.
+    /// Closes the connections idle for longer than the idle timeout, and forgets endpoints with
+    /// none left.
     pub(super) fn sweep(&self) {
         let now = Instant::now();
         self.lock().retain(|_, list| {
@@ -587,7 +588,7 @@ where
                     let Some(req) = req.take() else {
                         return Poll::Ready(Err(polled_after_completion()));
                     };
-                    match this.pool.checkout(this.endpoint, cx) {
+                    match this.pool.checkout(this.endpoint) {
                         Some((mut sender, conn)) => SendState::Sending {
                             response: (this.send)(&mut sender, req),
                             sender: Some(sender),
@@ -625,20 +626,27 @@ where
                     sender,
                     conn,
                 } => {
-                    let rsp = loop {
-                        if let Poll::Ready(rsp) = response.as_mut().poll(cx) {
-                            break rsp;
+                    // The connection first: it writes the request and reads the response head
+                    // into the send's channel, so a head that has arrived is taken in this
+                    // poll. Only this future polls the connection until the head is here, so
+                    // the channel can only fill during that call: it is looked at with a waker
+                    // that does nothing, sparing the task a wakeup (and a poll through every
+                    // layer above) for a head it has already taken.
+                    if let Some(c) = conn.as_mut() {
+                        if c.as_mut().poll(cx).is_ready() {
+                            // The connection is done: the response (or why there is none) is
+                            // final now.
+                            *conn = None;
                         }
-                        let ended = match conn.as_mut() {
-                            Some(c) => c.as_mut().poll(cx).is_ready(),
-                            None => return Poll::Pending,
-                        };
-                        if !ended {
-                            return Poll::Pending;
+                    }
+                    let quiet = &mut Context::from_waker(std::task::Waker::noop());
+                    let rsp = match response.as_mut().poll(quiet) {
+                        Poll::Ready(rsp) => rsp,
+                        // With the connection gone, only the channel's end can wake this.
+                        Poll::Pending if conn.is_none() => {
+                            std::task::ready!(response.as_mut().poll(cx))
                         }
-                        // The connection is done: the response (or why there is none) is final
-                        // now.
-                        *conn = None;
+                        Poll::Pending => return Poll::Pending,
                     };
                     let live = sender.take().zip(conn.take());
                     this.state.set(SendState::Done);
