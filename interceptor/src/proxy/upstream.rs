@@ -574,6 +574,21 @@ pin_project_lite::pin_project! {
     }
 }
 
+impl<F> SendState<F> {
+    /// `req` handed to the connection `(sender, conn)`.
+    fn sending(
+        send: fn(&mut Sender, Request<RequestBody>) -> F,
+        (mut sender, conn): (Sender, Conn),
+        req: Request<RequestBody>,
+    ) -> Self {
+        Self::Sending {
+            response: send(&mut sender, req),
+            sender: Some(sender),
+            conn: Some(conn),
+        }
+    }
+}
+
 impl<F> Future for PoolSend<'_, F>
 where
     F: Future<Output = hyper::Result<hyper::Response<Incoming>>>,
@@ -589,11 +604,7 @@ where
                         return Poll::Ready(Err(polled_after_completion()));
                     };
                     match this.pool.checkout(this.endpoint) {
-                        Some((mut sender, conn)) => SendState::Sending {
-                            response: (this.send)(&mut sender, req),
-                            sender: Some(sender),
-                            conn: Some(conn),
-                        },
+                        Some(idle) => SendState::sending(*this.send, idle, req),
                         None => {
                             let connector = this.connector.clone();
                             let endpoint = this.endpoint.clone();
@@ -609,11 +620,9 @@ where
                 SendProj::Dialling { req, connecting } => {
                     let connected = std::task::ready!(connecting.as_mut().poll(cx));
                     match (connected, req.take()) {
-                        (Ok((mut sender, conn)), Some(req)) => SendState::Sending {
-                            response: (this.send)(&mut sender, req),
-                            sender: Some(sender),
-                            conn: Some(conn),
-                        },
+                        (Ok(connected), Some(req)) => {
+                            SendState::sending(*this.send, connected, req)
+                        }
                         (Err(err), _) => {
                             this.state.set(SendState::Done);
                             return Poll::Ready(Err(err));
