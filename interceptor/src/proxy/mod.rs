@@ -426,15 +426,14 @@ impl Proxy {
                     return err.to_response();
                 }
             };
+            let host = authority.as_str();
             let route = {
                 let table = self.table.load();
-                table
-                    .lookup(authority.as_str(), req.uri().path(), req.headers())
-                    .cloned()
+                table.lookup(host, req.uri().path(), req.headers()).cloned()
             };
             let Some(route) = route else {
                 let err = ProxyError::NoRoute {
-                    host: authority.as_str().to_owned(),
+                    host: host.to_owned(),
                 };
                 tracing::debug!(method = %req.method(), path = req.uri().path(), error = %err, "no route");
                 self.metrics
@@ -443,8 +442,7 @@ impl Proxy {
             };
             // A static route answers without counting or waking: always, or (WhenUnavailable) while
             // no endpoint is ready; otherwise the request is forwarded, still uncounted.
-            let static_match =
-                route.static_for(authority.as_str(), req.uri().path(), req.headers());
+            let static_match = route.static_for(host, req.uri().path(), req.headers());
             if let Some((response, always)) = static_match {
                 if always || route.endpoints.borrow().is_empty() {
                     let err = ProxyError::Static {
@@ -472,14 +470,7 @@ impl Proxy {
                     .and_then(|p| p.take_observed())
                     .or_else(|| {
                         let trace = tracer.map(|tracer| {
-                            RequestTrace::start(
-                                tracer,
-                                &req,
-                                authority.as_str(),
-                                &route.spec.id,
-                                &client,
-                                start,
-                            )
+                            RequestTrace::start(tracer, &req, host, &route.spec.id, &client, start)
                         });
                         let access_log = self.settings.access_log.is_some();
                         Observed::new(trace, access_log, req.uri().path(), &client)

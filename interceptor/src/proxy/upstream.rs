@@ -132,11 +132,19 @@ pub(super) fn upstream_request(
     // Taken, not cloned: the value points into the client connection's read buffer, and the
     // request is the last to need it (see `Replay`).
     let host = authority.0;
-    // gRPC streams may be quiet for minutes by design: no minimum rate for them.
-    let grpc = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    // gRPC streams may be quiet for minutes by design: no minimum rate for them. gRPC needs
+    // `te: trailers` end to end; it is the one TE value HTTP/2 allows. Both are read in one
+    // pass over the fields (a few), which costs less than two hashed lookups.
+    // The first line of each counts, as `HeaderMap::get` reads it.
+    let (mut grpc, mut te_trailers) = (None, None);
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_TYPE {
+            grpc.get_or_insert_with(|| value.as_bytes().starts_with(b"application/grpc"));
+        } else if name == header::TE {
+            te_trailers.get_or_insert_with(|| value.as_bytes().eq_ignore_ascii_case(b"trailers"));
+        }
+    }
+    let (grpc, te_trailers) = (grpc == Some(true), te_trailers == Some(true));
     let (body, watch) = RequestBody::new(body, min_body_rate.filter(|_| !grpc));
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(if tls { Scheme::HTTPS } else { Scheme::HTTP });
@@ -157,11 +165,6 @@ pub(super) fn upstream_request(
     );
     // Scheme, authority and path are all set, so this cannot fail.
     parts.uri = Uri::from_parts(uri).unwrap_or_default();
-    // gRPC needs `te: trailers` end to end; it is the one TE value HTTP/2 allows.
-    let te_trailers = parts
-        .headers
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     headers::strip_hop_by_hop(&mut parts.headers);
     parts.version = match protocol {
         UpstreamProtocol::Http1 => Version::HTTP_11,
