@@ -22,20 +22,22 @@ use tokio::net::TcpStream;
 /// request in one read.
 const MAX_READ: usize = 16 * 1024;
 
-/// What a request handler knows of its client's connection.
+/// What a request handler knows of its client's connection. One pointer: every request
+/// future holds one, and a request clones it.
 #[derive(Clone, Debug)]
 pub struct ClientConn {
-    remote: SocketAddr,
-    tls: bool,
     stream: Arc<Socket>,
-    /// The client's address as `X-Forwarded-For` names it, made once for every request.
-    forwarded_for: http::HeaderValue,
 }
 
-/// The socket, and where taking an idle keep-alive connection back from hyper stands.
+/// The socket, what is known of its client, and where taking an idle keep-alive connection
+/// back from hyper stands.
 #[derive(Debug)]
 struct Socket {
     stream: TcpStream,
+    remote: SocketAddr,
+    tls: bool,
+    /// The client's address as `X-Forwarded-For` names it, made once for every request.
+    forwarded_for: http::HeaderValue,
     /// [`IDLE_SERVING`], [`IDLE_PARK_ASKED`] or [`IDLE_PARKED`].
     idle: AtomicU8,
     /// Whether the client is a trusted proxy, decided at its first request.
@@ -61,15 +63,15 @@ impl ClientConn {
     pub(crate) fn new(stream: TcpStream, remote: SocketAddr, tls: bool) -> (Self, ClientIo) {
         let stream = Arc::new(Socket {
             stream,
+            remote,
+            tls,
+            forwarded_for: crate::proxy::client_value(remote.ip()),
             idle: AtomicU8::new(IDLE_SERVING),
             trusted: std::sync::OnceLock::new(),
         });
         (
             Self {
-                remote,
-                tls,
                 stream: stream.clone(),
-                forwarded_for: crate::proxy::client_value(remote.ip()),
             },
             ClientIo {
                 stream,
@@ -98,12 +100,12 @@ impl ClientConn {
 
     /// The client's address.
     pub fn remote(&self) -> SocketAddr {
-        self.remote
+        self.stream.remote
     }
 
     /// The client's address as a forwarding header value.
     pub(crate) fn forwarded_for(&self) -> &http::HeaderValue {
-        &self.forwarded_for
+        &self.stream.forwarded_for
     }
 
     /// Whether the client is trusted, as `is_trusted` says of its address: asked once per
@@ -112,12 +114,12 @@ impl ClientConn {
         *self
             .stream
             .trusted
-            .get_or_init(|| is_trusted(self.remote.ip()))
+            .get_or_init(|| is_trusted(self.stream.remote.ip()))
     }
 
     /// Whether the connection came in over TLS.
     pub fn is_tls(&self) -> bool {
-        self.tls
+        self.stream.tls
     }
 
     /// Peeks at bytes that arrived, without taking them from the socket (hyper reads them later).

@@ -614,119 +614,128 @@ struct Session<'a> {
     stop: &'a CancellationToken,
 }
 
-impl Session<'_> {
+impl<'a> Session<'a> {
     /// Serves the connection (TLS or not, HTTP/1 or HTTP/2) to its end.
-    async fn serve_any<H, F, B>(
+    // Not an async fn: that would hold `self` twice, as an argument and as a local.
+    #[allow(clippy::manual_async_fn)]
+    fn serve_any<H, F, B>(
         self,
         io: ClientIo,
         tls: Option<tokio_rustls::TlsAcceptor>,
-        builder: &auto::Builder<TokioExecutor>,
+        builder: &'a auto::Builder<TokioExecutor>,
         handler: H,
-    ) where
-        H: Handler<F>,
+    ) -> impl Future<Output = ()> + 'a
+    where
+        H: Handler<F> + 'a,
         F: Future<Output = Response<B>> + Send + 'static,
         B: ResponseBody,
     {
-        // Each request's future is boxed here: hyper's HTTP/1 server keeps room for its
-        // service's future for the connection's whole life, and these sessions keep idle
-        // keep-alive connections in hyper (TLS, parking off), which would otherwise each hold
-        // the size of a request future for nothing.
-        let request = request_fn(handler, self.parked, &self.activity, self.client);
-        let service = service_fn(move |req| -> ServiceFuture<B> { Box::pin(request(req)) });
-        let limit = self.settings.max_header_bytes;
-        let io = match tls {
-            None => Either::Left(io),
-            Some(acceptor) => {
-                match tokio::time::timeout_at(self.first_head, acceptor.accept(io)).await {
-                    Ok(Ok(io)) => Either::Right(io),
-                    Ok(Err(err)) => {
-                        tracing::debug!(remote = %self.remote, error = %err, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(remote = %self.remote, "TLS handshake timed out");
-                        self.settings
-                            .connections
-                            .closed_by(CloseReason::HeaderReadTimeout);
-                        return;
+        async move {
+            // Each request's future is boxed here: hyper's HTTP/1 server keeps room for its
+            // service's future for the connection's whole life, and these sessions keep idle
+            // keep-alive connections in hyper (TLS, parking off), which would otherwise each hold
+            // the size of a request future for nothing.
+            let request = request_fn(handler, self.parked, &self.activity, self.client);
+            let service = service_fn(move |req| -> ServiceFuture<B> { Box::pin(request(req)) });
+            let limit = self.settings.max_header_bytes;
+            let io = match tls {
+                None => Either::Left(io),
+                Some(acceptor) => {
+                    match tokio::time::timeout_at(self.first_head, acceptor.accept(io)).await {
+                        Ok(Ok(io)) => Either::Right(io),
+                        Ok(Err(err)) => {
+                            tracing::debug!(remote = %self.remote, error = %err, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(remote = %self.remote, "TLS handshake timed out");
+                            self.settings
+                                .connections
+                                .closed_by(CloseReason::HeaderReadTimeout);
+                            return;
+                        }
                     }
                 }
+            };
+            let io = RequestHeads::new(io, limit, self.activity.clone());
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+            tokio::pin!(conn);
+            let served = watch(
+                conn.as_mut(),
+                |c| c.graceful_shutdown(),
+                &self.activity,
+                self.first_head,
+                self.settings,
+                self.stop,
+                None,
+            );
+            if let Err(err) = served.await {
+                tracing::debug!(remote = %self.remote, error = %err, "connection ended with an error");
             }
-        };
-        let io = RequestHeads::new(io, limit, self.activity.clone());
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-        tokio::pin!(conn);
-        let served = watch(
-            conn.as_mut(),
-            |c| c.graceful_shutdown(),
-            &self.activity,
-            self.first_head,
-            self.settings,
-            self.stop,
-            None,
-        );
-        if let Err(err) = served.await {
-            tracing::debug!(remote = %self.remote, error = %err, "connection ended with an error");
         }
     }
 
     /// Serves a plaintext HTTP/1 connection until it ends, or until it has been idle for
     /// `--park-idle-after`: then hyper's session ends with the socket open, and the socket
     /// comes back, with the moment it went idle, to be parked.
-    async fn serve_http1<H, F, B>(
+    // Not an async fn: that would hold `self` twice, as an argument and as a local.
+    #[allow(clippy::manual_async_fn)]
+    fn serve_http1<H, F, B>(
         self,
         io: ClientIo,
-        http1: &hyper::server::conn::http1::Builder,
+        http1: &'a hyper::server::conn::http1::Builder,
         handler: H,
-    ) -> Option<(ClientIo, Instant)>
+    ) -> impl Future<Output = Option<(ClientIo, Instant)>> + 'a
     where
-        H: Handler<F>,
+        H: Handler<F> + 'a,
         F: Future<Output = Response<B>> + Send + 'static,
         B: ResponseBody,
     {
-        // Each request's future is kept unboxed, in the room hyper keeps for it: that room
-        // lives only while the connection is busy (it goes with hyper's state when the
-        // connection is parked), so a request costs no allocation of its future.
-        let service = service_fn(request_fn(
-            handler,
-            self.parked,
-            &self.activity,
-            self.client,
-        ));
-        let io = RequestHeads::new(io, self.settings.max_header_bytes, self.activity.clone());
-        let mut conn = http1
-            .serve_connection(TokioIo::new(io), service)
-            .with_upgrades();
-        let idle_park = self
-            .settings
-            .park_idle_after
-            .map(|after| (self.client, after));
-        let served = watch(
-            Pin::new(&mut conn),
-            |c| c.graceful_shutdown(),
-            &self.activity,
-            self.first_head,
-            self.settings,
-            self.stop,
-            idle_park,
-        )
-        .await;
-        if let Err(err) = served {
-            tracing::debug!(remote = %self.remote, error = %err, "connection ended with an error");
+        async move {
+            // Each request's future is kept unboxed, in the room hyper keeps for it: that room
+            // lives only while the connection is busy (it goes with hyper's state when the
+            // connection is parked), so a request costs no allocation of its future.
+            let service = service_fn(request_fn(
+                handler,
+                self.parked,
+                &self.activity,
+                self.client,
+            ));
+            let io = RequestHeads::new(io, self.settings.max_header_bytes, self.activity.clone());
+            let mut conn = http1
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
+            let idle_park = self
+                .settings
+                .park_idle_after
+                .map(|after| (self.client, after));
+            let served = watch(
+                Pin::new(&mut conn),
+                |c| c.graceful_shutdown(),
+                &self.activity,
+                self.first_head,
+                self.settings,
+                self.stop,
+                idle_park,
+            )
+            .await;
+            if let Err(err) = served {
+                tracing::debug!(remote = %self.remote, error = %err, "connection ended with an error");
+            }
+            if !self.client.take_idle_parked() {
+                return None;
+            }
+            let parts = conn.into_parts()?;
+            // Hyper asked for more bytes only with none of the next request buffered.
+            if !parts.read_buf.is_empty() {
+                return None;
+            }
+            let idle_since = self
+                .activity
+                .at(self.activity.idle_since.load(Ordering::Acquire))
+                .unwrap_or_else(Instant::now);
+            Some((parts.io.into_inner().into_inner(), idle_since))
         }
-        if !self.client.take_idle_parked() {
-            return None;
-        }
-        let parts = conn.into_parts()?;
-        // Hyper asked for more bytes only with none of the next request buffered.
-        if !parts.read_buf.is_empty() {
-            return None;
-        }
-        let idle_since = self
-            .activity
-            .at(self.activity.idle_since.load(Ordering::Acquire))
-            .unwrap_or_else(Instant::now);
-        Some((parts.io.into_inner().into_inner(), idle_since))
     }
 }
 

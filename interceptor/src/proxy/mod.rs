@@ -405,11 +405,16 @@ impl Proxy {
     #[allow(clippy::manual_async_fn)] // see the comment in its body
     pub fn handle(
         self: Arc<Self>,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         client: ClientConn,
     ) -> impl std::future::Future<Output = Response<ProxyBody>> + Send + 'static {
+        // The request is boxed until it is rewritten for the upstream: a future keeps the room
+        // of what it captured for its whole life, even once that has been moved on, so `handle`
+        // and `forward` would each keep 264 bytes of a request long since sent, for as long as
+        // the response takes. Boxed, each keeps 8.
+        let mut req = Box::new(req);
         // An async block, not an async fn: an async fn's arguments are copied into its body's
-        // locals, so the future would hold each of them twice (the request alone is 264 bytes).
+        // locals, so the future would hold each of them twice.
         async move {
             // A request parked before hyper arrived when it began to wait.
             let parked = req.extensions_mut().remove::<hold::Parked>();
@@ -587,7 +592,7 @@ impl Proxy {
     #[allow(clippy::manual_async_fn)] // see `handle`
     fn forward<'a>(
         &'a self,
-        mut req: Request<Incoming>,
+        mut req: Box<Request<Incoming>>,
         authority: RoutedAuthority,
         client: &'a ClientConn,
         done: &'a mut Completion,
@@ -598,7 +603,7 @@ impl Proxy {
                 Version::HTTP_11 => headers::upgrade_protocol(req.headers()),
                 _ => None,
             };
-            let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+            let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut *req));
             let route = done.route.clone();
             let deadline = done.start + route.readiness_timeout;
             let hold_until = match &route.failover {
@@ -762,7 +767,7 @@ impl Proxy {
             // the request future does not keep the rewritten request beside the send holding it.
             let (attempt, body_watch, replay, upstream_span) = {
                 let (mut req, body_watch) = upstream_request(
-                    req,
+                    *req,
                     authority,
                     &acquired.endpoint,
                     client,
@@ -1172,6 +1177,8 @@ mod tests {
     fn a_request_future_stays_small() {
         let size = returned_size(Proxy::handle);
         println!("Proxy::handle's future: {size} bytes");
-        assert!(size <= 2560, "Proxy::handle's future grew to {size} bytes");
+        // 1,544 bytes in the test profile when this bound was set: a request boxed at entry
+        // keeps 264 bytes out of each of `handle`'s and `forward`'s futures.
+        assert!(size <= 1792, "Proxy::handle's future grew to {size} bytes");
     }
 }
