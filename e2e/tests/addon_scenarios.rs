@@ -298,7 +298,12 @@ async fn a_websocket_upgrade_and_a_graceful_shutdown_through_an_interceptor_rout
     let interceptor = Interceptor::start(&cluster).await;
     let (http, proxy) = (Http::default(), interceptor.proxy);
     eventually("ws is up", Duration::from_secs(60), || async {
-        who(&http, proxy, "ws.example", "/", &[]).await == "ws"
+        let answer = who(&http, proxy, "ws.example", "/", &[]).await;
+        if answer != "ws" {
+            // Shown only if the wait fails: what the route answered instead.
+            eprintln!("ws.example answered {answer:?}");
+        }
+        answer == "ws"
     })
     .await;
 

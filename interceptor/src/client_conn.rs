@@ -42,6 +42,8 @@ struct Socket {
     idle: AtomicU8,
     /// Whether the client is a trusted proxy, decided at its first request.
     trusted: std::sync::OnceLock<bool>,
+    /// The response-header timer, kept between requests (see [`ClientConn::header_timer`]).
+    header_timer: std::sync::Mutex<Option<Pin<Box<tokio::time::Sleep>>>>,
 }
 
 impl std::ops::Deref for Socket {
@@ -68,6 +70,7 @@ impl ClientConn {
             forwarded_for: crate::proxy::client_value(remote.ip()),
             idle: AtomicU8::new(IDLE_SERVING),
             trusted: std::sync::OnceLock::new(),
+            header_timer: std::sync::Mutex::new(None),
         });
         (
             Self {
@@ -117,6 +120,34 @@ impl ClientConn {
             .get_or_init(|| is_trusted(self.stream.remote.ip()))
     }
 
+    /// A timer for one request's response-header timeout, given back to the connection when
+    /// the guard drops. Setting up a timer and removing it again takes the timer wheel's lock
+    /// twice; a timer kept armed between requests is moved on to a later deadline without it
+    /// (a deadline only ever moves later here). A request that finds the connection's timer
+    /// taken (HTTP/2 streams at once) gets one of its own.
+    pub(crate) fn header_timer(&self) -> HeaderTimer<'_> {
+        let kept = self
+            .stream
+            .header_timer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        HeaderTimer {
+            client: self,
+            sleep: kept,
+        }
+    }
+
+    /// Drops the kept response-header timer: a connection that is parked holds no more than
+    /// parking needs.
+    pub(crate) fn forget_header_timer(&self) {
+        self.stream
+            .header_timer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+    }
+
     /// Whether the connection came in over TLS.
     pub fn is_tls(&self) -> bool {
         self.stream.tls
@@ -143,6 +174,43 @@ impl ClientConn {
     pub async fn closed(&self) -> io::Result<()> {
         let dup = std::net::TcpStream::from(self.stream.as_fd().try_clone_to_owned()?);
         hangup(&TcpStream::from_std(dup)?).await
+    }
+}
+
+/// One request's use of its connection's response-header timer (see
+/// [`ClientConn::header_timer`]).
+pub(crate) struct HeaderTimer<'a> {
+    client: &'a ClientConn,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl HeaderTimer<'_> {
+    /// Completes once `timeout` has passed from now.
+    pub(crate) async fn expire_after(&mut self, timeout: std::time::Duration) {
+        let at = tokio::time::Instant::now() + timeout;
+        match &mut self.sleep {
+            Some(sleep) => sleep.as_mut().reset(at),
+            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+        if let Some(sleep) = &mut self.sleep {
+            sleep.as_mut().await;
+        }
+    }
+}
+
+impl Drop for HeaderTimer<'_> {
+    fn drop(&mut self) {
+        if let Some(sleep) = self.sleep.take() {
+            let mut kept = self
+                .client
+                .stream
+                .header_timer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if kept.is_none() {
+                *kept = Some(sleep);
+            }
+        }
     }
 }
 

@@ -530,6 +530,7 @@ where
                 match back {
                     Some((back, since)) => {
                         tracing::trace!(%remote, "idle keep-alive connection parked");
+                        client.forget_header_timer();
                         io = back;
                         idle_since = Some(since);
                     }
@@ -934,19 +935,63 @@ where
     };
     let timer = tokio::time::sleep_until(soon(first_head));
     tokio::pin!(timer);
+    let cancelled = stop.cancelled();
+    tokio::pin!(cancelled);
+    let mut stop_registered = false;
+    let mut timer_registered = false;
     let mut closing = false;
     let mut stopping = false;
+    enum Event<R> {
+        Served(R),
+        Stop,
+        Timer,
+    }
     loop {
-        tokio::select! {
-            // The connection first: nearly every poll is for it, and the token and the timer
-            // are polled after it in the same order every time, with no random draw.
-            biased;
-            result = conn.as_mut() => return result,
-            () = stop.cancelled(), if !stopping => {
+        // The connection first: nearly every poll is for it. Then the token and the timer, in
+        // the same order every time.
+        let event = std::future::poll_fn(|cx| {
+            if let Poll::Ready(result) = conn.as_mut().poll(cx) {
+                return Poll::Ready(Event::Served(result));
+            }
+            if !stopping {
+                // The token's waiter is registered once, with this task's waker, which stays
+                // valid for the task's life (the connection is always driven by its own task);
+                // then a poll only reads the flag. Polling the waiter again would take the
+                // token's lock on every poll of the connection.
+                if stop.is_cancelled() {
+                    return Poll::Ready(Event::Stop);
+                }
+                if !stop_registered {
+                    stop_registered = true;
+                    if cancelled.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Event::Stop);
+                    }
+                }
+            }
+            // The timer too is polled once each time it is set, which registers this task's
+            // waker with it; then a poll only reads whether it has fired.
+            if timer_registered {
+                return match timer.is_elapsed() {
+                    true => Poll::Ready(Event::Timer),
+                    false => Poll::Pending,
+                };
+            }
+            timer_registered = true;
+            match timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Event::Timer),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        match event {
+            Event::Served(result) => return result,
+            Event::Stop => {
                 stopping = true;
                 shutdown(conn.as_mut());
             }
-            () = timer.as_mut() => {
+            Event::Timer => {
+                // Every way on from here sets the timer again (or returns).
+                timer_registered = false;
                 let now = Instant::now();
                 if closing {
                     // Told to close and still open: drop it.
@@ -957,19 +1002,25 @@ where
                         timer.as_mut().reset(soon(first_head));
                         continue;
                     }
-                    settings.connections.closed_by(CloseReason::HeaderReadTimeout);
+                    settings
+                        .connections
+                        .closed_by(CloseReason::HeaderReadTimeout);
                     return Ok(());
                 }
                 let look_again = now + settings.header_read_timeout;
                 if activity.active.load(Ordering::Acquire) > 0 {
-                    timer.as_mut().reset(soon(look_again.min(now + settings.idle_timeout)));
+                    timer
+                        .as_mut()
+                        .reset(soon(look_again.min(now + settings.idle_timeout)));
                     continue;
                 }
                 if let Some(at) = activity.at(activity.head_started.load(Ordering::Acquire)) {
                     let due = at + settings.header_read_timeout;
                     if due <= now {
                         // A head begun and not finished in time; nothing is in flight.
-                        settings.connections.closed_by(CloseReason::HeaderReadTimeout);
+                        settings
+                            .connections
+                            .closed_by(CloseReason::HeaderReadTimeout);
                         return Ok(());
                     }
                     timer.as_mut().reset(due);
@@ -1048,5 +1099,79 @@ mod tests {
             (http::StatusCode::OK, Bytes::from_static(b"fine"))
         );
         stop.cancel();
+    }
+
+    /// Reads from `conn` until the peer closes it, within `within`; returns what came.
+    async fn read_to_close(conn: &mut tokio::net::TcpStream, within: Duration) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut got = Vec::new();
+        tokio::time::timeout(within, conn.read_to_end(&mut got))
+            .await
+            .expect("the connection is closed in time")
+            .unwrap();
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    /// A stop reaches a connection that hyper holds while it sleeps between requests, and
+    /// one whose request is in flight once its response is out: both close at once, not at
+    /// their idle timeout (5 minutes here), and the drain completes.
+    #[tokio::test]
+    async fn a_stop_closes_idle_and_busy_keep_alive_connections_gracefully() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let release = Arc::new(tokio::sync::Notify::new());
+        let arrived = Arc::new(tokio::sync::Notify::new());
+        let handler = {
+            let (release, arrived) = (release.clone(), arrived.clone());
+            move |req: Request<Incoming>, _client: ClientConn| {
+                let (release, arrived) = (release.clone(), arrived.clone());
+                async move {
+                    if req.uri().path() == "/slow" {
+                        arrived.notify_one();
+                        release.notified().await;
+                    }
+                    Response::new(Full::new(Bytes::from_static(b"fine")))
+                }
+            }
+        };
+        let served = tokio::spawn(serve(
+            listener,
+            None,
+            handler,
+            ConnectionSettings::internal(Duration::from_secs(60)),
+            stop.clone(),
+            Duration::from_secs(10),
+        ));
+        let head = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        // One connection served a request and sleeps in hyper, waiting for the next.
+        let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+        idle.write_all(head("/a").as_bytes()).await.unwrap();
+        let mut buf = [0u8; 1024];
+        let mut first = String::new();
+        while !first.ends_with("fine") {
+            let n = idle.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the response: {first:?}");
+            first.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        // Another has a request in flight.
+        let mut busy = tokio::net::TcpStream::connect(addr).await.unwrap();
+        busy.write_all(head("/slow").as_bytes()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), arrived.notified())
+            .await
+            .expect("the slow request reaches its handler");
+
+        stop.cancel();
+        assert_eq!(read_to_close(&mut idle, Duration::from_secs(5)).await, "");
+        release.notify_one();
+        let answer = read_to_close(&mut busy, Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("fine"), "{answer}");
+        let drain = tokio::time::timeout(Duration::from_secs(5), served)
+            .await
+            .expect("the server drains in time")
+            .unwrap();
+        assert!(drain.complete, "{drain:?}");
     }
 }

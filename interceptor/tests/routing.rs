@@ -223,3 +223,69 @@ async fn a_slow_upstream_gets_504_after_the_response_header_timeout() {
         "{metrics}"
     );
 }
+
+/// A connection's response-header timer is kept between its requests and moved to each one's
+/// deadline: later (a fast route's 30 s after a slow one's 200 ms) and earlier again. Each
+/// slow request gets its 504 after its own 200 ms, neither sooner (a deadline left from the
+/// request before) nor later (the fast route's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_response_header_timeout_holds_for_every_request_on_a_keep_alive_connection() {
+    let slow = Upstream::start("slow", Duration::from_secs(3)).await;
+    let fast = Upstream::start("fast", Duration::ZERO).await;
+    let config = format!(
+        "routes:\n{}{}",
+        upstream_route(
+            "slow",
+            &slow,
+            "    hosts: [slow.test]\n    timeouts: { responseHeader: 200ms }\n"
+        ),
+        upstream_route(
+            "fast",
+            &fast,
+            "    hosts: [fast.test]\n    timeouts: { responseHeader: 30s }\n"
+        ),
+    );
+    let ic = Interceptor::start(&config).await;
+    let stream = tokio::net::TcpStream::connect(ic.proxy).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for host in [
+        "slow.test",
+        "fast.test",
+        "slow.test",
+        "fast.test",
+        "slow.test",
+    ] {
+        let req = Request::get("/")
+            .header("host", host)
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let sent = std::time::Instant::now();
+        let rsp = sender.send_request(req).await.unwrap();
+        let took = sent.elapsed();
+        let status = rsp.status();
+        // Read to the end, so that the connection is free for the next request.
+        http_body_util::BodyExt::collect(rsp.into_body())
+            .await
+            .unwrap();
+        if host == "fast.test" {
+            assert_eq!(status, StatusCode::OK, "{host}");
+        } else {
+            assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{host}");
+            assert!(
+                took >= Duration::from_millis(190),
+                "{host}: 504 after only {took:?}"
+            );
+        }
+    }
+    let metrics = ic.metrics().await;
+    assert!(
+        metrics.contains(
+            r#"wakegate_upstream_errors_total{kind="response_header_timeout",route="slow"} 3"#
+        ),
+        "{metrics}"
+    );
+}

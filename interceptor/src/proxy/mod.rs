@@ -808,11 +808,14 @@ impl Proxy {
             // upload to a healthy upstream is not cut (as in the add-on and Go's
             // ResponseHeaderTimeout). A client too slow to send is bounded by the body's minimum
             // rate instead.
+            let mut header_timer = client.header_timer();
             let header_timeout = async {
                 if let Some(watch) = &body_watch {
                     watch.sent().await;
                 }
-                tokio::time::sleep(route.response_header_timeout).await;
+                header_timer
+                    .expire_after(route.response_header_timeout)
+                    .await;
             };
             // The send and the timer are polled where they are, in this function's state: an
             // async block around them would hold its captures and their copies in the select. A
