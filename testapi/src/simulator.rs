@@ -113,9 +113,23 @@ impl Sim {
     ) {
         let (mut events, _) = self.store.watch(Some(self.store.resource_version()));
         self.sync_all();
+        // A pod's process can die on its own: a crash, or its port taken between the moment
+        // the simulator picked it and the moment the pod, booted, binds it (parallel tests
+        // open sockets all the time). As a ReplicaSet would, the simulator then replaces it.
+        let mut reap = tokio::time::interval(Duration::from_millis(200));
+        reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
+                _ = reap.tick() => {
+                    let died = self.pods.values_mut().any(|pods| {
+                        pods.iter_mut().any(|p| !matches!(p.child.try_wait(), Ok(None)))
+                    });
+                    if died {
+                        tracing::warn!("simulator: a pod's process exited; replacing it");
+                        self.sync_all();
+                    }
+                }
                 event = events.recv() => match event {
                     Ok(e) if e.resource == "deployments.apps" || e.resource == "services." => self.sync_all(),
                     Ok(e) if e.resource == "pods." && e.kind == EventType::Deleted => {
@@ -191,6 +205,7 @@ impl Sim {
         // Pods whose process died are gone, as a crashed container would be until restarted.
         let store = self.store.clone();
         let pod_objects = self.pod_objects.clone();
+        let before = pods.len();
         pods.retain_mut(|p| {
             let alive = matches!(p.child.try_wait(), Ok(None));
             if !alive {
@@ -203,7 +218,8 @@ impl Sim {
             .get(&self.deployments, ns, deploy)
             .map(|d| d["spec"]["template"]["metadata"]["labels"].clone())
             .unwrap_or(Value::Null);
-        let mut changed = false;
+        // A dead pod's endpoint goes from the slices even if nothing replaces it.
+        let mut changed = pods.len() != before;
         while pods.len() > desired {
             if let Some(mut pod) = pods.pop() {
                 if let (Some(pid), Ok(mut pids)) = (pod.child.id(), self.pids.lock()) {
