@@ -46,6 +46,15 @@ struct Socket {
     header_timer: std::sync::Mutex<Option<Pin<Box<tokio::time::Sleep>>>>,
 }
 
+impl Socket {
+    /// The response-header timer kept between requests, locked.
+    fn kept_timer(&self) -> std::sync::MutexGuard<'_, Option<Pin<Box<tokio::time::Sleep>>>> {
+        self.header_timer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 impl std::ops::Deref for Socket {
     type Target = TcpStream;
     fn deref(&self) -> &TcpStream {
@@ -123,29 +132,19 @@ impl ClientConn {
     /// A timer for one request's response-header timeout, given back to the connection when
     /// the guard drops. Setting up a timer and removing it again takes the timer wheel's lock
     /// twice; a timer kept armed between requests is moved on to a later deadline without it
-    /// (a deadline only ever moves later here). A request that finds the connection's timer
-    /// taken (HTTP/2 streams at once) gets one of its own.
+    /// (an earlier one, another route's shorter timeout, registers it again). A request that
+    /// finds the connection's timer taken (HTTP/2 streams at once) gets one of its own.
     pub(crate) fn header_timer(&self) -> HeaderTimer<'_> {
-        let kept = self
-            .stream
-            .header_timer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
         HeaderTimer {
             client: self,
-            sleep: kept,
+            sleep: self.stream.kept_timer().take(),
         }
     }
 
     /// Drops the kept response-header timer: a connection that is parked holds no more than
     /// parking needs.
     pub(crate) fn forget_header_timer(&self) {
-        self.stream
-            .header_timer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+        self.stream.kept_timer().take();
     }
 
     /// Whether the connection came in over TLS.
@@ -188,28 +187,20 @@ impl HeaderTimer<'_> {
     /// Completes once `timeout` has passed from now.
     pub(crate) async fn expire_after(&mut self, timeout: std::time::Duration) {
         let at = tokio::time::Instant::now() + timeout;
-        match &mut self.sleep {
-            Some(sleep) => sleep.as_mut().reset(at),
-            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
-        }
         if let Some(sleep) = &mut self.sleep {
-            sleep.as_mut().await;
+            sleep.as_mut().reset(at);
         }
+        self.sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)))
+            .as_mut()
+            .await;
     }
 }
 
 impl Drop for HeaderTimer<'_> {
     fn drop(&mut self) {
         if let Some(sleep) = self.sleep.take() {
-            let mut kept = self
-                .client
-                .stream
-                .header_timer
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if kept.is_none() {
-                *kept = Some(sleep);
-            }
+            self.client.stream.kept_timer().get_or_insert(sleep);
         }
     }
 }

@@ -953,33 +953,28 @@ where
             if let Poll::Ready(result) = conn.as_mut().poll(cx) {
                 return Poll::Ready(Event::Served(result));
             }
-            if !stopping {
-                // The token's waiter is registered once, with this task's waker, which stays
-                // valid for the task's life (the connection is always driven by its own task);
-                // then a poll only reads the flag. Polling the waiter again would take the
-                // token's lock on every poll of the connection.
-                if stop.is_cancelled() {
-                    return Poll::Ready(Event::Stop);
-                }
-                if !stop_registered {
-                    stop_registered = true;
-                    if cancelled.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Event::Stop);
-                    }
-                }
+            // The token's waiter is registered once, with this task's waker, which stays valid
+            // for the task's life (the connection is always driven by its own task); then a
+            // poll only reads the flag. Polling the waiter again would take the token's lock on
+            // every poll of the connection.
+            if !stopping
+                && (stop.is_cancelled()
+                    || (!std::mem::replace(&mut stop_registered, true)
+                        && cancelled.as_mut().poll(cx).is_ready()))
+            {
+                return Poll::Ready(Event::Stop);
             }
             // The timer too is polled once each time it is set, which registers this task's
             // waker with it; then a poll only reads whether it has fired.
-            if timer_registered {
-                return match timer.is_elapsed() {
-                    true => Poll::Ready(Event::Timer),
-                    false => Poll::Pending,
-                };
-            }
-            timer_registered = true;
-            match timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Event::Timer),
-                Poll::Pending => Poll::Pending,
+            let fired = if std::mem::replace(&mut timer_registered, true) {
+                timer.is_elapsed()
+            } else {
+                timer.as_mut().poll(cx).is_ready()
+            };
+            if fired {
+                Poll::Ready(Event::Timer)
+            } else {
+                Poll::Pending
             }
         })
         .await;

@@ -111,12 +111,9 @@ pub fn set_forwarded(
         // request that carries none of them (most do not) costs no hashed lookups.
         let (mut sent_for, mut sent_proto, mut sent_host) = (false, false, false);
         for name in headers.keys() {
-            match name.as_str().len() {
-                15 => sent_for |= name == X_FORWARDED_FOR,
-                16 => sent_host |= name == X_FORWARDED_HOST,
-                17 => sent_proto |= name == X_FORWARDED_PROTO,
-                _ => {}
-            }
+            sent_for |= name == X_FORWARDED_FOR;
+            sent_proto |= name == X_FORWARDED_PROTO;
+            sent_host |= name == X_FORWARDED_HOST;
         }
         if !sent_for {
             headers.insert(X_FORWARDED_FOR.clone(), client.clone());
