@@ -482,13 +482,18 @@ where
                 let mut parked = None;
                 let mut is_http1 = idle_since.is_some();
                 if let (None, Some(park)) = (tls, &settings.park) {
+                    // The wait for a head is boxed like the session below, so that the task
+                    // keeps room for neither: a connection is in one or the other.
                     let parking = match idle_since {
-                        None => park_first(park.as_ref(), &client, first_head, None).await,
+                        None => {
+                            Box::pin(park_first(park.as_ref(), &client, first_head, None)).await
+                        }
                         Some(since) => {
                             let deadline = since + settings.idle_timeout;
                             settings.connections.idle_parked.inc();
                             let parking =
-                                park_first(park.as_ref(), &client, deadline, Some(stop)).await;
+                                Box::pin(park_first(park.as_ref(), &client, deadline, Some(stop)))
+                                    .await;
                             settings.connections.idle_parked.dec();
                             parking
                         }

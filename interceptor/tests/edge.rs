@@ -868,6 +868,20 @@ async fn error_bodies_say_what_happened_not_where() {
     );
 }
 
+/// A request head read from `conn`, up to its blank line; `None` if it closes first.
+async fn read_head(conn: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 8192];
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = conn.read(&mut buf).await.unwrap_or(0);
+        if n == 0 {
+            return None;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    Some(head)
+}
+
 /// An upstream that answers the first request on each connection and keeps it open, then
 /// closes it without answering when the next request arrives: what an app with a short
 /// keep-alive timeout does when its close crosses the proxy's reuse of the connection.
@@ -882,21 +896,15 @@ async fn closes_reused_connections() -> (SocketAddr, Arc<std::sync::Mutex<Vec<Ve
             let (mut conn, _) = listener.accept().await.unwrap();
             let count = count.clone();
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
-                let mut head = Vec::new();
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let n = conn.read(&mut buf).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    head.extend_from_slice(&buf[..n]);
-                }
+                let Some(head) = read_head(&mut conn).await else {
+                    return;
+                };
                 count.lock().unwrap().push(head);
                 let _ = conn
                     .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                     .await;
                 // The next request on this connection is read, then the connection dropped.
-                let _ = conn.read(&mut buf).await;
+                let _ = conn.read(&mut [0u8; 8192]).await;
             });
         }
     });
@@ -956,5 +964,39 @@ async fn an_idempotent_request_on_a_connection_the_upstream_closed_is_sent_again
         reply.text().contains("failed before sending a response"),
         "{}",
         reply.text()
+    );
+}
+
+/// A new connection cannot have been closed for idling, so a request the upstream drops on a
+/// new connection is its failure, not a race: it is answered 502 and not sent again (the
+/// upstream sees it once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_dropped_on_a_new_connection_is_not_sent_again() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let heads = Arc::new(AtomicUsize::new(0));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                if read_head(&mut conn).await.is_some() {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                }
+                // Dropped without an answer.
+            });
+        }
+    });
+    let config = format!(
+        "routes:\n  - name: app\n    hosts: [\"app.test\"]\n    target: {{ upstream: \"{upstream}\" }}\n"
+    );
+    let ic = Interceptor::start(&config).await;
+    let reply = ic.get("app.test", "/").await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());
+    assert_eq!(
+        heads.load(Ordering::SeqCst),
+        1,
+        "the GET reached the upstream once"
     );
 }

@@ -38,7 +38,7 @@ use self::hold::{round_to_ms, Acquired};
 use self::observe::{Observed, RequestTrace};
 use self::session::{pinned_endpoint, session_cookie};
 use self::upstream::{
-    idempotent, upstream_request, ClientKey, Http1Conn, Http1Pool, Replay, SendError, Upstream,
+    idempotent, upstream_request, ClientKey, Http1Conn, Http1Pool, SendError, Upstream,
     UpstreamClient,
 };
 use crate::client_conn::ClientConn;
@@ -521,6 +521,9 @@ impl Proxy {
                 done._released = release.permit;
                 done.first_out = release.first;
             }
+            // Not kept in the future across the forward: it would hold its room for as long as
+            // the upstream takes.
+            drop(parked);
             let deadline = done.route.request_timeout.map(|t| (start + t, t));
             let route_id = done.route.spec.id.clone();
             let forwarded = self
@@ -528,7 +531,10 @@ impl Proxy {
                 .instrument(span);
             let outcome = match deadline {
                 None => forwarded.await,
-                Some((at, timeout)) => match tokio::time::timeout_at(at, forwarded).await {
+                // Boxed: a timer in the request future would take its room in every request,
+                // with or without a request timeout.
+                Some((at, timeout)) => match Box::pin(tokio::time::timeout_at(at, forwarded)).await
+                {
                     Ok(outcome) => outcome,
                     Err(_elapsed) => Err(ProxyError::RequestTimeout {
                         route: route_id,
@@ -620,7 +626,8 @@ impl Proxy {
             let session = route.spec.session.as_ref();
             let pinned = session.and_then(|s| pinned_endpoint(s, req.headers(), &route.endpoints));
             let uncounted = done.uncounted.clone();
-            let acquired = if let Some(endpoint) = pinned.clone() {
+            let was_pinned = pinned.is_some();
+            let acquired = if let Some(endpoint) = pinned {
                 route.metrics.warm();
                 Acquired {
                     endpoint,
@@ -716,21 +723,25 @@ impl Proxy {
                     other => other?,
                 }
             };
-            done._lease = acquired.lease;
-            if acquired.first.is_some() {
-                done.first_out = acquired.first;
+            // Taken apart: only the endpoint is kept across the send.
+            let Acquired {
+                endpoint,
+                first,
+                lease,
+                waited,
+            } = acquired;
+            done._lease = lease;
+            if first.is_some() {
+                done.first_out = first;
             }
-            let cold = acquired.waited.is_some() || failed_over;
+            let cold = waited.is_some() || failed_over;
             done.cold = cold;
-            if let Some(waited) = acquired.waited {
+            if let Some(waited) = waited {
                 // The endpoint was only just reported ready: let connects retry until the deadline.
-                self.fresh.mark(
-                    acquired.endpoint.authority().as_str(),
-                    deadline,
-                    &route.endpoints,
-                );
+                self.fresh
+                    .mark(endpoint.authority().as_str(), deadline, &route.endpoints);
                 self.metrics.cold_start(&route.spec.id, waited);
-                tracing::debug!(endpoint = %acquired.endpoint, waited_ms = waited.as_millis() as u64, "released held request");
+                tracing::debug!(endpoint = %endpoint, waited_ms = waited.as_millis() as u64, "released held request");
             }
 
             let tls = route.spec.upstream_tls.is_some() && !failed_over;
@@ -743,12 +754,12 @@ impl Proxy {
             let upstream = match (route.spec.protocol, failed_over) {
                 // HTTP/2: the URI carries the routed authority, so the client is the endpoint's.
                 (UpstreamProtocol::H2c, false) => Upstream::Legacy(
-                    self.h2_client_for(route.spec.upstream_tls.as_ref(), &acquired.endpoint),
+                    self.h2_client_for(route.spec.upstream_tls.as_ref(), &endpoint),
                 ),
                 // The failover target is a different service: it is spoken to in the route's
                 // protocol, without TLS.
                 (UpstreamProtocol::H2c, true) => {
-                    Upstream::Legacy(self.h2_client_for(None, &acquired.endpoint))
+                    Upstream::Legacy(self.h2_client_for(None, &endpoint))
                 }
                 (UpstreamProtocol::Http1, true) => {
                     let mut clients = self
@@ -766,10 +777,15 @@ impl Proxy {
             // The request is rewritten and handed to its first send in a block of its own, so that
             // the request future does not keep the rewritten request beside the send holding it.
             let (attempt, body_watch, replay, upstream_span) = {
+                // Out of its box, which goes at once rather than at the end of the request.
+                let req = {
+                    let boxed = req;
+                    *boxed
+                };
                 let (mut req, body_watch) = upstream_request(
-                    *req,
+                    req,
                     authority,
-                    &acquired.endpoint,
+                    &endpoint,
                     client,
                     trusted,
                     route.spec.protocol,
@@ -781,28 +797,24 @@ impl Proxy {
                 }
                 // The upstream's `traceparent` names the interceptor's client span.
                 let upstream_span = done.observed.as_mut().and_then(|o| {
-                    o.upstream = Some(acquired.endpoint.clone());
+                    o.upstream = Some(endpoint.clone());
                     // Boxed: the request future keeps it across the send, and is laid out for it.
                     o.trace.as_ref().map(|t| {
                         let method = req.method().clone();
-                        Box::new(t.upstream(&method, &acquired.endpoint, req.headers_mut()))
+                        Box::new(t.upstream(&method, &endpoint, req.headers_mut()))
                     })
                 });
-                // A request without a body and with an idempotent method is sent once more, on another
-                // connection, if the upstream closed the connection before any response: an upstream
-                // that closes idle keep-alive connections (Node's 5 s default, a first-request deadline)
-                // races the pool reusing them, and the request never reached the app. nginx does the
-                // same (`proxy_next_upstream error`), and so does Go's transport.
-                let replay = (upgrade.is_none()
+                // A request without a body and with an idempotent method is sent once more, on
+                // another connection, if the upstream closed a reused connection before any
+                // response: an upstream that closes idle keep-alive connections (Node's 5 s
+                // default) races the pool reusing them, and the request never reached the app.
+                // nginx does the same (`proxy_next_upstream error`), and so does Go's transport,
+                // which also sends again only what went out on a reused connection.
+                let replayable = upgrade.is_none()
                     && http_body::Body::is_end_stream(req.body())
-                    && idempotent(req.method()))
-                .then(|| Replay::of(&req));
-                (
-                    upstream.send(&acquired.endpoint, req),
-                    body_watch,
-                    replay,
-                    upstream_span,
-                )
+                    && idempotent(req.method());
+                let (attempt, replay) = upstream.send(&endpoint, req, replayable);
+                (attempt, body_watch, replay, upstream_span)
             };
             // The response-header timeout starts once the request body is sent in full, so a slow
             // upload to a healthy upstream is not cut (as in the add-on and Go's
@@ -811,7 +823,9 @@ impl Proxy {
             let mut header_timer = client.header_timer();
             let header_timeout = async {
                 if let Some(watch) = &body_watch {
-                    watch.sent().await;
+                    // Boxed: only a request with a body waits here, and the request future
+                    // would otherwise keep room for the wait in every request.
+                    Box::pin(watch.sent()).await;
                 }
                 header_timer
                     .expire_after(route.response_header_timeout)
@@ -844,7 +858,7 @@ impl Proxy {
                             match replay.take().and_then(|r| r.request()) {
                                 Some(again) => {
                                     tracing::debug!(error = ?err, "upstream closed the connection before answering; sending again");
-                                    attempt.set(upstream.send(&acquired.endpoint, again));
+                                    attempt.set(upstream.send(&endpoint, again, false).0);
                                     first_failure = Some(err);
                                 }
                                 None => break Ok(Err(err)),
@@ -856,7 +870,6 @@ impl Proxy {
             };
             // The response head (or why there is none) is here: the rest of the backlog may go.
             done.first_out = None;
-            let endpoint = acquired.endpoint;
             if cold
                 && matches!(sent, Ok(Ok(_)))
                 && route.awaiting_first_byte.swap(false, Ordering::Relaxed)
@@ -941,7 +954,7 @@ impl Proxy {
                 COLD_START_NAME,
                 HeaderValue::from_static(if cold { "true" } else { "false" }),
             );
-            if let (Some(s), None, false) = (session, &pinned, failed_over) {
+            if let (Some(s), false, false) = (session, was_pinned, failed_over) {
                 // A new (or replaced) session: the endpoint this request went to.
                 let https = client.is_tls() || (trusted && forwarded_https);
                 if let Ok(cookie) = HeaderValue::try_from(session_cookie(s, &endpoint, https)) {
@@ -1175,13 +1188,13 @@ mod tests {
     /// per request. It was 5.3 KiB while `handle` and `forward` were async fns (each argument
     /// held twice) and the send and its replay were laid out side by side, and 2.9 KiB while
     /// the pool's send kept its request beside hyper's, hyper-util's client was held by value
-    /// and every request had room for a hold; 2.1 KiB now. Keep it down.
+    /// and every request had room for a hold, and 1.5 KiB with room for a request timeout's
+    /// timer and a request body's wait. Keep it down.
     #[test]
     fn a_request_future_stays_small() {
         let size = returned_size(Proxy::handle);
         println!("Proxy::handle's future: {size} bytes");
-        // 1,544 bytes in the test profile when this bound was set: a request boxed at entry
-        // keeps 264 bytes out of each of `handle`'s and `forward`'s futures.
-        assert!(size <= 1792, "Proxy::handle's future grew to {size} bytes");
+        // 1,336 bytes in the test profile when this bound was set.
+        assert!(size <= 1536, "Proxy::handle's future grew to {size} bytes");
     }
 }

@@ -346,6 +346,9 @@ impl SendError {
     }
 }
 
+/// A response head from the upstream, with the pooled connection its body drives.
+type Sent = Result<(hyper::Response<Incoming>, Option<Http1Conn>), SendError>;
+
 /// How a request reaches its endpoint.
 pub(super) enum Upstream<'a> {
     /// Plaintext HTTP/1.1: a route's own pool of `client::conn` connections, each driven by
@@ -358,27 +361,37 @@ pub(super) enum Upstream<'a> {
 impl<'a> Upstream<'a> {
     /// Sends `req` to `endpoint` and waits for the response head. An `Http1Conn` comes back
     /// with a response from the route's pool: the response body drives it.
+    ///
+    /// With `replayable`, a copy of the head comes back too if the request may meet a
+    /// connection the upstream closed while it sat idle: one from the route's pool that was
+    /// used before, or any from hyper-util's client, whose pool does not say. A new
+    /// connection cannot have been closed for idling, so a request sent on one is not copied
+    /// (Go's transport draws the same line).
     pub(super) fn send<'s>(
         &'s self,
         endpoint: &'s Endpoint,
         req: Request<RequestBody>,
-    ) -> impl Future<Output = Result<(hyper::Response<Incoming>, Option<Http1Conn>), SendError>>
-           + Send
-           + use<'a, 's>
-           + 's {
+        replayable: bool,
+    ) -> (
+        impl Future<Output = Sent> + Send + use<'a, 's> + 's,
+        Option<Replay>,
+    ) {
         // Either future as it is, not wrapped in an async block that would hold the request
         // a second time (see `Proxy::handle`).
         use futures_util::future::{Either, FutureExt};
         match self {
-            Self::Legacy(client) => Either::Left(
-                client
+            Self::Legacy(client) => {
+                let replay = replayable.then(|| Replay::of(&req));
+                let sent = client
                     .request(req)
-                    .map(|sent| sent.map(|rsp| (rsp, None)).map_err(SendError::from_legacy)),
-            ),
-            Self::Http1(pool, connector) => Either::Right(
-                pool.send(connector, endpoint.authority(), req)
-                    .map(|sent| sent.map(|(rsp, conn)| (rsp, Some(conn)))),
-            ),
+                    .map(|sent| sent.map(|rsp| (rsp, None)).map_err(SendError::from_legacy));
+                (Either::Left(sent), replay)
+            }
+            Self::Http1(pool, connector) => {
+                let (sent, replay) = pool.send(connector, endpoint.authority(), req, replayable);
+                let sent = sent.map(|sent| sent.map(|(rsp, conn)| (rsp, Some(conn))));
+                (Either::Right(sent), replay)
+            }
         }
     }
 }
@@ -514,13 +527,18 @@ impl Http1Pool {
     }
 
     /// Sends `req` on an idle connection to `endpoint`, or a new one, driving the connection
-    /// until the response head arrives.
+    /// until the response head arrives. With `replayable`, a copy of the head comes back if
+    /// the connection was used before (see [`Upstream::send`]).
     fn send<'s>(
         self: &'s Arc<Self>,
         connector: &'s RetryingConnector,
         endpoint: &'s http::uri::Authority,
         mut req: Request<RequestBody>,
-    ) -> PoolSend<'s, impl Future<Output = hyper::Result<hyper::Response<Incoming>>> + Send> {
+        replayable: bool,
+    ) -> (
+        PoolSend<'s, impl Future<Output = hyper::Result<hyper::Response<Incoming>>> + Send>,
+        Option<Replay>,
+    ) {
         // `client::conn` writes the URI as given: origin form, as the request line wants it.
         let path = req
             .uri()
@@ -528,13 +546,34 @@ impl Http1Pool {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         *req.uri_mut() = Uri::from(path);
-        PoolSend {
+        let send = |sender: &mut Sender, req| sender.send_request(req);
+        // The connection is taken now, so that the request goes straight to it: the future
+        // never keeps the request itself, only hyper's send of it (or, while a new connection
+        // is dialled, a box).
+        let (state, replay) = match self.checkout(endpoint) {
+            Some(idle) => {
+                let replay = replayable.then(|| Replay::of(&req));
+                (SendState::sending(send, idle, req), replay)
+            }
+            None => {
+                let connector = connector.clone();
+                let endpoint = endpoint.clone();
+                let connecting =
+                    Box::pin(async move { Http1Pool::connect(&connector, &endpoint).await });
+                let dialling = SendState::Dialling {
+                    req: Some(Box::new(req)),
+                    connecting,
+                };
+                (dialling, None)
+            }
+        };
+        let sending = PoolSend {
             pool: self,
-            connector,
             endpoint,
-            send: |sender: &mut Sender, req| sender.send_request(req),
-            state: SendState::Start { req: Some(req) },
-        }
+            send,
+            state,
+        };
+        (sending, replay)
     }
 }
 
@@ -551,7 +590,6 @@ pin_project_lite::pin_project! {
     /// connection carries only hyper's send.
     pub(super) struct PoolSend<'s, F> {
         pool: &'s Arc<Http1Pool>,
-        connector: &'s RetryingConnector,
         endpoint: &'s http::uri::Authority,
         send: fn(&mut Sender, Request<RequestBody>) -> F,
         #[pin]
@@ -562,10 +600,8 @@ pin_project_lite::pin_project! {
 pin_project_lite::pin_project! {
     #[project = SendProj]
     enum SendState<F> {
-        /// Not polled yet: an idle connection is taken at the first poll, else one is dialled.
-        Start { req: Option<Request<RequestBody>> },
         /// No idle connection: a new one is being dialled.
-        Dialling { req: Option<Request<RequestBody>>, connecting: Connecting },
+        Dialling { req: Option<Box<Request<RequestBody>>>, connecting: Connecting },
         /// The request is in the connection's hands; `conn` is `None` once it has closed.
         Sending {
             #[pin]
@@ -602,29 +638,11 @@ where
         let mut this = self.project();
         loop {
             let next = match this.state.as_mut().project() {
-                SendProj::Start { req } => {
-                    let Some(req) = req.take() else {
-                        return Poll::Ready(Err(polled_after_completion()));
-                    };
-                    match this.pool.checkout(this.endpoint) {
-                        Some(idle) => SendState::sending(*this.send, idle, req),
-                        None => {
-                            let connector = this.connector.clone();
-                            let endpoint = this.endpoint.clone();
-                            SendState::Dialling {
-                                req: Some(req),
-                                connecting: Box::pin(async move {
-                                    Http1Pool::connect(&connector, &endpoint).await
-                                }),
-                            }
-                        }
-                    }
-                }
                 SendProj::Dialling { req, connecting } => {
                     let connected = std::task::ready!(connecting.as_mut().poll(cx));
                     match (connected, req.take()) {
                         (Ok(connected), Some(req)) => {
-                            SendState::sending(*this.send, connected, req)
+                            SendState::sending(*this.send, connected, *req)
                         }
                         (Err(err), _) => {
                             this.state.set(SendState::Done);
