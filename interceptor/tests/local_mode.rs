@@ -158,7 +158,13 @@ async fn sigterm_lets_requests_in_flight_finish_exits_0_and_leaves_no_child() {
         "routes:\n{}",
         backend_route("drain", "drain.test", port, "0s", "")
     );
-    let mut ic = Interceptor::start_with(&config, &["--shutdown-delay", "300ms"]).await;
+    // The drain outlasts the slow requests by far: they must finish, however slow the
+    // machine (an emulated arm one takes its time).
+    let mut ic = Interceptor::start_with(
+        &config,
+        &["--shutdown-delay", "300ms", "--drain-timeout", "20s"],
+    )
+    .await;
     let child = ic.get("drain.test", "/").await.pid();
 
     let mut slow = Vec::new();

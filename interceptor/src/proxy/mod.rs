@@ -805,11 +805,13 @@ impl Proxy {
                     })
                 });
                 // A request without a body and with an idempotent method is sent once more, on
-                // another connection, if the upstream closed a reused connection before any
+                // another connection, if the upstream closed the connection before any
                 // response: an upstream that closes idle keep-alive connections (Node's 5 s
-                // default) races the pool reusing them, and the request never reached the app.
-                // nginx does the same (`proxy_next_upstream error`), and so does Go's transport,
-                // which also sends again only what went out on a reused connection.
+                // default) races the pool reusing them, and one at its connection limit closes
+                // new ones unanswered; either way the request never reached the app. nginx does
+                // the same (`proxy_next_upstream error`). Go's transport sends again only what
+                // went out on a reused connection, which loses the second case: a burst of
+                // 10,000 released at once lost 144 that way under emulation.
                 let replayable = upgrade.is_none()
                     && http_body::Body::is_end_stream(req.body())
                     && idempotent(req.method());

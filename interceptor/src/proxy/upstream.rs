@@ -362,11 +362,10 @@ impl<'a> Upstream<'a> {
     /// Sends `req` to `endpoint` and waits for the response head. An `Http1Conn` comes back
     /// with a response from the route's pool: the response body drives it.
     ///
-    /// With `replayable`, a copy of the head comes back too if the request may meet a
-    /// connection the upstream closed while it sat idle: one from the route's pool that was
-    /// used before, or any from hyper-util's client, whose pool does not say. A new
-    /// connection cannot have been closed for idling, so a request sent on one is not copied
-    /// (Go's transport draws the same line).
+    /// With `replayable`, a copy of the head comes back too, for a second send if the
+    /// upstream closes the connection before answering. That happens on a new connection as
+    /// well as a reused one: an upstream at its connection limit, or whose accept queue
+    /// overflowed, closes new connections unanswered (a burst released at once meets that).
     pub(super) fn send<'s>(
         &'s self,
         endpoint: &'s Endpoint,
@@ -527,8 +526,8 @@ impl Http1Pool {
     }
 
     /// Sends `req` on an idle connection to `endpoint`, or a new one, driving the connection
-    /// until the response head arrives. With `replayable`, a copy of the head comes back if
-    /// the connection was used before (see [`Upstream::send`]).
+    /// until the response head arrives. With `replayable`, a copy of the head comes back (see
+    /// [`Upstream::send`]).
     fn send<'s>(
         self: &'s Arc<Self>,
         connector: &'s RetryingConnector,
@@ -550,21 +549,18 @@ impl Http1Pool {
         // The connection is taken now, so that the request goes straight to it: the future
         // never keeps the request itself, only hyper's send of it (or, while a new connection
         // is dialled, a box).
-        let (state, replay) = match self.checkout(endpoint) {
-            Some(idle) => {
-                let replay = replayable.then(|| Replay::of(&req));
-                (SendState::sending(send, idle, req), replay)
-            }
+        let replay = replayable.then(|| Replay::of(&req));
+        let state = match self.checkout(endpoint) {
+            Some(idle) => SendState::sending(send, idle, req),
             None => {
                 let connector = connector.clone();
                 let endpoint = endpoint.clone();
                 let connecting =
                     Box::pin(async move { Http1Pool::connect(&connector, &endpoint).await });
-                let dialling = SendState::Dialling {
+                SendState::Dialling {
                     req: Some(Box::new(req)),
                     connecting,
-                };
-                (dialling, None)
+                }
             }
         };
         let sending = PoolSend {

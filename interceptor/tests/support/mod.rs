@@ -208,8 +208,13 @@ impl Interceptor {
             .arg(admin.to_string())
             .arg("--tls-addr")
             .arg(tls.to_string())
-            // Held requests would otherwise keep a stopping interceptor draining for 30 s.
-            .args(["--drain-timeout", "1s"])
+            // Held requests would otherwise keep a stopping interceptor draining for 30 s. A
+            // test that drains requests in flight gives its own.
+            .args(if args.contains(&"--drain-timeout") {
+                &[][..]
+            } else {
+                &["--drain-timeout", "1s"][..]
+            })
             .args(args)
             .env("RUST_LOG", "info,wakegate_interceptor=debug")
             .envs(env.iter().copied())
