@@ -38,7 +38,7 @@ use self::hold::{round_to_ms, Acquired};
 use self::observe::{Observed, RequestTrace};
 use self::session::{pinned_endpoint, session_cookie};
 use self::upstream::{
-    idempotent, upstream_request, ClientKey, Http1Conn, Http1Pool, SendError, Upstream,
+    idempotent, upstream_request, ClientKey, Http1Conn, Http1Pool, Replay, SendError, Upstream,
     UpstreamClient,
 };
 use crate::client_conn::ClientConn;
@@ -812,11 +812,16 @@ impl Proxy {
                 // the same (`proxy_next_upstream error`). Go's transport sends again only what
                 // went out on a reused connection, which loses the second case: a burst of
                 // 10,000 released at once lost 144 that way under emulation.
-                let replayable = upgrade.is_none()
+                let replay = (upgrade.is_none()
                     && http_body::Body::is_end_stream(req.body())
-                    && idempotent(req.method());
-                let (attempt, replay) = upstream.send(&endpoint, req, replayable);
-                (attempt, body_watch, replay, upstream_span)
+                    && idempotent(req.method()))
+                .then(|| Replay::of(&req));
+                (
+                    upstream.send(&endpoint, req),
+                    body_watch,
+                    replay,
+                    upstream_span,
+                )
             };
             // The response-header timeout starts once the request body is sent in full, so a slow
             // upload to a healthy upstream is not cut (as in the add-on and Go's
@@ -860,7 +865,7 @@ impl Proxy {
                             match replay.take().and_then(|r| r.request()) {
                                 Some(again) => {
                                     tracing::debug!(error = ?err, "upstream closed the connection before answering; sending again");
-                                    attempt.set(upstream.send(&endpoint, again, false).0);
+                                    attempt.set(upstream.send(&endpoint, again));
                                     first_failure = Some(err);
                                 }
                                 None => break Ok(Err(err)),

@@ -361,36 +361,24 @@ pub(super) enum Upstream<'a> {
 impl<'a> Upstream<'a> {
     /// Sends `req` to `endpoint` and waits for the response head. An `Http1Conn` comes back
     /// with a response from the route's pool: the response body drives it.
-    ///
-    /// With `replayable`, a copy of the head comes back too, for a second send if the
-    /// upstream closes the connection before answering. That happens on a new connection as
-    /// well as a reused one: an upstream at its connection limit, or whose accept queue
-    /// overflowed, closes new connections unanswered (a burst released at once meets that).
     pub(super) fn send<'s>(
         &'s self,
         endpoint: &'s Endpoint,
         req: Request<RequestBody>,
-        replayable: bool,
-    ) -> (
-        impl Future<Output = Sent> + Send + use<'a, 's> + 's,
-        Option<Replay>,
-    ) {
+    ) -> impl Future<Output = Sent> + Send + use<'a, 's> + 's {
         // Either future as it is, not wrapped in an async block that would hold the request
         // a second time (see `Proxy::handle`).
         use futures_util::future::{Either, FutureExt};
         match self {
-            Self::Legacy(client) => {
-                let replay = replayable.then(|| Replay::of(&req));
-                let sent = client
+            Self::Legacy(client) => Either::Left(
+                client
                     .request(req)
-                    .map(|sent| sent.map(|rsp| (rsp, None)).map_err(SendError::from_legacy));
-                (Either::Left(sent), replay)
-            }
-            Self::Http1(pool, connector) => {
-                let (sent, replay) = pool.send(connector, endpoint.authority(), req, replayable);
-                let sent = sent.map(|sent| sent.map(|(rsp, conn)| (rsp, Some(conn))));
-                (Either::Right(sent), replay)
-            }
+                    .map(|sent| sent.map(|rsp| (rsp, None)).map_err(SendError::from_legacy)),
+            ),
+            Self::Http1(pool, connector) => Either::Right(
+                pool.send(connector, endpoint.authority(), req)
+                    .map(|sent| sent.map(|(rsp, conn)| (rsp, Some(conn)))),
+            ),
         }
     }
 }
@@ -526,18 +514,13 @@ impl Http1Pool {
     }
 
     /// Sends `req` on an idle connection to `endpoint`, or a new one, driving the connection
-    /// until the response head arrives. With `replayable`, a copy of the head comes back (see
-    /// [`Upstream::send`]).
+    /// until the response head arrives.
     fn send<'s>(
         self: &'s Arc<Self>,
         connector: &'s RetryingConnector,
         endpoint: &'s http::uri::Authority,
         mut req: Request<RequestBody>,
-        replayable: bool,
-    ) -> (
-        PoolSend<'s, impl Future<Output = hyper::Result<hyper::Response<Incoming>>> + Send>,
-        Option<Replay>,
-    ) {
+    ) -> PoolSend<'s, impl Future<Output = hyper::Result<hyper::Response<Incoming>>> + Send> {
         // `client::conn` writes the URI as given: origin form, as the request line wants it.
         let path = req
             .uri()
@@ -549,7 +532,6 @@ impl Http1Pool {
         // The connection is taken now, so that the request goes straight to it: the future
         // never keeps the request itself, only hyper's send of it (or, while a new connection
         // is dialled, a box).
-        let replay = replayable.then(|| Replay::of(&req));
         let state = match self.checkout(endpoint) {
             Some(idle) => SendState::sending(send, idle, req),
             None => {
@@ -563,13 +545,12 @@ impl Http1Pool {
                 }
             }
         };
-        let sending = PoolSend {
+        PoolSend {
             pool: self,
             endpoint,
             send,
             state,
-        };
-        (sending, replay)
+        }
     }
 }
 
