@@ -346,9 +346,6 @@ impl SendError {
     }
 }
 
-/// A response head from the upstream, with the pooled connection its body drives.
-type Sent = Result<(hyper::Response<Incoming>, Option<Http1Conn>), SendError>;
-
 /// How a request reaches its endpoint.
 pub(super) enum Upstream<'a> {
     /// Plaintext HTTP/1.1: a route's own pool of `client::conn` connections, each driven by
@@ -365,7 +362,10 @@ impl<'a> Upstream<'a> {
         &'s self,
         endpoint: &'s Endpoint,
         req: Request<RequestBody>,
-    ) -> impl Future<Output = Sent> + Send + use<'a, 's> + 's {
+    ) -> impl Future<Output = Result<(hyper::Response<Incoming>, Option<Http1Conn>), SendError>>
+           + Send
+           + use<'a, 's>
+           + 's {
         // Either future as it is, not wrapped in an async block that would hold the request
         // a second time (see `Proxy::handle`).
         use futures_util::future::{Either, FutureExt};
@@ -562,9 +562,9 @@ pin_project_lite::pin_project! {
     ///
     /// Written out rather than an async block: a block keeps the request it captured for its
     /// whole life, beside the send that took it over, and this future is part of every request
-    /// in flight. Here the request is held only until a connection is at hand, and the dial (a
-    /// new connection's few hundred bytes of state) is boxed, so a request on a pooled
-    /// connection carries only hyper's send.
+    /// in flight. Here a request goes to a pooled connection as the send is made; one that
+    /// waits for a new connection waits boxed, beside the boxed dial (a few hundred bytes of
+    /// state), so a request in flight carries only hyper's send.
     pub(super) struct PoolSend<'s, F> {
         pool: &'s Arc<Http1Pool>,
         endpoint: &'s http::uri::Authority,
