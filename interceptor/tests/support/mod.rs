@@ -21,13 +21,25 @@ use tokio::process::{Child, Command};
 /// The interceptor binary under test; also the example backend (`backend` subcommand).
 pub const BIN: &str = env!("CARGO_BIN_EXE_wakegate-interceptor");
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, and that this test process has not handed out before.
+///
+/// The kernel can give the same free port to two binds in a row once the first socket is
+/// closed: a backend's port chosen by a test, then the interceptor's admin port chosen by the
+/// harness, were once the same, and the backend could never start.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A free port below the kernel's ephemeral range, for a backend that binds only after many
