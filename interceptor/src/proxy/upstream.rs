@@ -131,7 +131,7 @@ pub(super) fn upstream_request(
     let (mut parts, body) = req.into_parts();
     // Taken, not cloned: the value points into the client connection's read buffer, and the
     // request is the last to need it (see `Replay`).
-    let host = authority.0;
+    let host = authority.value;
     // gRPC streams may be quiet for minutes by design: no minimum rate for them. gRPC needs
     // `te: trailers` end to end; it is the one TE value HTTP/2 allows. Both are read in one
     // pass over the fields (a few), which costs less than two hashed lookups.
@@ -177,7 +177,10 @@ pub(super) fn upstream_request(
             Version::HTTP_2
         }
     };
+    // Routed by its one Host header, the request keeps it as it is: inserting the same value
+    // again would cost a hashed lookup for nothing.
     match &host {
+        Some(_) if authority.from_host => {}
         Some(host) => {
             parts.headers.insert(header::HOST, host.clone());
         }
@@ -220,7 +223,16 @@ impl Replay {
             .map(|(name, value)| name.as_str().len() + value.len() + 4)
             .sum();
         let uri = req.uri();
-        let mut head = Vec::with_capacity(fields + uri.path().len() + 128);
+        // The exact length, so that the boxed slice is the allocation made here, not a copy
+        // shrunk to fit.
+        let len = uri.scheme_str().map_or(0, |s| s.len() + 3)
+            + uri.authority().map_or(0, |a| a.as_str().len())
+            + uri.path().len()
+            + uri.query().map_or(0, |q| q.len() + 1)
+            + req.method().as_str().len()
+            + fields
+            + 2;
+        let mut head = Vec::with_capacity(len);
         // The URI as `Uri`'s Display writes it, without the formatting machinery.
         if let Some(scheme) = uri.scheme() {
             head.extend_from_slice(scheme.as_str().as_bytes());
@@ -244,6 +256,11 @@ impl Replay {
             head.extend_from_slice(b"\r\n");
         }
         head.extend_from_slice(b"\r\n");
+        debug_assert_eq!(
+            head.len(),
+            head.capacity(),
+            "a replay's length is counted exactly"
+        );
         let len = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         Self {
             head: head.into_boxed_slice(),
@@ -395,10 +412,11 @@ type Io = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
 type Sender = hyper::client::conn::http1::SendRequest<RequestBody>;
 type Conn = Pin<Box<hyper::client::conn::http1::Connection<Io, RequestBody>>>;
 
-/// The pool's map, by endpoint. Its keys come from the provider, never from a client, so it
-/// needs no DoS-resistant hash: `Authority` hashes byte by byte, which SipHash makes the
-/// costlier part of taking a connection and giving it back.
-type IdleMap = HashMap<http::uri::Authority, Vec<Idle>, foldhash::fast::RandomState>;
+/// The pool's map, by endpoint address. Its keys come from the provider, never from a client,
+/// so it needs no DoS-resistant hash. Keyed by the address's text rather than its `Authority`:
+/// that hashes and compares byte by byte, ignoring case, which made hashing the costlier part
+/// of taking a connection and giving it back; an endpoint's text is always written the same.
+type IdleMap = HashMap<Box<str>, Vec<Idle>, foldhash::fast::RandomState>;
 
 /// A route's idle plaintext HTTP/1.1 connections, by endpoint. A connection is owned by one
 /// request at a time and polled only by it, so no task or channel sits between a request and
@@ -446,11 +464,11 @@ impl Http1Pool {
                 // to: under load a route's pool empties and refills with every request. The
                 // sweep removes lists left empty.
                 let mut idle = self.lock();
-                idle.get_mut(endpoint)?.pop()?
+                idle.get_mut(endpoint.as_str())?.pop()?
             };
             if since.elapsed() >= IDLE_TIMEOUT {
                 // The rest are older still.
-                if let Some(list) = self.lock().get_mut(endpoint) {
+                if let Some(list) = self.lock().get_mut(endpoint.as_str()) {
                     list.clear();
                 }
                 return None;
@@ -464,10 +482,14 @@ impl Http1Pool {
         }
     }
 
-    fn checkin(&self, endpoint: http::uri::Authority, sender: Sender, conn: Conn) {
+    fn checkin(&self, endpoint: &http::uri::Authority, sender: Sender, conn: Conn) {
         let now = Instant::now();
         let mut idle = self.lock();
-        let list = idle.entry(endpoint).or_default();
+        // Looked up by reference first: the key is made only for an endpoint new to the pool.
+        let list = match idle.get_mut(endpoint.as_str()) {
+            Some(list) => list,
+            None => idle.entry(endpoint.as_str().into()).or_default(),
+        };
         if list
             .first()
             .is_some_and(|oldest| now.duration_since(oldest.since) >= IDLE_TIMEOUT)
@@ -712,7 +734,7 @@ impl Drop for Http1Conn {
     fn drop(&mut self) {
         if let (true, Some((sender, conn))) = (self.reusable, self.live.take()) {
             if !sender.is_closed() {
-                self.pool.checkin(self.endpoint.clone(), sender, conn);
+                self.pool.checkin(&self.endpoint, sender, conn);
             }
         }
     }
