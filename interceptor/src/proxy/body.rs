@@ -149,18 +149,26 @@ impl RateState {
     }
 }
 
+/// A client's request body on its way upstream.
+///
+/// One pointer: hyper's dispatch channel keeps room for 32 requests per upstream connection
+/// (a block of them is allocated with the connection), so every byte of a request is 32 bytes
+/// of every connection. A request without a body (most) has nothing here and costs no
+/// allocation; one with a body keeps it, its watch and its rate boxed together.
+#[derive(Debug)]
+pub struct RequestBody {
+    /// `None` for a request without a body, or replayed without one (see `RequestBody::replay`):
+    /// it is sent with its head, and its client cannot fail it.
+    streaming: Option<Pin<Box<Streaming>>>,
+}
+
 pin_project_lite::pin_project! {
-    /// A client's request body on its way upstream.
-    pub struct RequestBody {
-        // `None`: a request replayed without a body (see `RequestBody::replay`).
+    #[derive(Debug)]
+    struct Streaming {
         #[pin]
-        body: Option<Incoming>,
-        // `None` for a request without a body: it is sent with its head, and its client cannot
-        // fail it.
-        watch: Option<Arc<BodyWatch>>,
-        // Boxed: only a request with a body has one, and the request is laid out in every slot
-        // of hyper's dispatch channel (32 per upstream connection).
-        rate: Option<Box<RateState>>,
+        body: Incoming,
+        watch: Arc<BodyWatch>,
+        rate: Option<RateState>,
     }
 }
 
@@ -169,40 +177,33 @@ impl RequestBody {
     /// watch (nothing to report, and no allocation for it): it counts as sent at once.
     pub fn new(body: Incoming, rate: Option<MinRate>) -> (Self, Option<Arc<BodyWatch>>) {
         if body.is_end_stream() {
-            let body = Self {
-                body: Some(body),
-                watch: None,
-                rate: None,
-            };
-            return (body, None);
+            return (Self::replay(), None);
         }
         let watch = Arc::new(BodyWatch::default());
-        let rate = rate.map(|min| {
-            Box::new(RateState {
-                min,
-                received: 0,
-                waited: Duration::ZERO,
-                waiting_since: None,
-                timer: None,
-            })
+        let rate = rate.map(|min| RateState {
+            min,
+            received: 0,
+            waited: Duration::ZERO,
+            waiting_since: None,
+            timer: None,
+        });
+        let streaming = Box::pin(Streaming {
+            body,
+            watch: watch.clone(),
+            rate,
         });
         (
             Self {
-                body: Some(body),
-                watch: Some(watch.clone()),
-                rate,
+                streaming: Some(streaming),
             },
             Some(watch),
         )
     }
 
-    /// An empty body for a request sent again, which had no body the first time either.
+    /// An empty body: a request's that had none, or sent again (which had none the first time
+    /// either).
     pub fn replay() -> Self {
-        Self {
-            body: None,
-            watch: None,
-            rate: None,
-        }
+        Self { streaming: None }
     }
 }
 
@@ -211,13 +212,14 @@ impl Body for RequestBody {
     type Error = ClientBodyError;
 
     fn poll_frame(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
-        let mut this = self.project();
-        let Some(mut body) = this.body.as_mut().as_pin_mut() else {
+        let Some(streaming) = self.streaming.as_mut() else {
             return Poll::Ready(None);
         };
+        let this = streaming.as_mut().project();
+        let (mut body, watch) = (this.body, this.watch);
         match body.as_mut().poll_frame(cx) {
             Poll::Pending => {
                 let Some(rate) = this.rate else {
@@ -237,9 +239,7 @@ impl Body for RequestBody {
                         return Poll::Pending;
                     }
                 }
-                if let Some(watch) = this.watch {
-                    let _ = watch.fault.set(ClientFault::TooSlow);
-                }
+                let _ = watch.fault.set(ClientFault::TooSlow);
                 Poll::Ready(Some(Err(ClientBodyError {
                     fault: ClientFault::TooSlow,
                     source: None,
@@ -254,38 +254,36 @@ impl Body for RequestBody {
                         rate.received += data.remaining() as u64;
                     }
                 }
-                if let (true, Some(watch)) = (body.is_end_stream(), this.watch) {
+                if body.is_end_stream() {
                     watch.mark_sent();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(err))) => {
                 let fault = ClientFault::of(&err);
-                if let Some(watch) = this.watch {
-                    let _ = watch.fault.set(fault);
-                }
+                let _ = watch.fault.set(fault);
                 Poll::Ready(Some(Err(ClientBodyError {
                     fault,
                     source: Some(err),
                 })))
             }
             Poll::Ready(None) => {
-                if let Some(watch) = this.watch {
-                    watch.mark_sent();
-                }
+                watch.mark_sent();
                 Poll::Ready(None)
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.as_ref().is_none_or(Incoming::is_end_stream)
+        self.streaming
+            .as_ref()
+            .is_none_or(|s| s.body.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body
+        self.streaming
             .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint)
+            .map_or_else(|| SizeHint::with_exact(0), |s| s.body.size_hint())
     }
 }
 
@@ -416,5 +414,18 @@ impl Body for ProxyBody {
             Self::Upstream { body, .. } => body.size_hint(),
             Self::Full { body } => body.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// hyper's dispatch channel allocates room for 32 requests with every upstream connection,
+    /// so a request body's size counts 32 times per connection: it stays one pointer.
+    #[test]
+    fn a_request_body_is_one_pointer() {
+        assert_eq!(
+            std::mem::size_of::<super::RequestBody>(),
+            std::mem::size_of::<usize>()
+        );
     }
 }
