@@ -967,6 +967,56 @@ async fn an_idempotent_request_on_a_connection_the_upstream_closed_is_sent_again
     );
 }
 
+/// An upstream that closed a pooled connection while it sat idle (its keep-alive timeout ran
+/// out): the close has arrived, so the pool never hands that connection out, and a request
+/// that is never sent twice (a POST) goes up on a new connection instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_upstream_closed_while_idle_is_not_used_again() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let (close_tx, close_rx) = tokio::sync::watch::channel(false);
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            let mut close = close_rx.clone();
+            let closed = closed_tx.clone();
+            tokio::spawn(async move {
+                while read_head(&mut conn).await.is_some() {
+                    let _ = conn
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    // The first connection is closed, idle, once the test says so.
+                    if close.wait_for(|c| *c).await.is_ok() && closed.send(()).is_ok() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let config = format!(
+        "routes:\n  - name: app\n    hosts: [\"app.test\"]\n    target: {{ upstream: \"{upstream}\" }}\n"
+    );
+    let ic = Interceptor::start(&config).await;
+    let first = ic.get("app.test", "/").await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text());
+    close_tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), closed_rx.recv())
+        .await
+        .expect("the upstream closes its idle connection")
+        .unwrap();
+    let post = Request::post(format!("http://{}/", ic.proxy))
+        .header("host", "app.test")
+        .body(Full::new(Bytes::from_static(b"order=1")))
+        .unwrap();
+    let reply = Http::default().send(post).await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
 /// An upstream that closes every connection unanswered, new ones too (one at its connection
 /// limit does this to a burst): an idempotent request is sent once more, on another new
 /// connection, and no more; then it is answered 502.

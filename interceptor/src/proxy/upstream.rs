@@ -408,7 +408,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// of keep-alive clients, few enough to bound the file descriptors an idle route keeps.
 const MAX_IDLE_PER_ENDPOINT: usize = 256;
 
-type Io = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+type Io = hyper_util::rt::TokioIo<SharedStream>;
 type Sender = hyper::client::conn::http1::SendRequest<RequestBody>;
 type Conn = Pin<Box<hyper::client::conn::http1::Connection<Io, RequestBody>>>;
 
@@ -435,7 +435,93 @@ impl std::fmt::Debug for Http1Pool {
 struct Idle {
     sender: Sender,
     conn: Conn,
+    /// The connection's socket, to ask whether anything arrived while it sat idle.
+    socket: Arc<tokio::net::TcpStream>,
     since: Instant,
+}
+
+/// A pooled connection's socket: hyper reads and writes it through this, and the pool keeps a
+/// second handle to look at its readiness without polling hyper's connection.
+struct SharedStream(Arc<tokio::net::TcpStream>);
+
+impl tokio::io::AsyncRead for SharedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let stream = &self.0;
+        loop {
+            std::task::ready!(stream.poll_read_ready(cx))?;
+            let want = buf.remaining();
+            let mut got = None;
+            // As tokio's own reads do: a read that did not fill the buffer drained the socket,
+            // so it clears the readiness it was woken for (the closure reports `WouldBlock`),
+            // and the next read waits for an event rather than costing a failed `recv`.
+            let result = stream.try_io(tokio::io::Interest::READABLE, || {
+                let n = stream.try_read_buf(buf)?;
+                got = Some(n);
+                if n > 0 && n < want {
+                    Err(std::io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(())
+                }
+            });
+            match (result, got) {
+                (_, Some(_)) | (Ok(()), None) => return Poll::Ready(Ok(())),
+                (Err(e), None) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                (Err(e), None) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for SharedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        loop {
+            std::task::ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                result => return Poll::Ready(result),
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        loop {
+            std::task::ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write_vectored(bufs) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                result => return Poll::Ready(result),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        use std::os::fd::AsRawFd;
+        let shut =
+            nix::sys::socket::shutdown(self.0.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+        Poll::Ready(match shut {
+            Err(nix::errno::Errno::ENOTCONN) => Ok(()),
+            other => other.map_err(std::io::Error::from),
+        })
+    }
 }
 
 impl Http1Pool {
@@ -452,12 +538,13 @@ impl Http1Pool {
     /// Polled with a waker that does nothing: the request that takes the connection sends on it
     /// and polls it with its own context at once, and a real waker registered here would only
     /// be woken by that send, for a poll with nothing to do.
-    fn checkout(&self, endpoint: &http::uri::Authority) -> Option<(Sender, Conn)> {
+    fn checkout(&self, endpoint: &http::uri::Authority) -> Option<Live> {
         let cx = &mut Context::from_waker(std::task::Waker::noop());
         loop {
             let Idle {
                 mut sender,
                 mut conn,
+                socket,
                 since,
             } = {
                 // An emptied list stays, with its allocation, for the connection to come back
@@ -473,16 +560,22 @@ impl Http1Pool {
                 }
                 return None;
             }
-            let usable = conn.as_mut().poll(cx).is_pending()
+            // Nothing arrived on the socket since hyper last read it (no bytes, no close) and
+            // the connection takes a request: it is usable as it is. Otherwise it is polled,
+            // which reads what came and tells.
+            let quiet = socket.poll_read_ready(cx).is_pending()
                 && matches!(sender.poll_ready(cx), Poll::Ready(Ok(())));
+            let usable = quiet
+                || (conn.as_mut().poll(cx).is_pending()
+                    && matches!(sender.poll_ready(cx), Poll::Ready(Ok(()))));
             if usable {
-                return Some((sender, conn));
+                return Some((sender, conn, socket));
             }
             tracing::debug!(%endpoint, closed = sender.is_closed(), "idle upstream connection unusable");
         }
     }
 
-    fn checkin(&self, endpoint: &http::uri::Authority, sender: Sender, conn: Conn) {
+    fn checkin(&self, endpoint: &http::uri::Authority, (sender, conn, socket): Live) {
         let now = Instant::now();
         let mut idle = self.lock();
         // Looked up by reference first: the key is made only for an endpoint new to the pool.
@@ -500,6 +593,7 @@ impl Http1Pool {
             list.push(Idle {
                 sender,
                 conn,
+                socket,
                 since: now,
             });
         }
@@ -518,7 +612,7 @@ impl Http1Pool {
     async fn connect(
         connector: &RetryingConnector,
         endpoint: &http::uri::Authority,
-    ) -> Result<(Sender, Conn), SendError> {
+    ) -> Result<Live, SendError> {
         let uri = Uri::builder()
             .scheme(Scheme::HTTP)
             .authority(endpoint.clone())
@@ -528,11 +622,13 @@ impl Http1Pool {
         let io = tower::Service::call(&mut connector.clone(), uri)
             .await
             .map_err(SendError::Connect)?;
+        let socket = Arc::new(io.into_inner());
+        let io = hyper_util::rt::TokioIo::new(SharedStream(socket.clone()));
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(io)
             .await
             .map_err(|e| SendError::Connect(Box::new(e)))?;
-        Ok((sender, Box::pin(conn)))
+        Ok((sender, Box::pin(conn), socket))
     }
 
     /// Sends `req` on an idle connection to `endpoint`, or a new one, driving the connection
@@ -576,8 +672,11 @@ impl Http1Pool {
     }
 }
 
+/// A pooled connection: its sender, the connection itself, and its socket.
+type Live = (Sender, Conn, Arc<tokio::net::TcpStream>);
+
 /// A connection being dialled.
-type Connecting = Pin<Box<dyn Future<Output = Result<(Sender, Conn), SendError>> + Send>>;
+type Connecting = Pin<Box<dyn Future<Output = Result<Live, SendError>> + Send>>;
 
 pin_project_lite::pin_project! {
     /// A request on its way up through a route's pool, until its response head arrives.
@@ -606,23 +705,23 @@ pin_project_lite::pin_project! {
             #[pin]
             response: F,
             sender: Option<Sender>,
-            conn: Option<Conn>,
+            conn: Option<(Conn, Arc<tokio::net::TcpStream>)>,
         },
         Done,
     }
 }
 
 impl<F> SendState<F> {
-    /// `req` handed to the connection `(sender, conn)`.
+    /// `req` handed to the connection `(sender, conn, socket)`.
     fn sending(
         send: fn(&mut Sender, Request<RequestBody>) -> F,
-        (mut sender, conn): (Sender, Conn),
+        (mut sender, conn, socket): Live,
         req: Request<RequestBody>,
     ) -> Self {
         Self::Sending {
             response: send(&mut sender, req),
             sender: Some(sender),
-            conn: Some(conn),
+            conn: Some((conn, socket)),
         }
     }
 }
@@ -661,7 +760,7 @@ where
                     // the channel can only fill during that call: it is looked at with a waker
                     // that does nothing, sparing the task a wakeup (and a poll through every
                     // layer above) for a head it has already taken.
-                    if let Some(c) = conn.as_mut() {
+                    if let Some((c, _)) = conn.as_mut() {
                         if c.as_mut().poll(cx).is_ready() {
                             // The connection is done: the response (or why there is none) is
                             // final now.
@@ -677,7 +776,10 @@ where
                         }
                         Poll::Pending => return Poll::Pending,
                     };
-                    let live = sender.take().zip(conn.take());
+                    let live = sender
+                        .take()
+                        .zip(conn.take())
+                        .map(|(sender, (conn, socket))| (sender, conn, socket));
                     this.state.set(SendState::Done);
                     let rsp = rsp.map_err(|e| SendError::Exchange(Box::new(e)))?;
                     let reusable = http_body::Body::is_end_stream(rsp.body());
@@ -707,7 +809,7 @@ fn polled_after_completion() -> SendError {
 /// the body has ended with the connection still open.
 pub struct Http1Conn {
     /// `None` once the connection has closed.
-    live: Option<(Sender, Conn)>,
+    live: Option<Live>,
     pool: Arc<Http1Pool>,
     endpoint: http::uri::Authority,
     reusable: bool,
@@ -717,7 +819,7 @@ impl Http1Conn {
     /// Drives the connection: reads the response body into its channel and writes what is
     /// left of the request body.
     pub(super) fn poll(&mut self, cx: &mut Context<'_>) {
-        if let Some((_, conn)) = &mut self.live {
+        if let Some((_, conn, _)) = &mut self.live {
             if conn.as_mut().poll(cx).is_ready() {
                 self.live = None;
             }
@@ -732,9 +834,9 @@ impl Http1Conn {
 
 impl Drop for Http1Conn {
     fn drop(&mut self) {
-        if let (true, Some((sender, conn))) = (self.reusable, self.live.take()) {
-            if !sender.is_closed() {
-                self.pool.checkin(&self.endpoint, sender, conn);
+        if let (true, Some(live)) = (self.reusable, self.live.take()) {
+            if !live.0.is_closed() {
+                self.pool.checkin(&self.endpoint, live);
             }
         }
     }
