@@ -184,9 +184,8 @@ pub(crate) struct HeaderTimer<'a> {
 }
 
 impl HeaderTimer<'_> {
-    /// Completes once `timeout` has passed from now.
-    pub(crate) async fn expire_after(&mut self, timeout: std::time::Duration) {
-        let at = tokio::time::Instant::now() + timeout;
+    /// Completes at `at`.
+    pub(crate) async fn expire_at(&mut self, at: tokio::time::Instant) {
         if let Some(sleep) = &mut self.sleep {
             sleep.as_mut().reset(at);
         }

@@ -278,17 +278,33 @@ impl RouteLoad {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
     }
 
-    fn touch(&self) {
-        let now = self.now_ms().saturating_add(1);
-        self.last_active_ms.fetch_max(now, Ordering::AcqRel);
+    /// Records activity at `now`, a time the caller has read anyway.
+    fn touch_at(&self, now: Instant) {
+        let ms = u64::try_from(now.saturating_duration_since(self.epoch).as_millis())
+            .unwrap_or(u64::MAX - 1);
+        self.last_active_ms
+            .fetch_max(ms.saturating_add(1), Ordering::AcqRel);
     }
 
     /// Counts a request in: in flight until the guard drops.
     pub fn start_request(self: &Arc<Self>) -> InFlight {
+        self.start_request_at(Instant::now())
+    }
+
+    /// Counts a request in as of `now` (the request's arrival, read by the caller): one clock
+    /// read per request less.
+    pub fn start_request_at(self: &Arc<Self>, now: Instant) -> InFlight {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.touch();
-        InFlight(self.clone())
+        self.touch_at(now);
+        InFlight(Some(self.clone()))
+    }
+
+    fn end_request_at(&self, now: Instant) {
+        self.touch_at(now);
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.went_idle.notify_waiters();
+        }
     }
 
     /// Counts a request as held until the guard drops, and says how many were held before it
@@ -344,13 +360,21 @@ impl RouteLoad {
 
 /// A request counted in flight; dropping it counts the request out.
 #[derive(Debug)]
-pub struct InFlight(Arc<RouteLoad>);
+pub struct InFlight(Option<Arc<RouteLoad>>);
+
+impl InFlight {
+    /// Counts the request out as of `now`, a time the caller has read anyway.
+    pub fn end_at(mut self, now: Instant) {
+        if let Some(load) = self.0.take() {
+            load.end_request_at(now);
+        }
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.touch();
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.went_idle.notify_waiters();
+        if let Some(load) = self.0.take() {
+            load.end_request_at(Instant::now());
         }
     }
 }

@@ -298,23 +298,30 @@ pub struct CutByRequestTimeout;
 
 pin_project_lite::pin_project! {
     /// A proxied or locally-made response body.
+    ///
+    /// Small, because hyper's server keeps room for a response body on every connection it
+    /// serves, from its first request to its end (and a response is moved several times on
+    /// its way out): a proxied body's state is boxed, allocated only while a response streams.
     #[project = Proj]
     pub enum ProxyBody {
-        /// Streamed from the upstream; `done` is dropped at the end of the stream.
-        Upstream {
-            #[pin]
-            body: Incoming,
-            // The upstream connection, when the body drives it (the route's own HTTP/1 pool).
-            conn: Option<Http1Conn>,
-            done: Option<Completion>,
-            deadline: Option<Pin<Box<Sleep>>>,
-        },
+        /// Streamed from the upstream.
+        Upstream { body: Box<FromUpstream> },
         /// Written by the proxy.
         Full {
             #[pin]
             body: Full<Bytes>,
         },
     }
+}
+
+/// A body streamed from the upstream, and what ends with it.
+pub struct FromUpstream {
+    body: Incoming,
+    /// The upstream connection, when the body drives it (the route's own HTTP/1 pool).
+    conn: Option<Http1Conn>,
+    /// Dropped at the end of the stream.
+    done: Option<Completion>,
+    deadline: Option<Pin<Box<Sleep>>>,
 }
 
 impl Default for ProxyBody {
@@ -338,10 +345,12 @@ impl ProxyBody {
         deadline: Option<Instant>,
     ) -> Self {
         Self::Upstream {
-            body,
-            conn,
-            done: Some(done),
-            deadline: deadline.map(|at| Box::pin(tokio::time::sleep_until(at))),
+            body: Box::new(FromUpstream {
+                body,
+                conn,
+                done: Some(done),
+                deadline: deadline.map(|at| Box::pin(tokio::time::sleep_until(at))),
+            }),
         }
     }
 }
@@ -355,65 +364,71 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
         match self.project() {
-            Proj::Upstream {
-                mut body,
-                conn,
-                done,
-                deadline,
-            } => {
-                if let Some(timer) = deadline {
-                    if timer.as_mut().poll(cx).is_ready() {
-                        if let Some(done) = done.take() {
-                            done.cut_by_request_timeout();
-                        }
-                        return Poll::Ready(Some(Err(Box::new(CutByRequestTimeout))));
-                    }
-                }
-                if let Some(conn) = conn.as_mut() {
-                    conn.poll(cx);
-                }
-                let frame = ready!(body.as_mut().poll_frame(cx));
-                // A body of known length ends with its last frame (hyper then asks no more):
-                // the connection goes back to the pool now, not when hyper drops the body.
-                if frame.is_none()
-                    || (frame.as_ref().is_some_and(Result::is_ok) && body.is_end_stream())
-                {
-                    if let Some(mut conn) = conn.take() {
-                        conn.body_ended();
-                    }
-                }
-                match &frame {
-                    None => drop(done.take()),
-                    Some(Err(_)) => {
-                        if let Some(done) = done {
-                            done.body_failed();
-                        }
-                        drop(done.take());
-                    }
-                    Some(Ok(frame)) => {
-                        if let Some(observed) = done.as_mut().and_then(|d| d.observed.as_mut()) {
-                            observed.bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
-                        }
-                    }
-                }
-                Poll::Ready(frame.map(|f| f.map_err(|e| Box::new(e) as ResponseBodyError)))
-            }
+            Proj::Upstream { body } => body.poll_frame(cx),
             Proj::Full { body } => body.poll_frame(cx).map_err(|never| match never {}),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Self::Upstream { body, .. } => body.is_end_stream(),
+            Self::Upstream { body } => body.body.is_end_stream(),
             Self::Full { body } => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Upstream { body, .. } => body.size_hint(),
+            Self::Upstream { body } => body.body.size_hint(),
             Self::Full { body } => body.size_hint(),
         }
+    }
+}
+
+impl FromUpstream {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
+        let Self {
+            body,
+            conn,
+            done,
+            deadline,
+        } = self;
+        if let Some(timer) = deadline {
+            if timer.as_mut().poll(cx).is_ready() {
+                if let Some(done) = done.take() {
+                    done.cut_by_request_timeout();
+                }
+                return Poll::Ready(Some(Err(Box::new(CutByRequestTimeout))));
+            }
+        }
+        if let Some(conn) = conn.as_mut() {
+            conn.poll(cx);
+        }
+        let frame = ready!(Pin::new(&mut *body).poll_frame(cx));
+        // A body of known length ends with its last frame (hyper then asks no more): the
+        // connection goes back to the pool now, not when hyper drops the body.
+        if frame.is_none() || (frame.as_ref().is_some_and(Result::is_ok) && body.is_end_stream()) {
+            if let Some(mut conn) = conn.take() {
+                conn.body_ended();
+            }
+        }
+        match &frame {
+            None => drop(done.take()),
+            Some(Err(_)) => {
+                if let Some(done) = done {
+                    done.body_failed();
+                }
+                drop(done.take());
+            }
+            Some(Ok(frame)) => {
+                if let Some(observed) = done.as_mut().and_then(|d| d.observed.as_mut()) {
+                    observed.bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
+                }
+            }
+        }
+        Poll::Ready(frame.map(|f| f.map_err(|e| Box::new(e) as ResponseBodyError)))
     }
 }
 
@@ -421,6 +436,12 @@ impl Body for ProxyBody {
 mod tests {
     /// hyper's dispatch channel allocates room for 32 requests with every upstream connection,
     /// so a request body's size counts 32 times per connection: it stays one pointer.
+    #[test]
+    fn a_response_body_is_small() {
+        // Hyper keeps room for one per connection it serves (see `ProxyBody`).
+        assert!(std::mem::size_of::<super::ProxyBody>() <= 48);
+    }
+
     #[test]
     fn a_request_body_is_one_pointer() {
         assert_eq!(

@@ -374,11 +374,13 @@ pub(super) enum Upstream<'a> {
 
 impl<'a> Upstream<'a> {
     /// Sends `req` to `endpoint` and waits for the response head. An `Http1Conn` comes back
-    /// with a response from the route's pool: the response body drives it.
+    /// with a response from the route's pool: the response body drives it. `now`: the time,
+    /// if the caller has just read it.
     pub(super) fn send<'s>(
         &'s self,
         endpoint: &'s Endpoint,
         req: Request<RequestBody>,
+        now: Option<Instant>,
     ) -> impl Future<Output = Result<(hyper::Response<Incoming>, Option<Http1Conn>), SendError>>
            + Send
            + use<'a, 's>
@@ -393,7 +395,7 @@ impl<'a> Upstream<'a> {
                     .map(|sent| sent.map(|rsp| (rsp, None)).map_err(SendError::from_legacy)),
             ),
             Self::Http1(pool, connector) => Either::Right(
-                pool.send(connector, endpoint.authority(), req)
+                pool.send(connector, endpoint.authority(), req, now)
                     .map(|sent| sent.map(|(rsp, conn)| (rsp, Some(conn)))),
             ),
         }
@@ -532,7 +534,7 @@ impl Http1Pool {
     /// Polled with a waker that does nothing: the request that takes the connection sends on it
     /// and polls it with its own context at once, and a real waker registered here would only
     /// be woken by that send, for a poll with nothing to do.
-    fn checkout(&self, endpoint: &http::uri::Authority) -> Option<Live> {
+    fn checkout(&self, endpoint: &http::uri::Authority, now: Instant) -> Option<Live> {
         let cx = &mut Context::from_waker(std::task::Waker::noop());
         loop {
             let Idle {
@@ -547,7 +549,7 @@ impl Http1Pool {
                 let mut idle = self.lock();
                 idle.get_mut(endpoint.as_str())?.pop()?
             };
-            if since.elapsed() >= IDLE_TIMEOUT {
+            if now.saturating_duration_since(since) >= IDLE_TIMEOUT {
                 // The rest are older still.
                 if let Some(list) = self.lock().get_mut(endpoint.as_str()) {
                     list.clear();
@@ -626,12 +628,13 @@ impl Http1Pool {
     }
 
     /// Sends `req` on an idle connection to `endpoint`, or a new one, driving the connection
-    /// until the response head arrives.
+    /// until the response head arrives. `now`: the time, if the caller has just read it.
     fn send<'s>(
         self: &'s Arc<Self>,
         connector: &'s RetryingConnector,
         endpoint: &'s http::uri::Authority,
         mut req: Request<RequestBody>,
+        now: Option<Instant>,
     ) -> PoolSend<'s, impl Future<Output = hyper::Result<hyper::Response<Incoming>>> + Send> {
         // `client::conn` writes the URI as given: origin form, as the request line wants it.
         let path = req
@@ -644,7 +647,7 @@ impl Http1Pool {
         // The connection is taken now, so that the request goes straight to it: the future
         // never keeps the request itself, only hyper's send of it (or, while a new connection
         // is dialled, a box).
-        let state = match self.checkout(endpoint) {
+        let state = match self.checkout(endpoint, now.unwrap_or_else(Instant::now)) {
             Some(idle) => SendState::sending(send, idle, req),
             None => {
                 let connector = connector.clone();
