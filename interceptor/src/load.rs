@@ -275,15 +275,18 @@ impl RouteLoad {
     }
 
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
+        self.ms_at(Instant::now())
+    }
+
+    /// `at` in milliseconds since `epoch`.
+    fn ms_at(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX - 1)
     }
 
     /// Records activity at `now`, a time the caller has read anyway.
     fn touch_at(&self, now: Instant) {
-        let ms = u64::try_from(now.saturating_duration_since(self.epoch).as_millis())
-            .unwrap_or(u64::MAX - 1);
         self.last_active_ms
-            .fetch_max(ms.saturating_add(1), Ordering::AcqRel);
+            .fetch_max(self.ms_at(now).saturating_add(1), Ordering::AcqRel);
     }
 
     /// Counts a request in: in flight until the guard drops.

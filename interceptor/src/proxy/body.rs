@@ -157,7 +157,7 @@ impl RateState {
 /// allocation; one with a body keeps it, its watch and its rate boxed together.
 #[derive(Debug)]
 pub struct RequestBody {
-    /// `None` for a request without a body, or replayed without one (see `RequestBody::replay`):
+    /// `None` for a request without a body, or replayed without one (see `RequestBody::empty`):
     /// it is sent with its head, and its client cannot fail it.
     streaming: Option<Pin<Box<Streaming>>>,
 }
@@ -177,7 +177,7 @@ impl RequestBody {
     /// watch (nothing to report, and no allocation for it): it counts as sent at once.
     pub fn new(body: Incoming, rate: Option<MinRate>) -> (Self, Option<Arc<BodyWatch>>) {
         if body.is_end_stream() {
-            return (Self::replay(), None);
+            return (Self::empty(), None);
         }
         let watch = Arc::new(BodyWatch::default());
         let rate = rate.map(|min| RateState {
@@ -202,7 +202,7 @@ impl RequestBody {
 
     /// An empty body: a request's that had none, or sent again (which had none the first time
     /// either).
-    pub fn replay() -> Self {
+    pub fn empty() -> Self {
         Self { streaming: None }
     }
 }
@@ -434,14 +434,14 @@ impl FromUpstream {
 
 #[cfg(test)]
 mod tests {
-    /// hyper's dispatch channel allocates room for 32 requests with every upstream connection,
-    /// so a request body's size counts 32 times per connection: it stays one pointer.
+    /// Hyper keeps room for one per connection it serves (see `ProxyBody`).
     #[test]
     fn a_response_body_is_small() {
-        // Hyper keeps room for one per connection it serves (see `ProxyBody`).
         assert!(std::mem::size_of::<super::ProxyBody>() <= 48);
     }
 
+    /// hyper's dispatch channel allocates room for 32 requests with every upstream connection,
+    /// so a request body's size counts 32 times per connection: it stays one pointer.
     #[test]
     fn a_request_body_is_one_pointer() {
         assert_eq!(

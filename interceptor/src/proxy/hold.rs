@@ -10,7 +10,7 @@ use std::time::Duration;
 use http::Request;
 use tokio::time::Instant;
 
-use super::{error, refuse, routed_authority, Proxy, ProxyError, RouteState};
+use super::{error, refuse, routed_authority, Framing, Proxy, ProxyError, RouteState};
 use crate::client_conn::ClientConn;
 use crate::load::EndpointLease;
 use crate::provider::Endpoint;
@@ -411,10 +411,11 @@ impl Proxy {
         head: Request<()>,
         client: &ClientConn,
     ) -> Option<Pin<Box<dyn Future<Output = Option<http::Extensions>> + Send>>> {
-        if refuse(&head).is_some() {
+        let framing = Framing::of(head.headers());
+        if refuse(&head, &framing).is_some() {
             return None;
         }
-        let authority = routed_authority(&head).ok()?;
+        let authority = routed_authority(&head, &framing).ok()?;
         let route = self
             .table
             .load()

@@ -522,20 +522,19 @@ impl Proxy {
         let parked = req.extensions_mut().remove::<hold::Parked>();
         let start = parked.as_ref().map_or_else(Instant::now, |p| p.since);
         let framing = Framing::of(req.headers());
-        let authority = match refuse_framed(req, &framing)
-            .map_or_else(|| routed_authority_framed(req, &framing), Err)
-        {
-            Ok(authority) => authority,
-            Err(err) => {
-                tracing::info!(method = %req.method(), error = %err, "request refused");
-                if err.is_client() {
-                    self.metrics.client_error("", err.kind());
+        let authority =
+            match refuse(req, &framing).map_or_else(|| routed_authority(req, &framing), Err) {
+                Ok(authority) => authority,
+                Err(err) => {
+                    tracing::info!(method = %req.method(), error = %err, "request refused");
+                    if err.is_client() {
+                        self.metrics.client_error("", err.kind());
+                    }
+                    self.metrics
+                        .request("", req.method(), err.status(), start.elapsed(), false);
+                    return Err(err);
                 }
-                self.metrics
-                    .request("", req.method(), err.status(), start.elapsed(), false);
-                return Err(err);
-            }
-        };
+            };
         let host = authority.as_str();
         let route = {
             let table = self.table.load();
@@ -1115,12 +1114,7 @@ impl Tunnel {
 /// hyper rejects them, and for Content-Length with Transfer-Encoding it drops the length,
 /// frames by chunked and closes the connection after the response, as RFC 9112 requires, so
 /// nothing can be smuggled behind the body.)
-fn refuse<B>(req: &Request<B>) -> Option<ProxyError> {
-    refuse_framed(req, &Framing::of(req.headers()))
-}
-
-/// [`refuse`], with the request's framing fields found already.
-fn refuse_framed<B>(req: &Request<B>, framing: &Framing<'_>) -> Option<ProxyError> {
+fn refuse<B>(req: &Request<B>, framing: &Framing<'_>) -> Option<ProxyError> {
     if req.method() == Method::CONNECT {
         return Some(ProxyError::MethodNotAllowed {
             method: Method::CONNECT,
@@ -1197,12 +1191,7 @@ impl RoutedAuthority {
 /// The authority a request names, by RFC 9112 section 3.2: the target's in absolute form (the
 /// Host header is then ignored), HTTP/2's `:authority`, or else the one Host header.
 /// HTTP/1.1 needs exactly one Host header; HTTP/2 needs one of the two, and they must agree.
-fn routed_authority<B>(req: &Request<B>) -> Result<RoutedAuthority, ProxyError> {
-    routed_authority_framed(req, &Framing::of(req.headers()))
-}
-
-/// [`routed_authority`], with the request's framing fields found already.
-fn routed_authority_framed<B>(
+fn routed_authority<B>(
     req: &Request<B>,
     framing: &Framing<'_>,
 ) -> Result<RoutedAuthority, ProxyError> {

@@ -285,7 +285,7 @@ impl Replay {
         else {
             return None;
         };
-        let mut req = Request::new(RequestBody::replay());
+        let mut req = Request::new(RequestBody::empty());
         *req.method_mut() = method;
         *req.uri_mut() = uri;
         *req.version_mut() = self.version;
