@@ -11,7 +11,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -44,6 +44,48 @@ struct Socket {
     trusted: std::sync::OnceLock<bool>,
     /// The response-header timer, kept between requests (see [`ClientConn::header_timer`]).
     header_timer: std::sync::Mutex<Option<Pin<Box<tokio::time::Sleep>>>>,
+    /// The deadline kept by the connection's watchdog (see [`HeaderTimer::expire_at`]).
+    deadline: WatchedDeadline,
+}
+
+/// An HTTP/1 request's response-header deadline, kept by its connection's watchdog rather than
+/// by a timer of its own: the watchdog's one timer already runs while a request is in flight.
+///
+/// Times are milliseconds since `base`, plus one (0: none). Written by the request and by the
+/// watchdog, which run in the same task (hyper polls an HTTP/1 connection's request future in
+/// that connection's task), so no ordering between them is needed beyond the atomics' own.
+#[derive(Debug)]
+struct WatchedDeadline {
+    base: tokio::time::Instant,
+    /// When the watchdog's timer fires next, rounded down; 0 while no watchdog runs.
+    watchdog_at: AtomicU64,
+    /// The in-flight request's deadline, rounded up; 0 when none is kept here.
+    due: AtomicU64,
+    /// The watchdog found the deadline passed.
+    overdue: AtomicBool,
+}
+
+impl WatchedDeadline {
+    fn new() -> Self {
+        Self {
+            base: tokio::time::Instant::now(),
+            watchdog_at: AtomicU64::new(0),
+            due: AtomicU64::new(0),
+            overdue: AtomicBool::new(false),
+        }
+    }
+
+    /// `at` in milliseconds since the base, plus one; rounded up if `up`.
+    fn stamp(&self, at: tokio::time::Instant, up: bool) -> u64 {
+        let since = at.saturating_duration_since(self.base);
+        let ms = u64::try_from(since.as_millis()).unwrap_or(u64::MAX - 2);
+        let partial = up && since.subsec_nanos() % 1_000_000 != 0;
+        ms.saturating_add(1 + u64::from(partial))
+    }
+
+    fn instant(&self, stamp: u64) -> tokio::time::Instant {
+        self.base + std::time::Duration::from_millis(stamp.saturating_sub(1))
+    }
 }
 
 impl Socket {
@@ -80,6 +122,7 @@ impl ClientConn {
             idle: AtomicU8::new(IDLE_SERVING),
             trusted: std::sync::OnceLock::new(),
             header_timer: std::sync::Mutex::new(None),
+            deadline: WatchedDeadline::new(),
         });
         (
             Self {
@@ -130,15 +173,45 @@ impl ClientConn {
     }
 
     /// A timer for one request's response-header timeout, given back to the connection when
-    /// the guard drops. Setting up a timer and removing it again takes the timer wheel's lock
-    /// twice; a timer kept armed between requests is moved on to a later deadline without it
-    /// (an earlier one, another route's shorter timeout, registers it again). A request that
-    /// finds the connection's timer taken (HTTP/2 streams at once) gets one of its own.
-    pub(crate) fn header_timer(&self) -> HeaderTimer<'_> {
+    /// the guard drops. `http1`: the request came over HTTP/1, so its future is polled in the
+    /// connection's task, and the connection's watchdog can keep its deadline (see
+    /// [`HeaderTimer::expire_at`]).
+    ///
+    /// Otherwise (HTTP/2 streams, or a deadline before the watchdog next looks) the request
+    /// has a timer. Setting one up and removing it again takes the timer wheel's lock twice; a
+    /// timer kept armed between requests is moved on to a later deadline without it (an
+    /// earlier one registers it again). A request that finds the connection's timer taken
+    /// (HTTP/2 streams at once) gets one of its own.
+    pub(crate) fn header_timer(&self, http1: bool) -> HeaderTimer<'_> {
         HeaderTimer {
             client: self,
-            sleep: self.stream.kept_timer().take(),
+            http1,
+            watched: false,
+            sleep: None,
         }
+    }
+
+    /// The connection's watchdog set its timer for `at` (`None`: it stopped watching).
+    pub(crate) fn watchdog_at(&self, at: Option<tokio::time::Instant>) {
+        let deadline = &self.stream.deadline;
+        let stamp = at.map_or(0, |at| deadline.stamp(at, false));
+        deadline.watchdog_at.store(stamp, Ordering::Relaxed);
+    }
+
+    /// For the watchdog, when its timer fires at `now`: marks a kept response-header deadline
+    /// that has passed (the request, polled next in this task, then gives up), and returns
+    /// one still to come, for the timer.
+    pub(crate) fn response_due(&self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        let deadline = &self.stream.deadline;
+        let due = deadline.due.load(Ordering::Relaxed);
+        if due == 0 || deadline.overdue.load(Ordering::Relaxed) {
+            return None;
+        }
+        if deadline.stamp(now, false) >= due {
+            deadline.overdue.store(true, Ordering::Relaxed);
+            return None;
+        }
+        Some(deadline.instant(due))
     }
 
     /// Drops the kept response-header timer: a connection that is parked holds no more than
@@ -180,24 +253,61 @@ impl ClientConn {
 /// [`ClientConn::header_timer`]).
 pub(crate) struct HeaderTimer<'a> {
     client: &'a ClientConn,
+    http1: bool,
+    /// The deadline is kept by the watchdog: cleared when the request is done with it.
+    watched: bool,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl HeaderTimer<'_> {
     /// Completes at `at`.
+    ///
+    /// An HTTP/1 request whose deadline is no earlier than the watchdog's next look leaves it
+    /// to the watchdog: that timer fires by then, re-arms for the deadline, and marks it passed
+    /// when it is. This future registers no waker: the watchdog runs in the task that polls
+    /// this request (the connection's), and the connection is polled again right after the
+    /// watchdog's timer fires, which polls the request.
     pub(crate) async fn expire_at(&mut self, at: tokio::time::Instant) {
-        if let Some(sleep) = &mut self.sleep {
-            sleep.as_mut().reset(at);
+        let deadline = &self.client.stream.deadline;
+        if self.http1 {
+            let due = deadline.stamp(at, true);
+            let watchdog_at = deadline.watchdog_at.load(Ordering::Relaxed);
+            if watchdog_at != 0 && watchdog_at <= due {
+                deadline.overdue.store(false, Ordering::Relaxed);
+                deadline.due.store(due, Ordering::Relaxed);
+                self.watched = true;
+                return std::future::poll_fn(|_| {
+                    if deadline.overdue.load(Ordering::Relaxed) {
+                        Poll::Ready(())
+                    } else {
+                        Poll::Pending
+                    }
+                })
+                .await;
+            }
         }
-        self.sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)))
-            .as_mut()
-            .await;
+        let sleep = match self.sleep.take() {
+            Some(sleep) => Some(sleep),
+            None => self.client.stream.kept_timer().take(),
+        };
+        let sleep = self.sleep.insert(match sleep {
+            Some(mut sleep) => {
+                sleep.as_mut().reset(at);
+                sleep
+            }
+            None => Box::pin(tokio::time::sleep_until(at)),
+        });
+        sleep.as_mut().await;
     }
 }
 
 impl Drop for HeaderTimer<'_> {
     fn drop(&mut self) {
+        if self.watched {
+            let deadline = &self.client.stream.deadline;
+            deadline.due.store(0, Ordering::Relaxed);
+            deadline.overdue.store(false, Ordering::Relaxed);
+        }
         if let Some(sleep) = self.sleep.take() {
             self.client.stream.kept_timer().get_or_insert(sleep);
         }
@@ -411,5 +521,109 @@ impl AsyncWrite for ClientIo {
                 }
             }),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::*;
+
+    /// A client connection over a real loopback socket.
+    fn client() -> ClientConn {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let dialled =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (accepted, remote) = listener.accept().expect("accept");
+        drop(dialled);
+        accepted.set_nonblocking(true).expect("nonblocking");
+        let stream = TcpStream::from_std(accepted).expect("tokio stream");
+        ClientConn::new(stream, remote, false).0
+    }
+
+    fn poll_once<F: Future>(fut: Pin<&mut F>) -> Poll<F::Output> {
+        fut.poll(&mut Context::from_waker(std::task::Waker::noop()))
+    }
+
+    /// An HTTP/1 request's deadline that the watchdog looks at in time is left to it: no timer
+    /// of the request's own fires, and the request gives up when the watchdog finds the
+    /// deadline passed, not before.
+    #[tokio::test(start_paused = true)]
+    async fn the_watchdog_keeps_an_http1_deadline_it_looks_at_in_time() {
+        let client = client();
+        let start = Instant::now();
+        client.watchdog_at(Some(start + Duration::from_secs(1)));
+        {
+            let mut timer = client.header_timer(true);
+            let expired = timer.expire_at(start + Duration::from_secs(5));
+            tokio::pin!(expired);
+            assert!(poll_once(expired.as_mut()).is_pending());
+            // The watchdog looks at 1 s: the deadline is still to come, and it is told when.
+            let due = client.response_due(start + Duration::from_secs(1));
+            assert_eq!(due, Some(start + Duration::from_secs(5)));
+            tokio::time::advance(Duration::from_secs(10)).await;
+            assert!(
+                poll_once(expired.as_mut()).is_pending(),
+                "no timer of its own"
+            );
+            // The watchdog looks at the deadline: passed.
+            assert_eq!(client.response_due(start + Duration::from_secs(5)), None);
+            assert!(poll_once(expired.as_mut()).is_ready());
+        }
+        // Done with: nothing is kept for the next request.
+        assert_eq!(client.response_due(Instant::now()), None);
+        let mut next = client.header_timer(true);
+        let expired = next.expire_at(Instant::now() + Duration::from_secs(5));
+        tokio::pin!(expired);
+        assert!(
+            poll_once(expired.as_mut()).is_pending(),
+            "a passed mark is not left for the next request"
+        );
+    }
+
+    /// A deadline is never marked early: a look a millisecond before it leaves it standing.
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_deadline_is_not_marked_before_it_passes() {
+        let client = client();
+        let start = Instant::now();
+        client.watchdog_at(Some(start));
+        let mut timer = client.header_timer(true);
+        let at = start + Duration::from_micros(2_500);
+        let expired = timer.expire_at(at);
+        tokio::pin!(expired);
+        assert!(poll_once(expired.as_mut()).is_pending());
+        let due = client
+            .response_due(start + Duration::from_millis(2))
+            .expect("still to come");
+        assert!(
+            due >= at,
+            "the watchdog looks again no earlier than the deadline"
+        );
+        assert!(poll_once(expired.as_mut()).is_pending());
+        assert_eq!(client.response_due(due), None);
+        assert!(poll_once(expired.as_mut()).is_ready());
+    }
+
+    /// A request gets a timer of its own when the watchdog would look too late, when no
+    /// watchdog runs, and for HTTP/2 (its streams are polled in tasks of their own).
+    #[tokio::test(start_paused = true)]
+    async fn other_deadlines_get_a_timer_of_their_own() {
+        let client = client();
+        for (watchdog, http1) in [(Some(10), true), (None, true), (Some(0), false)] {
+            let start = Instant::now();
+            client.watchdog_at(watchdog.map(|s| start + Duration::from_secs(s)));
+            let mut timer = client.header_timer(http1);
+            timer.expire_at(start + Duration::from_secs(1)).await;
+            assert_eq!(
+                Instant::now() - start,
+                Duration::from_secs(1),
+                "watchdog {watchdog:?}, HTTP/1 {http1}"
+            );
+            assert_eq!(client.response_due(Instant::now()), None);
+        }
     }
 }

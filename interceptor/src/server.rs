@@ -517,7 +517,6 @@ where
                 }
                 let session = Session {
                     client: &client,
-                    remote,
                     activity,
                     parked,
                     first_head,
@@ -534,7 +533,7 @@ where
                 };
                 match back {
                     Some((back, since)) => {
-                        tracing::trace!(%remote, "idle keep-alive connection parked");
+                        tracing::trace!(remote = %client.remote(), "idle keep-alive connection parked");
                         client.forget_header_timer();
                         io = back;
                         idle_since = Some(since);
@@ -612,7 +611,6 @@ impl<B> ResponseBody for B where
 /// until the connection, idle, is taken back to be parked.
 struct Session<'a> {
     client: &'a ClientConn,
-    remote: SocketAddr,
     activity: Arc<Activity>,
     parked: Option<http::Extensions>,
     first_head: Instant,
@@ -650,11 +648,11 @@ impl<'a> Session<'a> {
                     match tokio::time::timeout_at(self.first_head, acceptor.accept(io)).await {
                         Ok(Ok(io)) => Either::Right(io),
                         Ok(Err(err)) => {
-                            tracing::debug!(remote = %self.remote, error = %err, "TLS handshake failed");
+                            tracing::debug!(remote = %self.client.remote(), error = %err, "TLS handshake failed");
                             return;
                         }
                         Err(_) => {
-                            tracing::debug!(remote = %self.remote, "TLS handshake timed out");
+                            tracing::debug!(remote = %self.client.remote(), "TLS handshake timed out");
                             self.settings
                                 .connections
                                 .closed_by(CloseReason::HeaderReadTimeout);
@@ -670,13 +668,14 @@ impl<'a> Session<'a> {
                 conn.as_mut(),
                 |c| c.graceful_shutdown(),
                 &self.activity,
+                self.client,
                 self.first_head,
                 self.settings,
                 self.stop,
                 None,
             );
             if let Err(err) = served.await {
-                tracing::debug!(remote = %self.remote, error = %err, "connection ended with an error");
+                tracing::debug!(remote = %self.client.remote(), error = %err, "connection ended with an error");
             }
         }
     }
@@ -697,38 +696,40 @@ impl<'a> Session<'a> {
         F: Future<Output = Response<B>> + Send + 'static,
         B: ResponseBody,
     {
+        // The connection is made here, not in the future below, which then keeps room only for
+        // what it still needs (a future keeps room for everything it captures, used up or not).
+        let Session {
+            client,
+            activity,
+            parked,
+            first_head,
+            settings,
+            stop,
+        } = self;
+        // Each request's future is kept unboxed, in the room hyper keeps for it: that room
+        // lives only while the connection is busy (it goes with hyper's state when the
+        // connection is parked), so a request costs no allocation of its future.
+        let service = service_fn(request_fn(handler, parked, &activity, client));
+        let io = RequestHeads::new(io, settings.max_header_bytes, activity.clone());
+        let mut conn = http1
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
         async move {
-            // Each request's future is kept unboxed, in the room hyper keeps for it: that room
-            // lives only while the connection is busy (it goes with hyper's state when the
-            // connection is parked), so a request costs no allocation of its future.
-            let service = service_fn(request_fn(
-                handler,
-                self.parked,
-                &self.activity,
-                self.client,
-            ));
-            let io = RequestHeads::new(io, self.settings.max_header_bytes, self.activity.clone());
-            let mut conn = http1
-                .serve_connection(TokioIo::new(io), service)
-                .with_upgrades();
-            let idle_park = self
-                .settings
-                .park_idle_after
-                .map(|after| (self.client, after));
             let served = watch(
                 Pin::new(&mut conn),
                 |c| c.graceful_shutdown(),
-                &self.activity,
-                self.first_head,
-                self.settings,
-                self.stop,
-                idle_park,
+                &activity,
+                client,
+                first_head,
+                settings,
+                stop,
+                settings.park_idle_after,
             )
             .await;
             if let Err(err) = served {
-                tracing::debug!(remote = %self.remote, error = %err, "connection ended with an error");
+                tracing::debug!(remote = %client.remote(), error = %err, "connection ended with an error");
             }
-            if !self.client.take_idle_parked() {
+            if !client.take_idle_parked() {
                 return None;
             }
             let parts = conn.into_parts()?;
@@ -736,9 +737,8 @@ impl<'a> Session<'a> {
             if !parts.read_buf.is_empty() {
                 return None;
             }
-            let idle_since = self
-                .activity
-                .at(self.activity.idle_since.load(Ordering::Acquire))
+            let idle_since = activity
+                .at(activity.idle_since.load(Ordering::Acquire))
                 .unwrap_or_else(Instant::now);
             Some((parts.io.into_inner().into_inner(), idle_since))
         }
@@ -919,136 +919,162 @@ fn head_of(parsed: &httparse::Request<'_, '_>) -> Option<Request<()>> {
 /// either acts or sleeps until the next moment something could be due. While requests are in
 /// flight, or the connection is idle, it looks again at least every header-read timeout, so a
 /// head that starts on an idle connection is cut within that time of its deadline.
-async fn watch<C, E>(
-    mut conn: Pin<&mut C>,
-    shutdown: impl Fn(Pin<&mut C>),
-    activity: &Activity,
+///
+/// The same timer keeps an HTTP/1 request's response-header deadline when the request finds it
+/// set to fire no later (see `HeaderTimer::expire_at`): so `client` is told each time it is set.
+/// `idle_park`: park the connection after it has been idle this long.
+// Not an async fn: that would keep each argument twice, as an argument and as a local.
+#[allow(clippy::too_many_arguments)] // two call sites; a struct would only rename them
+#[allow(clippy::manual_async_fn)]
+fn watch<'a, C, E>(
+    mut conn: Pin<&'a mut C>,
+    shutdown: impl Fn(Pin<&mut C>) + 'a,
+    activity: &'a Activity,
+    client: &'a ClientConn,
     first_head: Instant,
-    settings: &ConnectionSettings,
-    stop: &CancellationToken,
-    idle_park: Option<(&ClientConn, Duration)>,
-) -> Result<(), E>
+    settings: &'a ConnectionSettings,
+    stop: &'a CancellationToken,
+    idle_park: Option<Duration>,
+) -> impl Future<Output = Result<(), E>> + 'a
 where
-    C: Future<Output = Result<(), E>> + ?Sized,
+    C: Future<Output = Result<(), E>> + ?Sized + 'a,
+    E: 'a,
 {
-    // Where idle connections are parked, the watchdog looks at least this often, so that one
-    // is parked soon after it goes idle (without being woken per request).
-    let park_check = idle_park.map(|(_, after)| after);
-    let soon = |at: Instant| match park_check {
-        Some(after) => at.min(Instant::now() + after),
-        None => at,
-    };
-    let timer = tokio::time::sleep_until(soon(first_head));
-    tokio::pin!(timer);
-    let cancelled = stop.cancelled();
-    tokio::pin!(cancelled);
-    let mut stop_registered = false;
-    let mut timer_registered = false;
-    let mut closing = false;
-    let mut stopping = false;
-    enum Event<R> {
-        Served(R),
-        Stop,
-        Timer,
-    }
-    loop {
-        // The connection first: nearly every poll is for it. Then the token and the timer, in
-        // the same order every time.
-        let event = std::future::poll_fn(|cx| {
-            if let Poll::Ready(result) = conn.as_mut().poll(cx) {
-                return Poll::Ready(Event::Served(result));
+    async move {
+        // Where idle connections are parked, the watchdog looks at least this often, so that one
+        // is parked soon after it goes idle (without being woken per request).
+        let soon = |at: Instant| match idle_park {
+            Some(after) => at.min(Instant::now() + after),
+            None => at,
+        };
+        // While the watchdog runs, the client connection knows when its timer fires next.
+        struct Watching<'a>(&'a ClientConn);
+        impl Drop for Watching<'_> {
+            fn drop(&mut self) {
+                self.0.watchdog_at(None);
             }
-            // The token's waiter is registered once, with this task's waker, which stays valid
-            // for the task's life (the connection is always driven by its own task); then a
-            // poll only reads the flag. Polling the waiter again would take the token's lock on
-            // every poll of the connection.
-            if !stopping
-                && (stop.is_cancelled()
-                    || (!std::mem::replace(&mut stop_registered, true)
-                        && cancelled.as_mut().poll(cx).is_ready()))
-            {
-                return Poll::Ready(Event::Stop);
-            }
-            // The timer too is polled once each time it is set, which registers this task's
-            // waker with it; then a poll only reads whether it has fired.
-            let fired = if std::mem::replace(&mut timer_registered, true) {
-                timer.is_elapsed()
-            } else {
-                timer.as_mut().poll(cx).is_ready()
-            };
-            if fired {
-                Poll::Ready(Event::Timer)
-            } else {
-                Poll::Pending
-            }
-        })
-        .await;
-        match event {
-            Event::Served(result) => return result,
-            Event::Stop => {
-                stopping = true;
-                shutdown(conn.as_mut());
-            }
-            Event::Timer => {
-                // Every way on from here sets the timer again (or returns).
-                timer_registered = false;
-                let now = Instant::now();
-                if closing {
-                    // Told to close and still open: drop it.
-                    return Ok(());
+        }
+        let _watching = Watching(client);
+        let arm = |timer: Pin<&mut tokio::time::Sleep>, at: Instant| {
+            timer.reset(at);
+            client.watchdog_at(Some(at));
+        };
+        let first = soon(first_head);
+        client.watchdog_at(Some(first));
+        let timer = tokio::time::sleep_until(first);
+        tokio::pin!(timer);
+        let cancelled = stop.cancelled();
+        tokio::pin!(cancelled);
+        let mut stop_registered = false;
+        let mut timer_registered = false;
+        let mut closing = false;
+        let mut stopping = false;
+        enum Event<R> {
+            Served(R),
+            Stop,
+            Timer,
+        }
+        loop {
+            // The connection first: nearly every poll is for it. Then the token and the timer, in
+            // the same order every time.
+            let event = std::future::poll_fn(|cx| {
+                if let Poll::Ready(result) = conn.as_mut().poll(cx) {
+                    return Poll::Ready(Event::Served(result));
                 }
-                if !activity.seen_request.load(Ordering::Acquire) {
-                    if now < first_head {
-                        timer.as_mut().reset(soon(first_head));
-                        continue;
+                // The token's waiter is registered once, with this task's waker, which stays valid
+                // for the task's life (the connection is always driven by its own task); then a
+                // poll only reads the flag. Polling the waiter again would take the token's lock on
+                // every poll of the connection.
+                if !stopping
+                    && (stop.is_cancelled()
+                        || (!std::mem::replace(&mut stop_registered, true)
+                            && cancelled.as_mut().poll(cx).is_ready()))
+                {
+                    return Poll::Ready(Event::Stop);
+                }
+                // The timer too is polled once each time it is set, which registers this task's
+                // waker with it; then a poll only reads whether it has fired.
+                let fired = if std::mem::replace(&mut timer_registered, true) {
+                    timer.is_elapsed()
+                } else {
+                    timer.as_mut().poll(cx).is_ready()
+                };
+                if fired {
+                    Poll::Ready(Event::Timer)
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await;
+            match event {
+                Event::Served(result) => return result,
+                Event::Stop => {
+                    stopping = true;
+                    shutdown(conn.as_mut());
+                }
+                Event::Timer => {
+                    // Every way on from here sets the timer again (or returns).
+                    timer_registered = false;
+                    let now = Instant::now();
+                    if closing {
+                        // Told to close and still open: drop it.
+                        return Ok(());
                     }
-                    settings
-                        .connections
-                        .closed_by(CloseReason::HeaderReadTimeout);
-                    return Ok(());
-                }
-                let look_again = now + settings.header_read_timeout;
-                if activity.active.load(Ordering::Acquire) > 0 {
-                    timer
-                        .as_mut()
-                        .reset(soon(look_again.min(now + settings.idle_timeout)));
-                    continue;
-                }
-                if let Some(at) = activity.at(activity.head_started.load(Ordering::Acquire)) {
-                    let due = at + settings.header_read_timeout;
-                    if due <= now {
-                        // A head begun and not finished in time; nothing is in flight.
+                    if !activity.seen_request.load(Ordering::Acquire) {
+                        if now < first_head {
+                            arm(timer.as_mut(), soon(first_head));
+                            continue;
+                        }
                         settings
                             .connections
                             .closed_by(CloseReason::HeaderReadTimeout);
                         return Ok(());
                     }
-                    timer.as_mut().reset(due);
-                    continue;
-                }
-                let idle_since = activity
-                    .at(activity.idle_since.load(Ordering::Acquire))
-                    .unwrap_or(first_head);
-                let idle_due = idle_since + settings.idle_timeout;
-                if idle_due <= now {
-                    settings.connections.closed_by(CloseReason::IdleTimeout);
-                    shutdown(conn.as_mut());
-                    closing = true;
-                    timer.as_mut().reset(now + CLOSE_GRACE);
-                    continue;
-                }
-                let mut next = idle_due.min(look_again);
-                if let Some((client, after)) = idle_park {
-                    let park_due = idle_since + after;
-                    if park_due <= now {
-                        // Idle long enough: hyper's next read ends its session (the loop polls
-                        // it at once), and the connection is parked without hyper's buffers.
-                        client.ask_idle_park();
-                    } else {
-                        next = next.min(park_due);
+                    let look_again = now + settings.header_read_timeout;
+                    if activity.active.load(Ordering::Acquire) > 0 {
+                        // A response-header deadline kept here that has passed is marked (the
+                        // request, polled next, answers 504); one still to come is looked at then.
+                        let next = soon(look_again.min(now + settings.idle_timeout));
+                        let next = client.response_due(now).map_or(next, |due| next.min(due));
+                        arm(timer.as_mut(), next);
+                        continue;
                     }
+                    if let Some(at) = activity.at(activity.head_started.load(Ordering::Acquire)) {
+                        let due = at + settings.header_read_timeout;
+                        if due <= now {
+                            // A head begun and not finished in time; nothing is in flight.
+                            settings
+                                .connections
+                                .closed_by(CloseReason::HeaderReadTimeout);
+                            return Ok(());
+                        }
+                        arm(timer.as_mut(), due);
+                        continue;
+                    }
+                    let idle_since = activity
+                        .at(activity.idle_since.load(Ordering::Acquire))
+                        .unwrap_or(first_head);
+                    let idle_due = idle_since + settings.idle_timeout;
+                    if idle_due <= now {
+                        settings.connections.closed_by(CloseReason::IdleTimeout);
+                        shutdown(conn.as_mut());
+                        closing = true;
+                        arm(timer.as_mut(), now + CLOSE_GRACE);
+                        continue;
+                    }
+                    let mut next = idle_due.min(look_again);
+                    if let Some(after) = idle_park {
+                        let park_due = idle_since + after;
+                        if park_due <= now {
+                            // Idle long enough: hyper's next read ends its session (the loop polls
+                            // it at once), and the connection is parked without hyper's buffers.
+                            client.ask_idle_park();
+                        } else {
+                            next = next.min(park_due);
+                        }
+                    }
+                    arm(timer.as_mut(), next);
                 }
-                timer.as_mut().reset(next);
             }
         }
     }

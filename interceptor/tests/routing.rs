@@ -224,12 +224,27 @@ async fn a_slow_upstream_gets_504_after_the_response_header_timeout() {
     );
 }
 
-/// A connection's response-header timer is kept between its requests and moved to each one's
-/// deadline: later (a fast route's 30 s after a slow one's 200 ms) and earlier again. Each
-/// slow request gets its 504 after its own 200 ms, neither sooner (a deadline left from the
-/// request before) nor later (the fast route's).
+/// Each request on a keep-alive connection gets its own response-header deadline: later (a
+/// fast route's 30 s after a slow one's 200 ms) and earlier again. Each slow request gets its
+/// 504 after its own 200 ms, neither sooner (a deadline left from the request before) nor later
+/// (the fast route's; the slow upstream would answer 200 after 3 s).
+///
+/// Here the connection's watchdog looks every 100 ms while a request is in flight (the default
+/// `--park-idle-after`), so it keeps each deadline with its own timer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_response_header_timeout_holds_for_every_request_on_a_keep_alive_connection() {
+    response_header_timeouts_on_one_connection(&[]).await;
+}
+
+/// The same where the watchdog next looks only after the deadline (no parking: it looks every
+/// header-read timeout, 10 s): each request has a timer, kept by the connection between
+/// requests and moved to each one's deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_before_the_watchdog_looks_has_a_timer_of_its_own() {
+    response_header_timeouts_on_one_connection(&["--park-idle-after", "0s"]).await;
+}
+
+async fn response_header_timeouts_on_one_connection(args: &[&str]) {
     let slow = Upstream::start("slow", Duration::from_secs(3)).await;
     let fast = Upstream::start("fast", Duration::ZERO).await;
     let config = format!(
@@ -245,7 +260,7 @@ async fn the_response_header_timeout_holds_for_every_request_on_a_keep_alive_con
             "    hosts: [fast.test]\n    timeouts: { responseHeader: 30s }\n"
         ),
     );
-    let ic = Interceptor::start(&config).await;
+    let ic = Interceptor::start_with(&config, args).await;
     let stream = tokio::net::TcpStream::connect(ic.proxy).await.unwrap();
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))

@@ -832,6 +832,9 @@ impl Proxy {
             // read then stands for now, where only the order of a second matters (the pool's
             // idle timeout, the response-header timer), which spares a clock read for each.
             let arrived = (!cold && done.parked_since.is_none()).then_some(done.start);
+            // An HTTP/1 request is polled in its connection's task, whose watchdog can keep its
+            // response-header deadline (see `ClientConn::header_timer`).
+            let http1 = routed.req.version() < http::Version::HTTP_2;
             // The request is rewritten and handed to its first send in a block of its own, so that
             // the request future does not keep the rewritten request beside the send holding it.
             let (attempt, body_watch, replay, upstream_span) = {
@@ -888,7 +891,7 @@ impl Proxy {
             // A request without a body that was neither held nor parked is sent microseconds
             // after it arrived: its timer starts from its arrival, read already.
             let sent_at = arrived.filter(|_| body_watch.is_none());
-            let mut header_timer = client.header_timer();
+            let mut header_timer = client.header_timer(http1);
             let header_timeout = async {
                 if let Some(watch) = &body_watch {
                     // Boxed: only a request with a body waits here, and the request future
