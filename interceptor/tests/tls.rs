@@ -56,6 +56,21 @@ impl Ca {
         std::fs::write(path, self.issuer.pem()).unwrap();
     }
 
+    /// Starts the interceptor with `config` and `args`, serving TLS with a certificate for
+    /// `names` issued into `dir`.
+    async fn serve(&self, dir: &Path, names: &[&str], config: &str, args: &[&str]) -> Interceptor {
+        self.issue(dir, "site", names);
+        let (cert, key) = (dir.join("site.crt"), dir.join("site.key"));
+        let mut all = vec![
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        Interceptor::start_with(config, &all).await
+    }
+
     fn client(
         &self,
         versions: &[&'static rustls::SupportedProtocolVersion],
@@ -228,24 +243,12 @@ async fn sni_picks_the_certificate_and_a_replaced_one_is_served_without_dropping
 async fn h2_is_negotiated_by_alpn_and_tls_1_2_works() {
     let ca = Ca::new();
     let certs = tempfile::tempdir().unwrap();
-    ca.issue(certs.path(), "site", &["h2.test"]);
     let port = free_port();
     let config = format!(
         "routes:\n{}",
         backend_route("h2", "h2.test", port, "0s", "")
     );
-    let cert = certs.path().join("site.crt");
-    let key = certs.path().join("site.key");
-    let ic = Interceptor::start_with(
-        &config,
-        &[
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let ic = ca.serve(certs.path(), &["h2.test"], &config, &[]).await;
 
     // h2 over ALPN: two requests multiplexed on one connection, one of them from cold.
     let connector = ca.client(BOTH, &[b"h2", b"http/1.1"]);
@@ -471,22 +474,15 @@ async fn a_tls_connection_that_never_sends_a_request_is_closed_at_the_header_rea
     use tokio::io::AsyncReadExt;
     let ca = Ca::new();
     let certs = tempfile::tempdir().unwrap();
-    ca.issue(certs.path(), "site", &["quiet.test"]);
     let config = "routes:\n  - name: quiet\n    target: { upstream: \"127.0.0.1:9\" }\n";
-    let cert = certs.path().join("site.crt");
-    let key = certs.path().join("site.key");
-    let ic = Interceptor::start_with(
-        config,
-        &[
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-            "--header-read-timeout",
-            "800ms",
-        ],
-    )
-    .await;
+    let ic = ca
+        .serve(
+            certs.path(),
+            &["quiet.test"],
+            config,
+            &["--header-read-timeout", "800ms"],
+        )
+        .await;
     let connector = ca.client(BOTH, &[b"h2", b"http/1.1"]);
     let started = std::time::Instant::now();
     // Handshaken, then silent: over HTTP/1.1 and over h2 (preface never sent).
@@ -522,6 +518,78 @@ async fn a_tls_connection_that_never_sends_a_request_is_closed_at_the_header_rea
     assert!(
         metrics.contains(
             r#"wakegate_client_connections_closed_total{reason="header_read_timeout"} 3"#
+        ),
+        "{metrics}"
+    );
+}
+
+/// The response-header timeout over TLS, on a connection whose protocol is found after the
+/// handshake: HTTP/1.1 (its connection's watchdog, looking every 200 ms here, keeps the
+/// deadline) and HTTP/2 (each stream has a timer of its own). Each slow request gets its 504
+/// after its own 500 ms; a missed deadline would let the upstream answer 200 after 3 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_response_header_timeout_holds_over_tls_for_http1_and_h2() {
+    let ca = Ca::new();
+    let certs = tempfile::tempdir().unwrap();
+    let slow = Upstream::start("slow", Duration::from_secs(3)).await;
+    let config = format!(
+        "routes:\n  - name: slow\n    hosts: [slow.test]\n    timeouts: {{ responseHeader: 500ms }}\n    target: {{ upstream: \"{}\" }}\n",
+        slow.addr
+    );
+    let args = ["--header-read-timeout", "200ms"];
+    let ic = ca.serve(certs.path(), &["slow.test"], &config, &args).await;
+
+    // HTTP/1.1, twice on one connection: each request its own deadline.
+    let connector = ca.client(BOTH, &[b"http/1.1"]);
+    let stream = handshake(&connector, ic.tls, "slow.test").await.unwrap();
+    let mut conn = http1(stream).await;
+    for _ in 0..2 {
+        let sent = std::time::Instant::now();
+        let (status, body) = get1(&mut conn, "slow.test", "/").await;
+        let took = sent.elapsed();
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+        assert!(
+            took >= Duration::from_millis(490),
+            "HTTP/1.1: 504 after only {took:?}"
+        );
+    }
+
+    // HTTP/2: two streams at once, each with its own deadline.
+    let connector = ca.client(BOTH, &[b"h2"]);
+    let stream = handshake(&connector, ic.tls, "slow.test").await.unwrap();
+    let (send, h2) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(h2);
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let mut send = send.clone();
+        streams.push(tokio::spawn(async move {
+            let sent = std::time::Instant::now();
+            let rsp = send
+                .send_request(
+                    Request::get("https://slow.test/")
+                        .body(Empty::<Bytes>::new())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            (rsp.status(), sent.elapsed())
+        }));
+    }
+    for stream in streams {
+        let (status, took) = stream.await.unwrap();
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+        assert!(
+            took >= Duration::from_millis(490),
+            "h2: 504 after only {took:?}"
+        );
+    }
+    let metrics = ic.metrics().await;
+    assert!(
+        metrics.contains(
+            r#"wakegate_upstream_errors_total{kind="response_header_timeout",route="slow"} 4"#
         ),
         "{metrics}"
     );
