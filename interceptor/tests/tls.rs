@@ -524,19 +524,20 @@ async fn a_tls_connection_that_never_sends_a_request_is_closed_at_the_header_rea
 }
 
 /// The response-header timeout over TLS, on a connection whose protocol is found after the
-/// handshake: HTTP/1.1 (its connection's watchdog, looking every 200 ms here, keeps the
+/// handshake: HTTP/1.1 (its connection's watchdog, looking every second here, keeps the
 /// deadline) and HTTP/2 (each stream has a timer of its own). Each slow request gets its 504
-/// after its own 500 ms; a missed deadline would let the upstream answer 200 after 3 s.
+/// after its own 1.2 s; a missed deadline would let the upstream answer 200 after 3 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_response_header_timeout_holds_over_tls_for_http1_and_h2() {
     let ca = Ca::new();
     let certs = tempfile::tempdir().unwrap();
     let slow = Upstream::start("slow", Duration::from_secs(3)).await;
     let config = format!(
-        "routes:\n  - name: slow\n    hosts: [slow.test]\n    timeouts: {{ responseHeader: 500ms }}\n    target: {{ upstream: \"{}\" }}\n",
+        "routes:\n  - name: slow\n    hosts: [slow.test]\n    timeouts: {{ responseHeader: 1200ms }}\n    target: {{ upstream: \"{}\" }}\n",
         slow.addr
     );
-    let args = ["--header-read-timeout", "200ms"];
+    // The handshake and the head must fit in the header-read timeout (slow under emulation).
+    let args = ["--header-read-timeout", "1s"];
     let ic = ca.serve(certs.path(), &["slow.test"], &config, &args).await;
 
     // HTTP/1.1, twice on one connection: each request its own deadline.
@@ -549,7 +550,7 @@ async fn the_response_header_timeout_holds_over_tls_for_http1_and_h2() {
         let took = sent.elapsed();
         assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
         assert!(
-            took >= Duration::from_millis(490),
+            took >= Duration::from_millis(1190),
             "HTTP/1.1: 504 after only {took:?}"
         );
     }
@@ -582,7 +583,7 @@ async fn the_response_header_timeout_holds_over_tls_for_http1_and_h2() {
         let (status, took) = stream.await.unwrap();
         assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
         assert!(
-            took >= Duration::from_millis(490),
+            took >= Duration::from_millis(1190),
             "h2: 504 after only {took:?}"
         );
     }
