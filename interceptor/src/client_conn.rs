@@ -11,7 +11,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -59,11 +59,14 @@ struct WatchedDeadline {
     base: tokio::time::Instant,
     /// When the watchdog's timer fires next, rounded down; 0 while no watchdog runs.
     watchdog_at: AtomicU64,
-    /// The in-flight request's deadline, rounded up; 0 when none is kept here.
+    /// The in-flight request's deadline, rounded up; 0 when none is kept here, [`OVERDUE`] once
+    /// the watchdog found it passed.
     due: AtomicU64,
-    /// The watchdog found the deadline passed.
-    overdue: AtomicBool,
 }
+
+/// What [`WatchedDeadline::due`] holds once the watchdog found the deadline passed (no stamp
+/// reaches it: they stop short of it).
+const OVERDUE: u64 = u64::MAX;
 
 impl WatchedDeadline {
     fn new() -> Self {
@@ -71,16 +74,16 @@ impl WatchedDeadline {
             base: tokio::time::Instant::now(),
             watchdog_at: AtomicU64::new(0),
             due: AtomicU64::new(0),
-            overdue: AtomicBool::new(false),
         }
     }
 
     /// `at` in milliseconds since the base, plus one; rounded up if `up`.
     fn stamp(&self, at: tokio::time::Instant, up: bool) -> u64 {
         let since = at.saturating_duration_since(self.base);
-        let ms = u64::try_from(since.as_millis()).unwrap_or(u64::MAX - 2);
+        // At most `OVERDUE - 1`, so that a stamp is never taken for the mark.
+        let ms = u64::try_from(since.as_millis()).map_or(OVERDUE - 3, |ms| ms.min(OVERDUE - 3));
         let partial = up && since.subsec_nanos() % 1_000_000 != 0;
-        ms.saturating_add(1 + u64::from(partial))
+        ms + 1 + u64::from(partial)
     }
 
     fn instant(&self, stamp: u64) -> tokio::time::Instant {
@@ -204,11 +207,11 @@ impl ClientConn {
     pub(crate) fn response_due(&self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
         let deadline = &self.stream.deadline;
         let due = deadline.due.load(Ordering::Relaxed);
-        if due == 0 || deadline.overdue.load(Ordering::Relaxed) {
+        if due == 0 || due == OVERDUE {
             return None;
         }
         if deadline.stamp(now, false) >= due {
-            deadline.overdue.store(true, Ordering::Relaxed);
+            deadline.due.store(OVERDUE, Ordering::Relaxed);
             return None;
         }
         Some(deadline.instant(due))
@@ -273,11 +276,10 @@ impl HeaderTimer<'_> {
             let due = deadline.stamp(at, true);
             let watchdog_at = deadline.watchdog_at.load(Ordering::Relaxed);
             if watchdog_at != 0 && watchdog_at <= due {
-                deadline.overdue.store(false, Ordering::Relaxed);
                 deadline.due.store(due, Ordering::Relaxed);
                 self.watched = true;
                 return std::future::poll_fn(|_| {
-                    if deadline.overdue.load(Ordering::Relaxed) {
+                    if deadline.due.load(Ordering::Relaxed) == OVERDUE {
                         Poll::Ready(())
                     } else {
                         Poll::Pending
@@ -286,10 +288,10 @@ impl HeaderTimer<'_> {
                 .await;
             }
         }
-        let sleep = match self.sleep.take() {
-            Some(sleep) => Some(sleep),
-            None => self.client.stream.kept_timer().take(),
-        };
+        let sleep = self
+            .sleep
+            .take()
+            .or_else(|| self.client.stream.kept_timer().take());
         let sleep = self.sleep.insert(match sleep {
             Some(mut sleep) => {
                 sleep.as_mut().reset(at);
@@ -304,9 +306,7 @@ impl HeaderTimer<'_> {
 impl Drop for HeaderTimer<'_> {
     fn drop(&mut self) {
         if self.watched {
-            let deadline = &self.client.stream.deadline;
-            deadline.due.store(0, Ordering::Relaxed);
-            deadline.overdue.store(false, Ordering::Relaxed);
+            self.client.stream.deadline.due.store(0, Ordering::Relaxed);
         }
         if let Some(sleep) = self.sleep.take() {
             self.client.stream.kept_timer().get_or_insert(sleep);

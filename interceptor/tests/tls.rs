@@ -119,6 +119,18 @@ async fn http1(
     send
 }
 
+/// An HTTP/2 connection over `stream`.
+async fn http2(
+    stream: TlsStream<TcpStream>,
+) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
 async fn get1(
     send: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
     host: &str,
@@ -258,11 +270,7 @@ async fn h2_is_negotiated_by_alpn_and_tls_1_2_works() {
         stream.get_ref().1.protocol_version(),
         Some(rustls::ProtocolVersion::TLSv1_3)
     );
-    let (send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let send = http2(stream).await;
     let mut replies = Vec::new();
     for path in ["/headers", "/"] {
         let mut send = send.clone();
@@ -558,11 +566,7 @@ async fn the_response_header_timeout_holds_over_tls_for_http1_and_h2() {
     // HTTP/2: two streams at once, each with its own deadline.
     let connector = ca.client(BOTH, &[b"h2"]);
     let stream = handshake(&connector, ic.tls, "slow.test").await.unwrap();
-    let (send, h2) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(h2);
+    let send = http2(stream).await;
     let mut streams = Vec::new();
     for _ in 0..2 {
         let mut send = send.clone();
