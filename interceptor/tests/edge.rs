@@ -989,8 +989,11 @@ async fn a_connection_the_upstream_closed_while_idle_is_not_used_again() {
                     let _ = conn
                         .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                         .await;
-                    // The first connection is closed, idle, once the test says so.
-                    if close.wait_for(|c| *c).await.is_ok() && closed.send(()).is_ok() {
+                    // The first connection is closed, idle, once the test says so, and the
+                    // test hears of it only once the socket is closed.
+                    if close.wait_for(|c| *c).await.is_ok() {
+                        drop(conn);
+                        let _ = closed.send(());
                         return;
                     }
                 }
