@@ -77,7 +77,9 @@ build_references() {
 }
 
 # nginx_conf DIR LISTEN_PORT BACKEND_PORT [LISTEN_FLAGS]: nginx as the references run it: one
-# worker, upstream keepalive, HTTP/1.1 upstream, no access log.
+# worker, upstream keepalive, HTTP/1.1 upstream, no access log. A client connection is not
+# closed after 1,000 requests (nginx's default `keepalive_requests`): the other proxies never
+# close one, and h2load does not open a new one, so an h2c run would stall at 1,000 each.
 nginx_conf() {
     local dir=$1 port=$2 backend=$3 flags=${4:-}
     mkdir -p "$dir"
@@ -90,6 +92,7 @@ error_log $dir/error.log warn;
 events { worker_connections 32768; }
 http {
     access_log off;
+    keepalive_requests 100000000;
     client_body_temp_path $dir/body;
     proxy_temp_path $dir/proxy;
     proxy_read_timeout 300s;
