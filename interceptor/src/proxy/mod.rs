@@ -39,7 +39,7 @@ use self::observe::{Observed, RequestTrace};
 use self::session::{pinned_endpoint, session_cookie};
 use self::upstream::{
     idempotent, upstream_request, ClientKey, Http1Conn, Http1Pool, Replay, SendError, Upstream,
-    UpstreamClient,
+    UpstreamClient, UriForm,
 };
 use crate::client_conn::ClientConn;
 use crate::connect::{FreshEndpoints, RetryingConnector};
@@ -850,7 +850,10 @@ impl Proxy {
                     client,
                     trusted,
                     route.spec.protocol,
-                    tls,
+                    match upstream {
+                        Upstream::Http1(..) => UriForm::Client,
+                        Upstream::Legacy(_) => UriForm::Absolute { tls },
+                    },
                     self.settings.min_body_rate,
                 );
                 if let (Some(upgrade), UpstreamProtocol::Http1) = (&upgrade, route.spec.protocol) {

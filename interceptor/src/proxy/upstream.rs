@@ -114,9 +114,9 @@ impl Proxy {
     }
 }
 
-/// Rewrites a client request for `endpoint`: absolute URI for the pooled client, HTTP/1.1, the
-/// routed authority as Host, hop-by-hop headers removed, forwarding headers set, and the body
-/// watched on its way up.
+/// Rewrites a client request for `endpoint`: the URI in the form its client takes (see
+/// [`UriForm`]), HTTP/1.1, the routed authority as Host, hop-by-hop headers removed, forwarding
+/// headers set, and the body watched on its way up.
 #[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
 pub(super) fn upstream_request(
     req: Request<Incoming>,
@@ -125,7 +125,7 @@ pub(super) fn upstream_request(
     client: &ClientConn,
     trusted: bool,
     protocol: UpstreamProtocol,
-    tls: bool,
+    form: UriForm,
     min_body_rate: Option<MinRate>,
 ) -> (Request<RequestBody>, Option<Arc<body::BodyWatch>>) {
     let (mut parts, body) = req.into_parts();
@@ -146,25 +146,27 @@ pub(super) fn upstream_request(
     }
     let (grpc, te_trailers) = (grpc == Some(true), te_trailers == Some(true));
     let (body, watch) = RequestBody::new(body, min_body_rate.filter(|_| !grpc));
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(if tls { Scheme::HTTPS } else { Scheme::HTTP });
-    // HTTP/1.1 is sent in origin form with the Host header; the URI's authority picks the
-    // pooled connection. HTTP/2 sends the URI's authority as `:authority`, so it is the routed
-    // one (its client is pinned to the endpoint).
-    uri.authority = match (protocol, host.as_ref().and_then(|h| h.to_str().ok())) {
-        (UpstreamProtocol::H2c, Some(host)) => http::uri::Authority::try_from(host).ok(),
-        _ => None,
+    if let UriForm::Absolute { tls } = form {
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(if tls { Scheme::HTTPS } else { Scheme::HTTP });
+        // HTTP/1.1 is sent in origin form with the Host header; the URI's authority picks the
+        // pooled connection. HTTP/2 sends the URI's authority as `:authority`, so it is the
+        // routed one (its client is pinned to the endpoint).
+        uri.authority = match (protocol, host.as_ref().and_then(|h| h.to_str().ok())) {
+            (UpstreamProtocol::H2c, Some(host)) => http::uri::Authority::try_from(host).ok(),
+            _ => None,
+        }
+        .or_else(|| Some(endpoint.authority().clone()));
+        uri.path_and_query = Some(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+        // Scheme, authority and path are all set, so this cannot fail.
+        parts.uri = Uri::from_parts(uri).unwrap_or_default();
     }
-    .or_else(|| Some(endpoint.authority().clone()));
-    uri.path_and_query = Some(
-        parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/")),
-    );
-    // Scheme, authority and path are all set, so this cannot fail.
-    parts.uri = Uri::from_parts(uri).unwrap_or_default();
     headers::strip_hop_by_hop(&mut parts.headers);
     parts.version = match protocol {
         UpstreamProtocol::Http1 => Version::HTTP_11,
@@ -196,6 +198,17 @@ pub(super) fn upstream_request(
         host.as_ref(),
     );
     (Request::from_parts(parts, body), watch)
+}
+
+/// The form of the URI a rewritten request carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum UriForm {
+    /// As the client sent it: a route's own pool writes the URI as given, and puts it in
+    /// origin form only if the client used another (see `Http1Pool::send`). A client's
+    /// HTTP/1.1 request line is in origin form already, so it goes up untouched.
+    Client,
+    /// Absolute, as hyper-util's client needs: its authority picks the pooled connection.
+    Absolute { tls: bool },
 }
 
 /// A request head kept to send the request once more, owning its bytes.
@@ -636,13 +649,17 @@ impl Http1Pool {
         mut req: Request<RequestBody>,
         now: Option<Instant>,
     ) -> PoolSend<'s, impl Future<Output = hyper::Result<hyper::Response<Incoming>>> + Send> {
-        // `client::conn` writes the URI as given: origin form, as the request line wants it.
-        let path = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        *req.uri_mut() = Uri::from(path);
+        // `client::conn` writes the URI as given, and the request line wants origin form: a
+        // client's HTTP/1.1 request is in it already; an absolute-form one, or an HTTP/2 one
+        // (whose URI carries `:scheme` and `:authority`), is put in it.
+        if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+            let path = req
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            *req.uri_mut() = Uri::from(path);
+        }
         let send = |sender: &mut Sender, req| sender.send_request(req);
         // The connection is taken now, so that the request goes straight to it: the future
         // never keeps the request itself, only hyper's send of it (or, while a new connection
