@@ -1206,10 +1206,8 @@ fn routed_authority<B>(
         return bad("more than one Host header");
     }
     let host = match framing.host {
-        Some(value) => match value.to_str().ok().map(str::parse::<http::uri::Authority>) {
-            Some(Ok(authority)) if !authority.as_str().contains('@') => Some(value),
-            _ => return bad("the Host header is not a valid host[:port]"),
-        },
+        Some(value) if valid_host(value.as_bytes()) => Some(value),
+        Some(_) => return bad("the Host header is not a valid host[:port]"),
         None => None,
     };
     if let Some(authority) = req.uri().authority() {
@@ -1243,6 +1241,35 @@ fn routed_authority<B>(
         (None, Version::HTTP_2 | Version::HTTP_3) => bad("no :authority and no Host header"),
         (None, _) => bad("no Host header"),
     }
+}
+
+/// Whether a Host header's value is a valid `host[:port]`, without userinfo.
+///
+/// It is parsed as an [`http::uri::Authority`], which copies a valid value into an allocation
+/// of its own, only to drop it here. Nearly every request names the host the one before it on
+/// the same thread named, so the last valid value is remembered per thread (up to 255 bytes)
+/// and a request naming it again is not parsed a second time: the check is a function of the
+/// bytes alone.
+fn valid_host(host: &[u8]) -> bool {
+    const REMEMBERED: usize = 255;
+    thread_local! {
+        static LAST_VALID: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let seen = LAST_VALID.with_borrow(|last| !last.is_empty() && last.as_slice() == host);
+    if seen {
+        return true;
+    }
+    let valid = std::str::from_utf8(host)
+        .ok()
+        .and_then(|h| h.parse::<http::uri::Authority>().ok())
+        .is_some_and(|authority| !authority.as_str().contains('@'));
+    if valid && host.len() <= REMEMBERED {
+        LAST_VALID.with_borrow_mut(|last| {
+            last.clear();
+            last.extend_from_slice(host);
+        });
+    }
+    valid
 }
 
 /// A request and the authority it was routed by, boxed together until the request is rewritten
@@ -1351,5 +1378,44 @@ mod tests {
         println!("Proxy::handle's future: {size} bytes");
         // 976 bytes in the test profile when this bound was set.
         assert!(size <= 1152, "Proxy::handle's future grew to {size} bytes");
+    }
+
+    /// The host remembered as valid never changes an answer: each value is judged on its
+    /// bytes, whatever came before it on the thread.
+    #[test]
+    fn a_remembered_host_changes_no_answer() {
+        let valid: &[&[u8]] = &[b"app.test", b"app.test:8080", b"[::1]:80", b"10.0.0.7"];
+        let invalid: &[&[u8]] = &[
+            b"",
+            b"user@app.test",
+            b"app test",
+            b"app.test/path",
+            b"app.test:80:80",
+            b"caf\xc3\xa9.test",
+            b"app.test\t",
+        ];
+        let long_name = format!("{}.test", "a".repeat(300));
+        // Each in turn after each other one, the remembered value being the last valid one.
+        for _ in 0..2 {
+            for first in valid.iter().chain(invalid) {
+                for second in valid.iter().chain(invalid) {
+                    valid_host(first);
+                    assert_eq!(
+                        valid_host(second),
+                        valid.contains(second),
+                        "{second:?} after {first:?}"
+                    );
+                    assert_eq!(
+                        valid_host(second),
+                        valid.contains(second),
+                        "{second:?} twice"
+                    );
+                }
+            }
+        }
+        // Too long to remember, and still valid each time.
+        assert!(valid_host(long_name.as_bytes()));
+        assert!(valid_host(long_name.as_bytes()));
+        assert!(valid_host(b"app.test"));
     }
 }
