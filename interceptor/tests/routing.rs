@@ -307,3 +307,90 @@ async fn response_header_timeouts_on_one_connection(args: &[&str]) {
         "{metrics}"
     );
 }
+
+/// Whatever form the client's request target came in, the upstream's request line is in origin
+/// form, with the routed authority as Host: HTTP/1.1 in origin form (sent on as it came),
+/// HTTP/1.1 in absolute form, and h2c (whose URI carries `:scheme` and `:authority`). Each one
+/// is sent twice on its connection, so the second goes up on a pooled connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_gets_origin_form_whatever_form_the_client_used() {
+    use http_body_util::BodyExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let up = Upstream::start("known", Duration::ZERO).await;
+    let config = format!(
+        "routes:\n{}",
+        upstream_route("known", &up, "    hosts: [known.test]\n")
+    );
+    let ic = Interceptor::start(&config).await;
+    let echoed = |text: &str| {
+        let mut lines = text.lines();
+        let first = lines.next().unwrap_or_default().to_owned();
+        let host = lines
+            .find_map(|l| l.strip_prefix("host: "))
+            .unwrap_or_default()
+            .to_owned();
+        (first, host)
+    };
+    let expected = ("known /x?y=1".to_owned(), "known.test".to_owned());
+
+    for _ in 0..2 {
+        let reply = ic.get("known.test", "/x?y=1").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(echoed(&reply.text()), expected, "origin form");
+    }
+
+    let mut stream = tokio::net::TcpStream::connect(ic.proxy).await.unwrap();
+    for close in [false, true] {
+        let head = format!(
+            "GET http://known.test/x?y=1 HTTP/1.1\r\nHost: known.test\r\n{}\r\n",
+            if close { "Connection: close\r\n" } else { "" }
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        if !close {
+            // The first answer is read in full before the second request goes.
+            let mut raw = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&raw).contains("host: known.test") {
+                let n = stream.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&raw));
+                raw.extend_from_slice(&buf[..n]);
+            }
+            let raw = String::from_utf8_lossy(&raw).into_owned();
+            let body = raw.split_once("\r\n\r\n").unwrap().1;
+            assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+            assert!(body.starts_with("known /x?y=1\n"), "absolute form: {raw}");
+        }
+    }
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.unwrap();
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    let body = raw.split_once("\r\n\r\n").unwrap().1;
+    assert_eq!(
+        echoed(body),
+        expected,
+        "absolute form, second request: {raw}"
+    );
+
+    let stream = tokio::net::TcpStream::connect(ic.proxy).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..2 {
+        let rsp = send
+            .send_request(
+                Request::get("http://known.test/x?y=1")
+                    .body(Full::<Bytes>::default())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(rsp.status(), StatusCode::OK);
+        let body = rsp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(echoed(&String::from_utf8_lossy(&body)), expected, "h2c");
+    }
+    assert_eq!(up.count(), 6);
+}
