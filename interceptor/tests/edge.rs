@@ -461,12 +461,7 @@ async fn the_authority_a_request_is_routed_by_is_the_one_forwarded() {
     assert_eq!(up.count(), before, "no bad request reached the upstream");
 
     // HTTP/2: routed by :authority, which is forwarded as the Host.
-    let stream = TcpStream::connect(ic.proxy).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2c(ic.proxy).await;
     let rsp = send
         .send_request(
             Request::get("http://internal.example/h2")

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Request, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioExecutor;
 use support::*;
 
 const SCALEDOWN: Duration = Duration::from_millis(300);
@@ -176,14 +175,7 @@ async fn h2_responses_and_an_upgrades_101_carry_it_too() {
     );
     let ic = Interceptor::start(&config).await;
     // h2c with prior knowledge to the proxy's address; HTTP/2 names the host in :authority.
-    let stream = tokio::net::TcpStream::connect(ic.proxy).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2c(ic.proxy).await;
     let req = Request::get("http://h2.test/?keep-awake=30")
         .body(Full::<Bytes>::default())
         .unwrap();

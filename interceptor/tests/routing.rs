@@ -315,7 +315,6 @@ async fn response_header_timeouts_on_one_connection(args: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_upstream_gets_origin_form_whatever_form_the_client_used() {
     use http_body_util::BodyExt;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let up = Upstream::start("known", Duration::ZERO).await;
@@ -373,12 +372,7 @@ async fn the_upstream_gets_origin_form_whatever_form_the_client_used() {
         "absolute form, second request: {raw}"
     );
 
-    let stream = tokio::net::TcpStream::connect(ic.proxy).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2c(ic.proxy).await;
     for _ in 0..2 {
         let rsp = send
             .send_request(

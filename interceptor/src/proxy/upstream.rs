@@ -157,13 +157,7 @@ pub(super) fn upstream_request(
             _ => None,
         }
         .or_else(|| Some(endpoint.authority().clone()));
-        uri.path_and_query = Some(
-            parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        );
+        uri.path_and_query = Some(path_of(&parts.uri));
         // Scheme, authority and path are all set, so this cannot fail.
         parts.uri = Uri::from_parts(uri).unwrap_or_default();
     }
@@ -198,6 +192,13 @@ pub(super) fn upstream_request(
         host.as_ref(),
     );
     (Request::from_parts(parts, body), watch)
+}
+
+/// `uri`'s path and query, `/` if it has none (an absolute URI without a path).
+fn path_of(uri: &Uri) -> PathAndQuery {
+    uri.path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"))
 }
 
 /// The form of the URI a rewritten request carries.
@@ -653,12 +654,7 @@ impl Http1Pool {
         // client's HTTP/1.1 request is in it already; an absolute-form one, or an HTTP/2 one
         // (whose URI carries `:scheme` and `:authority`), is put in it.
         if req.uri().scheme().is_some() || req.uri().authority().is_some() {
-            let path = req
-                .uri()
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/"));
-            *req.uri_mut() = Uri::from(path);
+            *req.uri_mut() = Uri::from(path_of(req.uri()));
         }
         let send = |sender: &mut Sender, req| sender.send_request(req);
         // The connection is taken now, so that the request goes straight to it: the future

@@ -384,6 +384,24 @@ pub fn gated_backend_route(
     )
 }
 
+/// An h2c connection (HTTP/2 with prior knowledge) to `addr`, driven in a task of its own.
+pub async fn h2c<B>(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
 /// An in-process upstream that answers with its name and counts requests and peak concurrency.
 #[derive(Clone)]
 pub struct Upstream {
