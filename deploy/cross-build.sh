@@ -49,7 +49,15 @@ gcc_prefix() {
 cross_env() {
     local t=$1 up
     up=$(echo "$t" | tr 'a-z-' 'A-Z_')
-    export "CARGO_TARGET_${up}_LINKER=$(gcc_prefix "$t")-gcc"
+    # The cross gcc links, through deploy/link-order/order.sh (the release binaries' code laid
+    # out start-up and request path first, with lld). A script per target names its gcc and
+    # nm: the host's linker setting (.cargo/config.toml) still links the build scripts.
+    local link="$CARGO_TARGET_DIR/order-$t"
+    mkdir -p "$CARGO_TARGET_DIR"
+    printf '#!/bin/sh\nWAKEGATE_LINK_CC=%s-gcc WAKEGATE_LINK_NM=%s-nm exec %s "$@"\n' \
+        "$(gcc_prefix "$t")" "$(gcc_prefix "$t")" "$ROOT/deploy/link-order/order.sh" > "$link"
+    chmod +x "$link"
+    export "CARGO_TARGET_${up}_LINKER=$link"
     export "CC_$(echo "$t" | tr '-' '_')=$(gcc_prefix "$t")-gcc"
     export "AR_$(echo "$t" | tr '-' '_')=$(gcc_prefix "$t")-ar"
     local run
@@ -58,7 +66,8 @@ cross_env() {
         export "CARGO_TARGET_${up}_RUNNER=$run"
     fi
     # Only target crates get the sysroot; build scripts and proc macros use the host's.
-    export "CARGO_TARGET_${up}_RUSTFLAGS=--sysroot=$SYSROOT"
+    # (These replace .cargo/config.toml's rustflags, so its symbol mangling is named again.)
+    export "CARGO_TARGET_${up}_RUSTFLAGS=--sysroot=$SYSROOT -C symbol-mangling-version=v0"
 }
 
 runner() {
@@ -77,7 +86,7 @@ install() {
     apt-get install -y -q --no-install-recommends \
         rustc-web cargo-web libstd-rust-web-dev curl ca-certificates \
         gcc gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-arm64-cross libc6-dev-armhf-cross \
-        qemu-user-static
+        qemu-user-static lld
     local version
     version=$(dpkg-query -W -f '${Version}' rustc-web)
     for arch in arm64 armhf; do
@@ -125,6 +134,10 @@ build() {
         for b in "${BINARIES[@]}"; do
             cp "$CARGO_TARGET_DIR/$t/release/$b" "$OUT/$arch/$b"
         done
+        # What the link order found (deploy/link-order/order.sh), newest link first.
+        local order
+        order=$(ls -t "$CARGO_TARGET_DIR/$t"/release/deps/wakegate_interceptor-*.link-order 2>/dev/null | head -1)
+        [ -n "$order" ] && echo "$arch wakegate-interceptor link order: $(cat "$order")" >&2
     done
 }
 
