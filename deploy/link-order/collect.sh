@@ -51,6 +51,14 @@ P=$(free_port); A=$(free_port)
 KUBECONFIG="$WORK/kubeconfig" profile "$WORK/k8s.out" --proxy-addr "127.0.0.1:$P" --admin-addr "127.0.0.1:$A"
 K=${PIDS[-1]}
 wait_port "$A"
+# The controller follows the interceptor's admin API (its queue, its event stream), as in a
+# cluster.
+G=$(free_port); C=$(free_port)
+KUBECONFIG="$WORK/kubeconfig" RUST_LOG=warn "$ROOT/target/release/wakegate-controller" \
+    --scaler standalone --grpc-addr "127.0.0.1:$G" --admin-addr "127.0.0.1:$C" \
+    --interceptor-admin-addrs "127.0.0.1:$A" --namespace default >/dev/null 2>&1 &
+PIDS+=($!)
+wait_port "$C"
 sleep 5 # idle: what runs while nothing happens is part of what stays resident
 for path in /metrics /livez /readyz /status /queue; do curl -s --max-time 30 "127.0.0.1:$A$path" >/dev/null || true; done
 stop "$K"
