@@ -137,7 +137,9 @@ build() {
         # What the link order found (deploy/link-order/order.sh), newest link first.
         local order
         order=$(ls -t "$CARGO_TARGET_DIR/$t"/release/deps/wakegate_interceptor-*.link-order 2>/dev/null | head -1)
-        [ -n "$order" ] && echo "$arch wakegate-interceptor link order: $(cat "$order")" >&2
+        if [ -n "$order" ]; then
+            echo "$arch wakegate-interceptor link order: $(cat "$order")" >&2
+        fi
     done
 }
 
