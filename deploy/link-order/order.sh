@@ -75,8 +75,10 @@ if ! "$cc" "${unstripped[@]}" "${extra[@]}" -o "$work/pass1"; then
 fi
 "$nm" --defined-only "$work/pass1" | awk '$2 ~ /^[tTW]$/ {print $3}' > "$work/mangled"
 c++filt < "$work/mangled" > "$work/demangled"
-# A listed name that a build instantiates many times (`drop_in_place`, `<&T as Debug>::fmt`)
-# is left where it falls: taking every instance would pull in far more than runs.
+# Without its crate hashes a name can stand for several symbols (a small generic function
+# copied into each crate that uses it: `RawVecInner::finish_grow` has 34). All are taken, up
+# to 64; a name with more is left where it falls, as taking them all would pull in far more
+# than runs.
 paste "$work/mangled" "$work/demangled" | awk -F'\t' -v max=64 -v summary="$work/summary" '
     NR == FNR { if ($0 != "" && substr($0, 1, 1) != "#") { want[$0] = 1; listed++ } next }
     {
