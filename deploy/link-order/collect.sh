@@ -5,46 +5,34 @@
 # dependency, a new start-up step); CI reports how many listed names each build finds.
 #
 #   deploy/link-order/collect.sh     (root: installs valgrind if missing)
-set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+# The ports, waits, clean-up and release build are the benchmarks' (bench/common.sh), so the
+# profiled build is the one bench/ measures: the same invocation, features and code.
+# (BENCH_NO_BUILD=1: profile the copy the last build kept.)
+source "$(dirname "${BASH_SOURCE[0]}")/../../bench/common.sh"
 LIST="$ROOT/deploy/link-order/wakegate-interceptor.txt"
 command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
-cd "$ROOT"
-# The release build as bench/ makes it (the same invocation, so the same features and code),
-# relinked so that order.sh keeps a copy with symbols.
-# (COLLECT_NO_BUILD=1: profile the copy the last such build kept.)
-if [ -z "${COLLECT_NO_BUILD:-}" ]; then
-    touch interceptor/src/main.rs
-    WAKEGATE_LINK_KEEP=1 cargo build --release --locked -p wakegate-interceptor -p wakegate-loadtest \
-        -p wakegate-controller -p wakegate-testapi -p wakegate-bench-hyper-proxy >&2
-    cargo build --release --locked -p wakegate-testapi --example serve >&2
+if [ -z "${BENCH_NO_BUILD:-}" ]; then
+    # Relinked, so that order.sh keeps a copy with symbols.
+    touch "$ROOT/interceptor/src/main.rs"
+    export WAKEGATE_LINK_KEEP=1
 fi
-WORK="$(mktemp -d)"
+build
+(cd "$ROOT" && cargo build --release --locked -p wakegate-testapi --example serve >&2)
 # Under its own name: local mode finds the example backend's command (the interceptor itself)
 # beside it.
 mkdir "$WORK/bin"
-BIN="$WORK/bin/wakegate-interceptor"
-cp "$(ls -t "$ROOT"/target/release/deps/wakegate_interceptor-*.symbols | head -1)" "$BIN"
-PIDS=()
-trap 'kill "${PIDS[@]}" 2>/dev/null; rm -rf "$WORK"' EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-wait_port() {
-    for _ in $(seq 1 6000); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.01
-    done
-    echo "nothing listens on port $1" >&2; return 1
-}
+INTERCEPTOR="$WORK/bin/wakegate-interceptor"
+cp "$(ls -t "$BIN"/deps/wakegate_interceptor-*.symbols | head -1)" "$INTERCEPTOR"
 profile() { # profile OUT ARGS...: the interceptor under callgrind, function names unmangled
     local out=$1; shift
-    RUST_LOG=warn valgrind --tool=callgrind --demangle=no --callgrind-out-file="$out" "$BIN" "$@" \
+    RUST_LOG=warn valgrind --tool=callgrind --demangle=no --callgrind-out-file="$out" "$INTERCEPTOR" "$@" \
         >/dev/null 2>"$out.log" &
     PIDS+=($!)
 }
 stop() { kill -INT "$1"; for _ in $(seq 1 3000); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.01; done; kill -9 "$1"; }
 
 # Kubernetes mode against the test API server: start-up, watches, idle, the admin endpoints.
-"$ROOT/target/release/examples/serve" "$WORK/kubeconfig" 2>/dev/null &
+"$BIN/examples/serve" "$WORK/kubeconfig" 2>/dev/null &
 PIDS+=($!)
 for _ in $(seq 1 500); do [ -s "$WORK/kubeconfig" ] && break; sleep 0.01; done
 P=$(free_port); A=$(free_port)
@@ -54,7 +42,7 @@ wait_port "$A"
 # The controller follows the interceptor's admin API (its queue, its event stream), as in a
 # cluster.
 G=$(free_port); C=$(free_port)
-KUBECONFIG="$WORK/kubeconfig" RUST_LOG=warn "$ROOT/target/release/wakegate-controller" \
+KUBECONFIG="$WORK/kubeconfig" RUST_LOG=warn "$BIN/wakegate-controller" \
     --scaler standalone --grpc-addr "127.0.0.1:$G" --admin-addr "127.0.0.1:$C" \
     --interceptor-admin-addrs "127.0.0.1:$A" --namespace default >/dev/null 2>&1 &
 PIDS+=($!)
@@ -96,7 +84,7 @@ PY
     echo "# Functions the interceptor runs at start-up, while idle (both modes) and on the request"
     echo "# path, without build hashes: order.sh lays them out first. Written by collect.sh."
     # Only what the binary itself defines (not libc's or the loader's).
-    nm --defined-only "$BIN" | awk '{print $3}' | LC_ALL=C sort -u > "$WORK/defined"
+    nm --defined-only "$INTERCEPTOR" | awk '{print $3}' | LC_ALL=C sort -u > "$WORK/defined"
     LC_ALL=C sort -u "$WORK/mangled" | LC_ALL=C comm -12 - "$WORK/defined" | c++filt |
         sed -E 's/::h[0-9a-f]+$//; s/\[[0-9a-f]+\]//g' | LC_ALL=C sort -u
 } > "$LIST"
