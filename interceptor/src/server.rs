@@ -505,6 +505,15 @@ where
                             }
                             parked = extensions;
                             is_http1 |= http1;
+                            if http1 || idle_since.is_some() {
+                                // The head is complete (it was peeked), and hyper reads it at
+                                // once; or an idle keep-alive connection's next head has begun.
+                                // A new connection's anything else keeps the deadline it had
+                                // since accept: one silent until then is closed at it, not
+                                // given a second one.
+                                first_head =
+                                    first_head.max(Instant::now() + settings.header_read_timeout);
+                            }
                         }
                         Parking::Close => return,
                         Parking::IdleTimeout => {
@@ -512,8 +521,6 @@ where
                             return;
                         }
                     }
-                    // The head is complete (it was peeked); hyper reads it at once.
-                    first_head = first_head.max(Instant::now() + settings.header_read_timeout);
                 }
                 let session = Session {
                     client: &client,
@@ -993,11 +1000,15 @@ where
                     return Poll::Ready(Event::Stop);
                 }
                 // The timer too is polled once each time it is set, which registers this task's
-                // waker with it; then a poll only reads whether it has fired.
-                let fired = if std::mem::replace(&mut timer_registered, true) {
+                // waker with it; then a poll only reads whether it has fired. A poll that found
+                // the task's cooperative budget spent (a busy connection can spend it all) has
+                // registered nothing, not even the timer's entry: it is polled again next time.
+                let fired = if timer_registered {
                     timer.is_elapsed()
                 } else {
-                    timer.as_mut().poll(cx).is_ready()
+                    let fired = timer.as_mut().poll(cx).is_ready();
+                    timer_registered = fired || tokio::task::coop::has_budget_remaining();
+                    fired
                 };
                 if fired {
                     Poll::Ready(Event::Timer)
@@ -1199,5 +1210,53 @@ mod tests {
             .expect("the server drains in time")
             .unwrap();
         assert!(drain.complete, "{drain:?}");
+    }
+
+    /// A connection that spends its task's whole cooperative budget on the poll that would
+    /// register the watchdog's timer is still closed at its header-read deadline.
+    #[tokio::test]
+    async fn the_watchdog_fires_after_a_poll_that_spent_the_budget() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _peer = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, remote) = listener.accept().await.unwrap();
+        let (client, _io) = ClientConn::new(stream, remote, false);
+        let settings = ConnectionSettings::internal(Duration::from_millis(50));
+        let stop = CancellationToken::new();
+        let activity = Activity::new();
+        // A connection that never ends, and whose first poll spends the budget as a busy one
+        // does (reads and writes that each make progress).
+        let mut first = true;
+        let mut conn = std::pin::pin!(std::future::poll_fn(|cx| {
+            if std::mem::take(&mut first) {
+                while let Poll::Ready(progress) = tokio::task::coop::poll_proceed(cx) {
+                    progress.made_progress();
+                }
+            }
+            Poll::<Result<(), ()>>::Pending
+        }));
+        let served = watch(
+            conn.as_mut(),
+            |_| {},
+            &activity,
+            &client,
+            Instant::now() + settings.header_read_timeout,
+            &settings,
+            &stop,
+            None,
+        );
+        tokio::time::timeout(Duration::from_secs(10), served)
+            .await
+            .expect("the watchdog closed the connection")
+            .unwrap();
+        assert_eq!(
+            settings
+                .connections
+                .closed
+                .with_label_values(&["header_read_timeout"])
+                .get(),
+            1
+        );
     }
 }

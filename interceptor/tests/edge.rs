@@ -196,11 +196,22 @@ async fn silent_connections_are_closed_by_the_header_read_timeout() {
     .await;
     assert_eq!(status_line(&reply), "HTTP/1.1 200 OK");
 
-    for stream in silent.iter_mut().chain([&mut h2, &mut partial]) {
-        assert!(
-            closed_within(stream, Duration::from_secs(10)).await,
-            "a silent connection stayed open"
-        );
+    let named = silent
+        .iter_mut()
+        .enumerate()
+        .map(|(i, s)| (format!("silent connection {i}"), s))
+        .chain([
+            ("the h2c connection".to_owned(), &mut h2),
+            ("the partial head".to_owned(), &mut partial),
+        ]);
+    for (name, stream) in named {
+        if !closed_within(stream, Duration::from_secs(10)).await {
+            panic!(
+                "{name} stayed open {:?} after the first connect\n{}",
+                started.elapsed(),
+                ic.metrics().await
+            );
+        }
     }
     let took = started.elapsed();
     assert!(

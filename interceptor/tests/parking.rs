@@ -232,6 +232,30 @@ async fn an_idle_keep_alive_connection_is_parked_and_serves_its_next_requests() 
     metric_line(&ic, "wakegate_client_connections_open 0").await;
 }
 
+/// A parked idle connection older than the header-read timeout whose next head comes in two
+/// writes: its head's deadline runs from the head's first byte, not from accept, so it is
+/// served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_idle_connections_next_head_in_pieces_is_served() {
+    let (warm, ic) = warm_interceptor(&["--header-read-timeout", "300ms"]).await;
+    let mut conn = TcpStream::connect(ic.proxy).await.unwrap();
+    let accepted = tokio::time::Instant::now();
+    send_get(&mut conn, "warm.test", "/one").await;
+    let (head, _) = read_response(&mut conn).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    metric_line(&ic, "wakegate_client_connections_idle_parked 1").await;
+    // Not synchronisation: the connection is to outlive its first head's deadline, parked.
+    tokio::time::sleep_until(accepted + Duration::from_millis(400)).await;
+    conn.write_all(b"GET /two HTTP/1.1\r\nho").await.unwrap();
+    // The partial head takes the connection out of parking, back to hyper.
+    metric_line(&ic, "wakegate_client_connections_idle_parked 0").await;
+    conn.write_all(b"st: warm.test\r\n\r\n").await.unwrap();
+    let (head, body) = read_response(&mut conn).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(body.starts_with("warm /two"), "{body}");
+    assert_eq!(warm.count(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_idle_connection_whose_target_went_to_zero_holds_its_next_request() {
     let port = free_port_below_ephemeral();
