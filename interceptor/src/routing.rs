@@ -232,8 +232,17 @@ pub fn normalize_host(raw: &str) -> Cow<'_, str> {
         // IPv6 literal: keep the brackets' content.
         rest.split_once(']').map_or(raw, |(ip, _)| ip)
     } else {
-        match raw.rsplit_once(':') {
-            Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        // A port is the digits after the last `:`: walked back over from the end, which for a
+        // name without a port stops at its last byte (this runs for every request).
+        let bytes = raw.as_bytes();
+        let digits = bytes
+            .iter()
+            .rev()
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+        let colon = bytes.len() - digits;
+        match colon.checked_sub(1) {
+            Some(at) if bytes[at] == b':' => &raw[..at],
             _ => raw,
         }
     };
@@ -431,6 +440,13 @@ mod tests {
         assert_eq!(normalize_host("[::1]"), "::1");
         assert_eq!(normalize_host("Example.COM"), "example.com");
         assert_eq!(normalize_host("host:notaport"), "host:notaport");
+        assert_eq!(normalize_host("a.test:8080"), "a.test");
+        assert_eq!(normalize_host("a.test:"), "a.test");
+        assert_eq!(normalize_host("a.test."), "a.test");
+        assert_eq!(normalize_host("a:b:80"), "a:b");
+        assert_eq!(normalize_host("8080"), "8080");
+        assert_eq!(normalize_host(":80"), "");
+        assert_eq!(normalize_host(""), "");
     }
 
     #[test]

@@ -431,7 +431,7 @@ where
         tls: tls.map(tokio_rustls::TlsAcceptor::from),
         handler,
         settings,
-        stop: stop.clone(),
+        stop: ServerStop::new(),
     });
 
     loop {
@@ -492,7 +492,7 @@ where
                             let deadline = since + settings.idle_timeout;
                             settings.connections.idle_parked.inc();
                             let parking =
-                                Box::pin(park_first(park.as_ref(), &client, deadline, Some(stop)))
+                                Box::pin(park_first(park.as_ref(), &client, deadline, Some(&stop.token)))
                                     .await;
                             settings.connections.idle_parked.dec();
                             parking
@@ -551,6 +551,7 @@ where
         });
     }
     drop(listener);
+    shared.stop.stop();
     tracker.close();
 
     match tokio::time::timeout(drain_timeout, tracker.wait()).await {
@@ -565,6 +566,33 @@ where
     }
 }
 
+/// The listener's stop as its connections see it: a flag, which a connection reads on every poll
+/// without a lock (a token's `is_cancelled` takes a mutex that every connection on every core
+/// shares), and a token, whose waiter each connection registers once to be woken. The flag is
+/// set before the token wakes anyone, so a connection woken by it finds it set.
+struct ServerStop {
+    stopped: AtomicBool,
+    token: CancellationToken,
+}
+
+impl ServerStop {
+    fn new() -> Self {
+        Self {
+            stopped: AtomicBool::new(false),
+            token: CancellationToken::new(),
+        }
+    }
+
+    fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.token.cancel();
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+}
+
 /// A listener's settings and handler, shared by its connections.
 struct Listening<H> {
     /// Serves a connection whose protocol is still to be told (TLS, or parking off).
@@ -574,7 +602,7 @@ struct Listening<H> {
     tls: Option<tokio_rustls::TlsAcceptor>,
     handler: H,
     settings: ConnectionSettings,
-    stop: CancellationToken,
+    stop: ServerStop,
 }
 
 /// How parking a connection ended.
@@ -622,7 +650,7 @@ struct Session<'a> {
     parked: Option<http::Extensions>,
     first_head: Instant,
     settings: &'a ConnectionSettings,
-    stop: &'a CancellationToken,
+    stop: &'a ServerStop,
 }
 
 impl<'a> Session<'a> {
@@ -940,7 +968,7 @@ fn watch<'a, C, E>(
     client: &'a ClientConn,
     first_head: Instant,
     settings: &'a ConnectionSettings,
-    stop: &'a CancellationToken,
+    stop: &'a ServerStop,
     idle_park: Option<Duration>,
 ) -> impl Future<Output = Result<(), E>> + 'a
 where
@@ -970,7 +998,7 @@ where
         client.watchdog_at(Some(first));
         let timer = tokio::time::sleep_until(first);
         tokio::pin!(timer);
-        let cancelled = stop.cancelled();
+        let cancelled = stop.token.cancelled();
         tokio::pin!(cancelled);
         let mut stop_registered = false;
         let mut timer_registered = false;
@@ -993,7 +1021,7 @@ where
                 // poll only reads the flag. Polling the waiter again would take the token's lock on
                 // every poll of the connection.
                 if !stopping
-                    && (stop.is_cancelled()
+                    && (stop.is_stopped()
                         || (!std::mem::replace(&mut stop_registered, true)
                             && cancelled.as_mut().poll(cx).is_ready()))
                 {
@@ -1223,7 +1251,7 @@ mod tests {
         let (stream, remote) = listener.accept().await.unwrap();
         let (client, _io) = ClientConn::new(stream, remote, false);
         let settings = ConnectionSettings::internal(Duration::from_millis(50));
-        let stop = CancellationToken::new();
+        let stop = ServerStop::new();
         let activity = Activity::new();
         // A connection that never ends, and whose first poll spends the budget as a busy one
         // does (reads and writes that each make progress).
