@@ -30,8 +30,8 @@ BACKEND=$(free_port)
 PIDS+=($!)
 wait_port "$BACKEND"
 
-# sites FLAMEGRAPH: the heap at its peak per request, then the largest sites, each named by the
-# source files on its way up (innermost first), per request.
+# sites FLAMEGRAPH: the heap at its peak per request, then the largest sites per request, each
+# named by the source files on its stack.
 sites() {
     python3 - "$1" "$N" "$SITES" <<'PY'
 import re, sys
