@@ -87,6 +87,16 @@ fn route(id: &str, host: &str) -> RouteSpec {
     }
 }
 
+/// A provider with no route set yet, whose target's one endpoint is an upstream that answers.
+async fn unloaded_with_upstream() -> (Arc<ManualProvider>, Upstream) {
+    let provider = ManualProvider::new(None);
+    let up = Upstream::start("up", Duration::ZERO).await;
+    provider.endpoints.send_replace(
+        std::iter::once(Endpoint::new(up.addr.to_string().parse().unwrap())).collect(),
+    );
+    (provider, up)
+}
+
 async fn start(provider: Arc<ManualProvider>) -> (SocketAddr, Arc<Proxy>, CancellationToken) {
     start_with(provider, None).await
 }
@@ -106,10 +116,20 @@ async fn start_gated(
     parking: Option<usize>,
     first_alone_for: Duration,
 ) -> (SocketAddr, Arc<Proxy>, CancellationToken) {
+    start_full(provider, parking, first_alone_for, Duration::from_secs(10)).await
+}
+
+/// As [`start_gated`], with this readiness timeout.
+async fn start_full(
+    provider: Arc<ManualProvider>,
+    parking: Option<usize>,
+    first_alone_for: Duration,
+    readiness: Duration,
+) -> (SocketAddr, Arc<Proxy>, CancellationToken) {
     let loads = Arc::new(Loads::default());
     let metrics = ProxyMetrics::register(&Registry::new(), loads.clone()).unwrap();
     let settings = ProxySettings {
-        readiness: Duration::from_secs(10),
+        readiness,
         response_header: Duration::from_secs(10),
         request: None,
         max_held_total: 10_000,
@@ -196,13 +216,86 @@ async fn wake_on_hold_then_retry_connects_to_an_endpoint_reported_ready_early() 
     up.abort();
 }
 
+/// A request that arrives before the provider's first route set (the interceptor starting, or
+/// waiting for the Kubernetes API) is held until the set comes, not answered 404 for a host
+/// that is routed a moment later. The listener parks new connections, as the plaintext one
+/// does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_before_the_first_route_set_waits_for_it() {
+    let (provider, _up) = unloaded_with_upstream().await;
+    let (addr, proxy, _stop) = start_with(provider.clone(), Some(16)).await;
+    let http = Http::default();
+    let early = tokio::spawn({
+        let http = http.clone();
+        async move { http.get(addr, "one.test", "/early").await }
+    });
+    // The route set comes late on purpose: long after the proxy has read the request, which
+    // it used to answer 404 at once.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    if early.is_finished() {
+        let reply = early.await.unwrap();
+        panic!("answered before any route set was loaded: {reply:?}");
+    }
+    assert!(!proxy.is_loaded());
+    provider
+        .routes
+        .send_replace(Some(Arc::from(vec![route("ns/one", "one.test")])));
+    let reply = tokio::time::timeout(Duration::from_secs(5), early)
+        .await
+        .expect("the held request is answered once the routes load")
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert!(reply.text().starts_with("up /early"), "{}", reply.text());
+}
+
+/// With no route set within the readiness timeout, a request is answered 503 with
+/// `Retry-After`, in words that say why and name no address; once the set loads, requests are
+/// routed as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_gets_503_when_no_route_set_loads_in_time() {
+    let (provider, _up) = unloaded_with_upstream().await;
+    let (addr, _proxy, _stop) = start_full(
+        provider.clone(),
+        None,
+        Duration::from_millis(5),
+        Duration::from_millis(300),
+    )
+    .await;
+    let http = Http::default();
+    let sent = tokio::time::Instant::now();
+    let reply = http.get(addr, "one.test", "/").await.unwrap();
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text()
+    );
+    assert!(
+        sent.elapsed() >= Duration::from_millis(300),
+        "answered before the timeout"
+    );
+    assert_eq!(reply.headers["retry-after"], "1");
+    assert!(
+        reply.text().contains("no route set loaded") && !reply.text().contains("127.0.0.1"),
+        "{}",
+        reply.text()
+    );
+
+    provider
+        .routes
+        .send_replace(Some(Arc::from(vec![route("ns/one", "one.test")])));
+    eventually(
+        "routed once the set loads",
+        Duration::from_secs(5),
+        || async { http.get(addr, "one.test", "/").await.unwrap().status == StatusCode::OK },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_updates_replace_the_table_whole() {
-    let provider = ManualProvider::new(None);
-    let up = Upstream::start("up", Duration::ZERO).await;
-    provider.endpoints.send_replace(
-        std::iter::once(Endpoint::new(up.addr.to_string().parse().unwrap())).collect(),
-    );
+    let (provider, _up) = unloaded_with_upstream().await;
     let (addr, proxy, _stop) = start(provider.clone()).await;
     assert!(
         !proxy.is_loaded(),

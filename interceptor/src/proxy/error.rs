@@ -56,6 +56,14 @@ pub enum ProxyError {
         host: String,
     },
 
+    /// No route set was loaded within the readiness timeout: the interceptor is starting, or
+    /// cannot reach its source of routes (the Kubernetes API).
+    #[error("no route set loaded after waiting {}: the interceptor is starting", humantime::format_duration(*.waited))]
+    NotLoaded {
+        /// How long the request waited.
+        waited: Duration,
+    },
+
     /// CONNECT (tunnelling) is not something this proxy does.
     #[error("method {method} is not allowed here")]
     MethodNotAllowed {
@@ -197,6 +205,7 @@ impl ProxyError {
             Self::ClientBody { fault, .. } => fault.kind(),
             Self::RequestTimeout { .. } => "request_timeout",
             Self::NoRoute { .. } => "no_route",
+            Self::NotLoaded { .. } => "not_loaded",
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::Overloaded { .. } => "overloaded",
             Self::Waking { .. } => "waking",
@@ -250,7 +259,7 @@ impl ProxyError {
             Self::RequestTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::NoRoute { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded { .. } | Self::NotLoaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Waking { response, .. } | Self::Static { response, .. } => match **response {
                 crate::provider::ColdResponse::Placeholder { status, .. } => status,
                 crate::provider::ColdResponse::WaitingPage { .. } => {
@@ -313,7 +322,7 @@ impl ProxyError {
                 rsp.headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
-            Self::Overloaded { .. } => {
+            Self::Overloaded { .. } | Self::NotLoaded { .. } => {
                 rsp.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }

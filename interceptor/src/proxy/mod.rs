@@ -124,6 +124,8 @@ pub struct Proxy {
     /// Read on every request, replaced rarely: an immutable snapshot behind `ArcSwap`.
     table: ArcSwap<RouteTable<Arc<RouteState>>>,
     loaded: AtomicBool,
+    /// Wakes the requests that arrived before the first route set (see [`Proxy::first_routes`]).
+    first_routes: tokio::sync::Notify,
     provider: Arc<dyn Provider>,
     /// Pooled clients by protocol and TLS settings. Read when the route table is rebuilt, so a
     /// plain mutex; kept across rebuilds so pools survive route changes.
@@ -169,6 +171,7 @@ impl Proxy {
         Arc::new(Self {
             table: ArcSwap::from_pointee(RouteTable::default()),
             loaded: AtomicBool::new(false),
+            first_routes: tokio::sync::Notify::new(),
             provider,
             clients: std::sync::Mutex::default(),
             h2_clients: dashmap::DashMap::new(),
@@ -303,7 +306,38 @@ impl Proxy {
         self.loads.retain(|id| specs.iter().any(|s| &s.id == id));
         tracing::info!(routes = table.len(), "routing table updated");
         self.table.store(Arc::new(table));
-        self.loaded.store(true, Ordering::Release);
+        if !self.loaded.swap(true, Ordering::AcqRel) {
+            self.first_routes.notify_waiters();
+        }
+    }
+
+    /// Waits until the first route set is loaded, for at most the readiness timeout (none if
+    /// it is `0s`). A request that arrives before it, while the interceptor starts or waits
+    /// for the Kubernetes API, would otherwise find no route and be answered 404 for a host
+    /// that is routed a moment later: it is held instead, like a request for a cold target.
+    async fn first_routes(&self, method: &Method) -> Result<(), ProxyError> {
+        let since = Instant::now();
+        let deadline = match self.settings.readiness {
+            Duration::ZERO => since + NO_DEADLINE,
+            timeout => since + timeout,
+        };
+        loop {
+            // Registered before the flag is read: a set loaded in between still wakes it.
+            let loaded = self.first_routes.notified();
+            if self.is_loaded() {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, loaded).await.is_err() && !self.is_loaded() {
+                let waited = since.elapsed();
+                let err = ProxyError::NotLoaded {
+                    waited: round_to_ms(waited),
+                };
+                tracing::warn!(error = %err, "request answered before any route set was loaded");
+                self.metrics
+                    .request("", method, err.status(), waited, false);
+                return Err(err);
+            }
+        }
     }
 
     /// Applies every route set the provider publishes, until the provider goes away.
@@ -422,6 +456,13 @@ impl Proxy {
         // An async block, not an async fn: an async fn's arguments are copied into its body's
         // locals, so the future would hold each of them twice.
         async move {
+            if !self.is_loaded() {
+                // Boxed: only a request that arrives before the first route set waits here,
+                // and the request future would otherwise keep room for the wait.
+                if let Err(err) = Box::pin(self.first_routes(req.req.method())).await {
+                    return err.to_response();
+                }
+            }
             // Only what the response needs is kept across the forward: the routing that came
             // before it is done in `begin`, whose locals are gone by then.
             let mut done;
