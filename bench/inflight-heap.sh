@@ -73,7 +73,9 @@ measure() { # name port command...
     wait "$pid" 2>/dev/null || true
     heaptrack_print -f "$out".*zst --print-peaks 0 --print-allocators 0 --print-temporary 0 \
         --print-leaks 0 --print-flamegraph "$WORK/$name.fg" --flamegraph-cost-type peak >/dev/null 2>&1
-    python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['requests']; print(f'$name: ok {r[\"ok\"]}, failed {r[\"failed\"]}', r[\"errors\"] or '')" "$WORK/$name.json"
+    python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['requests']; bad={s: n for s, n in r['byStatus'].items() if not 200 <= int(s) < 400}; print(f'$name: ok {r[\"ok\"]}, failed {r[\"failed\"]}', bad or '', r['errors'] or '')" "$WORK/$name.json"
+    # A failed request's cause, as the proxy logged it (warnings and errors only).
+    grep -m 5 -E 'WARN|ERROR' "$WORK/$name.log" || true
     sites "$WORK/$name.fg"
 }
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Proxy overhead on loopback: direct to the backend, through Wakegate, through the minimal
-# hyper proxy (bench/hyper-proxy, Wakegate's floor), through nginx (1 worker, upstream
+# hyper proxy (bench/hyper-proxy, Wakegate's floor), through the same proxy doing the edge's
+# per-request duties as well ("duties": `hyper-proxy ... duties`), through nginx (1 worker, upstream
 # keepalive) and through Go's httputil.ReverseProxy (the add-on's engine), interleaved over
 # rounds in one run.
 #
@@ -16,7 +17,8 @@
 #                               with the JSON access log on ("logged", to /dev/null)
 #
 # The load generator (one thread) is pinned to core 0; the proxy and the backend share core 1,
-# each single-threaded. A proxy's CPU time per request comes from /proc around each run.
+# each single-threaded. A proxy's CPU time per request comes from /proc around each run, in
+# all and split into user and system (kernel) time.
 # Installs nginx, golang-go and (for h2c) nghttp2-client with apt-get when missing (needs root).
 source "$(dirname "$0")/common.sh"
 
@@ -33,7 +35,7 @@ build_references
 [ -z "$H2C" ] || install_pkg h2load nghttp2-client
 
 BACKEND_PORT=$(free_port); WG_PORT=$(free_port); WG_ADMIN=$(free_port)
-HYPER_PORT=$(free_port); NGINX_PORT=$(free_port); GO_PORT=$(free_port)
+HYPER_PORT=$(free_port); DUTIES_PORT=$(free_port); NGINX_PORT=$(free_port); GO_PORT=$(free_port)
 
 # The backend: Wakegate's example backend (hyper), one worker thread, on core 1.
 TOKIO_WORKER_THREADS=1 taskset -c 1 "$BIN/wakegate-interceptor" backend --port "$BACKEND_PORT" >/dev/null 2>&1 &
@@ -51,13 +53,15 @@ WG_PID=$!; PIDS+=($WG_PID)
 
 TOKIO_WORKER_THREADS=1 taskset -c 1 "$BIN/hyper-proxy" "127.0.0.1:$HYPER_PORT" "127.0.0.1:$BACKEND_PORT" &
 HYPER_PID=$!; PIDS+=($HYPER_PID)
+TOKIO_WORKER_THREADS=1 taskset -c 1 "$BIN/hyper-proxy" "127.0.0.1:$DUTIES_PORT" "127.0.0.1:$BACKEND_PORT" duties &
+DUTIES_PID=$!; PIDS+=($DUTIES_PID)
 
 nginx_conf "$WORK/nginx" "$NGINX_PORT" "$BACKEND_PORT" "${H2C:+http2}"
 taskset -c 1 nginx -c "$WORK/nginx/nginx.conf" &
 NGINX_MASTER=$!; PIDS+=($NGINX_MASTER)
 
 # The minimal hyper proxy serves HTTP/1.1 only: it is the floor for HTTP/1.1 clients.
-if [ -n "$H2C" ]; then TARGETS=(direct wakegate nginx); else TARGETS=(direct wakegate hyper nginx); fi
+if [ -n "$H2C" ]; then TARGETS=(direct wakegate nginx); else TARGETS=(direct wakegate hyper duties nginx); fi
 if [ -n "${BENCH_BEFORE:-}" ]; then
     BEFORE_PORT=$(free_port); BEFORE_ADMIN=$(free_port)
     TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 1 "$BENCH_BEFORE" --config "$WORK/wakegate.yaml" \
@@ -83,20 +87,21 @@ if [ -n "$GO_PROXY" ] && [ -z "$H2C" ]; then
     GO_PID=$!; PIDS+=($GO_PID); TARGETS+=(go)
 fi
 
-wait_port "$BACKEND_PORT"; wait_port "$WG_PORT"; wait_port "$HYPER_PORT"; wait_port "$NGINX_PORT"
+wait_port "$BACKEND_PORT"; wait_port "$WG_PORT"; wait_port "$HYPER_PORT"; wait_port "$DUTIES_PORT"; wait_port "$NGINX_PORT"
 [ -z "${GO_PID:-}" ] || wait_port "$GO_PORT"
 [ -z "${BEFORE_PID:-}" ] || wait_port "$BEFORE_PORT"
 [ -z "${TRACED_PID:-}" ] || { wait_port "$SINK_PORT"; wait_port "$TRACED_PORT"; wait_port "$LOGGED_PORT"; }
 NGINX_WORKER=$(pgrep -P "$NGINX_MASTER" | head -1)
 
-port_of() { case $1 in direct) echo "$BACKEND_PORT";; wakegate) echo "$WG_PORT";; hyper) echo "$HYPER_PORT";; nginx) echo "$NGINX_PORT";; go) echo "$GO_PORT";; before) echo "$BEFORE_PORT";; traced) echo "$TRACED_PORT";; logged) echo "$LOGGED_PORT";; esac; }
-pid_of() { case $1 in direct) echo "";; wakegate) echo "$WG_PID";; hyper) echo "$HYPER_PID";; nginx) echo "$NGINX_WORKER";; go) echo "$GO_PID";; before) echo "$BEFORE_PID";; traced) echo "$TRACED_PID";; logged) echo "$LOGGED_PID";; esac; }
-ticks() { [ -n "$1" ] && awk '{print $14 + $15}' "/proc/$1/stat" || echo 0; }
+port_of() { case $1 in direct) echo "$BACKEND_PORT";; wakegate) echo "$WG_PORT";; hyper) echo "$HYPER_PORT";; duties) echo "$DUTIES_PORT";; nginx) echo "$NGINX_PORT";; go) echo "$GO_PORT";; before) echo "$BEFORE_PORT";; traced) echo "$TRACED_PORT";; logged) echo "$LOGGED_PORT";; esac; }
+pid_of() { case $1 in direct) echo "";; wakegate) echo "$WG_PID";; hyper) echo "$HYPER_PID";; duties) echo "$DUTIES_PID";; nginx) echo "$NGINX_WORKER";; go) echo "$GO_PID";; before) echo "$BEFORE_PID";; traced) echo "$TRACED_PID";; logged) echo "$LOGGED_PID";; esac; }
+# ticks PID: the process's user and system CPU time so far, in clock ticks.
+ticks() { [ -n "$1" ] && awk '{print $14, $15}' "/proc/$1/stat" || echo 0 0; }
 
 run() { # name output-file
-    local name=$1 out=$2 port pid before after
+    local name=$1 out=$2 port pid user_before sys_before user_after sys_after
     port=$(port_of "$name"); pid=$(pid_of "$name")
-    before=$(ticks "$pid")
+    read -r user_before sys_before <<<"$(ticks "$pid")"
     if [ -n "$H2C" ]; then
         taskset -c 0 h2load -D "$SECONDS_PER_RUN" -c "$CONNECTIONS" -m 1 -t 1 \
             "http://127.0.0.1:$port$REQ_PATH" > "$out.h2load" 2>&1 || true
@@ -106,8 +111,8 @@ run() { # name output-file
             --url "http://127.0.0.1:$port$REQ_PATH" --host bench.local \
             --json "$out.json" >/dev/null 2>"$out.err"
     fi
-    after=$(ticks "$pid")
-    echo "$(( after - before ))" > "$out.ticks"
+    read -r user_after sys_after <<<"$(ticks "$pid")"
+    echo "$(( user_after - user_before )) $(( sys_after - sys_before ))" > "$out.ticks"
 }
 
 echo "==> $ROUNDS rounds of ${SECONDS_PER_RUN}s each, $CONNECTIONS connections, ${H2C:+h2c, }path $REQ_PATH: ${TARGETS[*]}" >&2
@@ -134,7 +139,8 @@ med = statistics.median
 
 def load(name, r):
     base = f"{work}/{name}-{r}"
-    ticks = int(open(base + ".ticks").read())
+    user, system = (int(t) for t in open(base + ".ticks").read().split())
+    ticks = (user, system)
     if h2c:
         text = open(base + ".h2load").read()
         rps = float(re.search(r"finished in [\d.]+s, ([\d.]+) req/s", text).group(1))
@@ -153,15 +159,18 @@ for name in targets:
     runs = [load(name, r) for r in range(1, rounds + 1)]
     rows[name] = {
         "rps": [x[0] for x in runs], "p50": [x[1] for x in runs], "p99": [x[2] for x in runs],
-        "cpu": [x[3] * 1e6 / hz / max(x[4], 1) for x in runs], "failed": sum(x[5] for x in runs),
+        "cpu": [sum(x[3]) * 1e6 / hz / max(x[4], 1) for x in runs],
+        "user": [x[3][0] * 1e6 / hz / max(x[4], 1) for x in runs],
+        "sys": [x[3][1] * 1e6 / hz / max(x[4], 1) for x in runs],
+        "failed": sum(x[5] for x in runs),
     }
 print(f"machine: {machine}")
 print(f"{rounds} rounds x {secs}s, {conns} connections, closed loop, {'h2c' if h2c else 'HTTP/1.1'} clients, path {path}; load on core 0, proxy + backend on core 1")
 lat = "mean ms" if h2c else "p50 ms"
-print(f"{'target':<10} {'req/s (median)':>15} {'min..max':>17} {lat:>8} {'p99 ms':>8} {'proxy CPU us/req':>17} {'failed':>7}")
+print(f"{'target':<10} {'req/s (median)':>15} {'min..max':>17} {lat:>8} {'p99 ms':>8} {'proxy CPU us/req':>17} {'user':>6} {'system':>6} {'failed':>7}")
 for name, r in rows.items():
-    cpu = f"{med(r['cpu']):.1f}" if name != "direct" else "-"
-    print(f"{name:<10} {med(r['rps']):>15.0f} {min(r['rps']):>8.0f}..{max(r['rps']):<8.0f} {med(r['p50']):>8.3f} {med(r['p99']):>8.3f} {cpu:>17} {r['failed']:>7}")
+    cpu, user, system = (f"{med(r[k]):.1f}" if name != "direct" else "-" for k in ("cpu", "user", "sys"))
+    print(f"{name:<10} {med(r['rps']):>15.0f} {min(r['rps']):>8.0f}..{max(r['rps']):<8.0f} {med(r['p50']):>8.3f} {med(r['p99']):>8.3f} {cpu:>17} {user:>6} {system:>6} {r['failed']:>7}")
 w = rows["wakegate"]
 for ref in [t for t in targets if t not in ("direct", "wakegate")]:
     ratios = [a / b for a, b in zip(w["rps"], rows[ref]["rps"])]
