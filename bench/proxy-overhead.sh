@@ -139,8 +139,7 @@ med = statistics.median
 
 def load(name, r):
     base = f"{work}/{name}-{r}"
-    user, system = (int(t) for t in open(base + ".ticks").read().split())
-    ticks = (user, system)
+    ticks = tuple(int(t) for t in open(base + ".ticks").read().split())  # user, system
     if h2c:
         text = open(base + ".h2load").read()
         rps = float(re.search(r"finished in [\d.]+s, ([\d.]+) req/s", text).group(1))
