@@ -241,13 +241,30 @@ impl Drop for OpenConnection {
     }
 }
 
+/// Now, in milliseconds on the coarse monotonic clock: the precise clock's time at its last
+/// tick (1-4 ms ago, as the kernel's tick rate goes), read without the timestamp counter, so at
+/// a fraction of the precise clock's cost in a virtual machine. The watchdog's times are read
+/// with it, twice per request: when a response ends and when the next head begins. They time
+/// the idle and header-read timeouts and parking, whose settings are whole seconds or tenths,
+/// so a tick's error is of no account. 0 if the clock cannot be read (never on Linux).
+fn coarse_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).map_or(0, |t| {
+        let secs = u64::try_from(t.tv_sec()).unwrap_or(0);
+        let ms = u64::try_from(t.tv_nsec() / 1_000_000).unwrap_or(0);
+        secs.saturating_mul(1000).saturating_add(ms)
+    })
+}
+
 /// What a connection's requests tell its watchdog and its request-head watch. Written on every
 /// request with plain atomics and read by the watchdog only when its timer fires: the watchdog
 /// is never woken per request (that would re-poll the connection twice per request).
 #[derive(Debug)]
 pub(crate) struct Activity {
-    /// The connection's start: times below are milliseconds since it.
+    /// The connection's start: times below are milliseconds since it, on the coarse clock
+    /// (see [`coarse_ms`]).
     base: Instant,
+    /// `base` on the coarse clock.
+    base_coarse: u64,
     /// Requests whose response has not ended (or whose handler is still running).
     active: AtomicUsize,
     /// Whether a request head has been completed on this connection.
@@ -267,6 +284,7 @@ impl Activity {
     fn new() -> Self {
         Self {
             base: Instant::now(),
+            base_coarse: coarse_ms(),
             active: AtomicUsize::new(0),
             seen_request: AtomicBool::new(false),
             heads: AtomicU64::new(0),
@@ -277,8 +295,9 @@ impl Activity {
     }
 
     fn now(&self) -> u64 {
-        u64::try_from(self.base.elapsed().as_millis())
-            .unwrap_or(u64::MAX - 1)
+        coarse_ms()
+            .saturating_sub(self.base_coarse)
+            .min(u64::MAX - 1)
             .saturating_add(1)
     }
 

@@ -1059,3 +1059,74 @@ async fn a_request_dropped_on_a_new_connection_is_sent_once_more_and_no_more() {
         "the GET reached the upstream twice"
     );
 }
+
+/// An upstream whose responses arrive in pieces, with pauses between them: the status line,
+/// then the rest of the head, then the body in three parts. Requests without a body are
+/// polled quietly once they are written (the proxy keeps hyper from waking its task for
+/// nothing), so only the socket wakes them: every piece must still be taken as it comes, on a
+/// new upstream connection and on one reused from the pool alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_that_arrives_in_pieces_is_taken_as_they_come() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let pause = || tokio::time::sleep(Duration::from_millis(150));
+                while read_head(&mut conn).await.is_some() {
+                    let pieces: [&[u8]; 5] = [
+                        b"HTTP/1.1 200 OK\r\n",
+                        b"content-type: text/plain\r\ncontent-length: 9\r\n\r\n",
+                        b"one",
+                        b"two",
+                        b"six",
+                    ];
+                    for piece in pieces {
+                        pause().await;
+                        if conn.write_all(piece).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let config = format!(
+        "routes:\n  - name: app\n    hosts: [\"app.test\"]\n    target: {{ upstream: \"{upstream}\" }}\n"
+    );
+    // Without parking, the connection's watchdog looks only every few seconds: it cannot
+    // stand in for a wakeup the socket should have given (with parking on, it looks every
+    // 100 ms, and a lost wakeup would only be slow).
+    let ic = Interceptor::start_with(&config, &["--park-idle-after", "0s"]).await;
+    // One client connection, three requests in turn: the first dials, the others reuse the
+    // pooled connection.
+    let stream = TcpStream::connect(ic.proxy).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for i in 0..3 {
+        let req = Request::get(format!("/piece/{i}"))
+            .header("host", "app.test")
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(5), async {
+            let rsp = send.send_request(req).await.unwrap();
+            let status = rsp.status();
+            (status, rsp.into_body().collect().await.unwrap().to_bytes())
+        })
+        .await
+        .unwrap_or_else(|_| panic!("request {i} was never answered in full"));
+        assert_eq!(reply.0, StatusCode::OK, "request {i}");
+        assert_eq!(&reply.1[..], b"onetwosix", "request {i}");
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "the later requests reused the upstream connection"
+    );
+}

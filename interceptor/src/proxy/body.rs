@@ -403,19 +403,12 @@ impl FromUpstream {
                 return Poll::Ready(Some(Err(Box::new(CutByRequestTimeout))));
             }
         }
-        if let Some(conn) = conn.as_mut() {
-            conn.poll(cx);
-        }
-        let frame = ready!(Pin::new(&mut *body).poll_frame(cx));
-        // A body of known length ends with its last frame (hyper then asks no more): the
-        // connection goes back to the pool now, not when hyper drops the body.
-        if frame.is_none() || (frame.as_ref().is_some_and(Result::is_ok) && body.is_end_stream()) {
-            if let Some(mut conn) = conn.take() {
-                conn.body_ended();
-            }
-        }
+        let frame = ready!(match conn.as_mut() {
+            Some(conn) => conn.poll_body(body, cx),
+            None => Pin::new(&mut *body).poll_frame(cx),
+        });
         match &frame {
-            None => drop(done.take()),
+            None => {}
             Some(Err(_)) => {
                 if let Some(done) = done {
                     done.body_failed();
@@ -426,6 +419,18 @@ impl FromUpstream {
                 if let Some(observed) = done.as_mut().and_then(|d| d.observed.as_mut()) {
                     observed.bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
                 }
+            }
+        }
+        // A body of known length ends with its last frame (hyper then asks no more): the
+        // connection goes back to the pool and the request is accounted for now, not when
+        // hyper drops the body, and both from one clock read.
+        if frame.is_none() || (frame.as_ref().is_some_and(Result::is_ok) && body.is_end_stream()) {
+            let now = Instant::now();
+            if let Some(conn) = conn.take() {
+                conn.body_ended_at(now);
+            }
+            if let Some(mut done) = done.take() {
+                done.end_at(now);
             }
         }
         Poll::Ready(frame.map(|f| f.map_err(|e| Box::new(e) as ResponseBodyError)))

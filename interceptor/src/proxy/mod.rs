@@ -628,6 +628,7 @@ impl Proxy {
             observed,
             uncounted: static_match.map(|(response, _)| Box::new(response.clone())),
             cold: false,
+            ended: false,
             proxy: self.clone(),
             method: req.method().clone(),
             // Every path that answers sets the code; a future dropped before that means the
@@ -1348,6 +1349,8 @@ pub struct Completion {
     uncounted: Option<Box<crate::provider::ColdResponse>>,
     /// The request waited for a cold start (or failed over after one).
     cold: bool,
+    /// It has been accounted for (see [`Completion::end_at`]).
+    ended: bool,
     /// When the request began to wait, if it was parked before hyper served it.
     parked_since: Option<Instant>,
     /// A parked request's place among those released at once, given back when it ends.
@@ -1372,10 +1375,13 @@ impl Completion {
     }
 }
 
-impl Drop for Completion {
-    fn drop(&mut self) {
-        // One clock read for the request's end: its duration and its route's last activity.
-        let now = Instant::now();
+impl Completion {
+    /// Accounts for the request as ended at `now`: its duration and its route's last
+    /// activity, from one clock read. Once only: dropping it after does nothing more.
+    fn end_at(&mut self, now: Instant) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
         let elapsed = now.saturating_duration_since(self.start);
         self.route
             .metrics
@@ -1392,6 +1398,14 @@ impl Drop for Completion {
                 elapsed,
                 self.cold,
             );
+        }
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.end_at(Instant::now());
         }
     }
 }

@@ -585,8 +585,8 @@ impl Http1Pool {
         }
     }
 
-    fn checkin(&self, endpoint: &http::uri::Authority, (sender, conn, socket): Live) {
-        let now = Instant::now();
+    /// Takes back a connection that is idle as of `now`.
+    fn checkin(&self, endpoint: &http::uri::Authority, (sender, conn, socket): Live, now: Instant) {
         let mut idle = self.lock();
         // Looked up by reference first: the key is made only for an endpoint new to the pool.
         let list = match idle.get_mut(endpoint.as_str()) {
@@ -657,6 +657,7 @@ impl Http1Pool {
             *req.uri_mut() = Uri::from(path_of(req.uri()));
         }
         let send = |sender: &mut Sender, req| sender.send_request(req);
+        let bodiless = http_body::Body::is_end_stream(req.body());
         // The connection is taken now, so that the request goes straight to it: the future
         // never keeps the request itself, only hyper's send of it (or, while a new connection
         // is dialled, a box).
@@ -677,6 +678,8 @@ impl Http1Pool {
             pool: self,
             endpoint,
             send,
+            bodiless,
+            sent: false,
             state,
         }
     }
@@ -700,6 +703,11 @@ pin_project_lite::pin_project! {
         pool: &'s Arc<Http1Pool>,
         endpoint: &'s http::uri::Authority,
         send: fn(&mut Sender, Request<RequestBody>) -> F,
+        // The request has no body: once it is written, nothing but the response needs this
+        // task woken (see `PoolSend::poll`).
+        bodiless: bool,
+        // The connection has been polled since the request was handed to it.
+        sent: bool,
         #[pin]
         state: SendState<F>,
     }
@@ -770,19 +778,39 @@ where
                     // the channel can only fill during that call: it is looked at with a waker
                     // that does nothing, sparing the task a wakeup (and a poll through every
                     // layer above) for a head it has already taken.
-                    if let Some((c, _)) = conn.as_mut() {
-                        if c.as_mut().poll(cx).is_ready() {
-                            // The connection is done: the response (or why there is none) is
-                            // final now.
-                            *conn = None;
-                        }
-                    }
+                    //
+                    // Once a bodiless request is written, this task is polled again only for
+                    // the response, and the connection is polled first with that waker too.
+                    // Hyper registers the waker it is polled with on the response body's
+                    // channel and on its request queue, and wakes them from inside this task:
+                    // when the body is taken, and when the connection, back in its pool, is
+                    // sent its next request. Each wakeup is a poll of every layer for nothing.
+                    // The socket is what must wake this task: a response not all in yet has
+                    // the connection polled once more with the task's waker, which hyper then
+                    // registers with the socket.
                     let quiet = &mut Context::from_waker(std::task::Waker::noop());
+                    let first = if *this.bodiless && *this.sent {
+                        &mut *quiet
+                    } else {
+                        &mut *cx
+                    };
+                    *this.sent = true;
+                    poll_conn(conn, first);
                     let rsp = match response.as_mut().poll(quiet) {
                         Poll::Ready(rsp) => rsp,
                         // With the connection gone, only the channel's end can wake this.
                         Poll::Pending if conn.is_none() => {
                             std::task::ready!(response.as_mut().poll(cx))
+                        }
+                        Poll::Pending if *this.bodiless => {
+                            poll_conn(conn, cx);
+                            match response.as_mut().poll(quiet) {
+                                Poll::Ready(rsp) => rsp,
+                                Poll::Pending if conn.is_none() => {
+                                    std::task::ready!(response.as_mut().poll(cx))
+                                }
+                                Poll::Pending => return Poll::Pending,
+                            }
                         }
                         Poll::Pending => return Poll::Pending,
                     };
@@ -800,12 +828,23 @@ where
                             pool: this.pool.clone(),
                             endpoint: this.endpoint.clone(),
                             reusable,
+                            bodiless: *this.bodiless,
                         },
                     )));
                 }
                 SendProj::Done => return Poll::Ready(Err(polled_after_completion())),
             };
             this.state.set(next);
+        }
+    }
+}
+
+/// Polls a pooled connection while a request uses it, and forgets it once it has ended (the
+/// response, or why there is none, is final then).
+fn poll_conn(conn: &mut Option<(Conn, Arc<tokio::net::TcpStream>)>, cx: &mut Context<'_>) {
+    if let Some((c, _)) = conn.as_mut() {
+        if c.as_mut().poll(cx).is_ready() {
+            *conn = None;
         }
     }
 }
@@ -823,12 +862,14 @@ pub struct Http1Conn {
     pool: Arc<Http1Pool>,
     endpoint: http::uri::Authority,
     reusable: bool,
+    /// The request had no body: the connection only reads (see [`Http1Conn::poll_body`]).
+    bodiless: bool,
 }
 
 impl Http1Conn {
     /// Drives the connection: reads the response body into its channel and writes what is
     /// left of the request body.
-    pub(super) fn poll(&mut self, cx: &mut Context<'_>) {
+    fn poll(&mut self, cx: &mut Context<'_>) {
         if let Some((_, conn, _)) = &mut self.live {
             if conn.as_mut().poll(cx).is_ready() {
                 self.live = None;
@@ -836,18 +877,57 @@ impl Http1Conn {
         }
     }
 
-    /// The response body has ended: the connection may take another request.
-    pub(super) fn body_ended(&mut self) {
+    /// The next frame of `body`, the response this connection carries, driving the connection
+    /// as needed.
+    ///
+    /// With a request that had no body, only the response needs this task woken, and the
+    /// socket does that: the body's channel is looked at with a waker that does nothing, and
+    /// the connection is polled with the task's only when the channel has nothing yet. Hyper
+    /// would wake a waker it was given, from inside this task, whenever it hands on a frame or
+    /// one is taken (see [`PoolSend`]'s poll). A body that arrived with its head (a small
+    /// response) is taken without polling the connection at all.
+    pub(super) fn poll_body(
+        &mut self,
+        body: &mut Incoming,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
+        use http_body::Body;
+        if !self.bodiless {
+            self.poll(cx);
+            return Pin::new(body).poll_frame(cx);
+        }
+        let quiet = &mut Context::from_waker(std::task::Waker::noop());
+        if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(quiet) {
+            return Poll::Ready(frame);
+        }
+        self.poll(cx);
+        // With the connection gone, its end closes the channel, and nothing else would wake
+        // this task for it.
+        let cx = if self.live.is_some() { quiet } else { cx };
+        Pin::new(body).poll_frame(cx)
+    }
+
+    /// The response body ended at `now`: the connection goes back to its pool, if it is open.
+    pub(super) fn body_ended_at(mut self, now: Instant) {
         self.reusable = true;
+        self.home(now);
+    }
+
+    fn home(&mut self, now: Instant) {
+        if let (true, Some(live)) = (self.reusable, self.live.take()) {
+            if !live.0.is_closed() {
+                self.pool.checkin(&self.endpoint, live, now);
+            }
+        }
     }
 }
 
 impl Drop for Http1Conn {
     fn drop(&mut self) {
-        if let (true, Some(live)) = (self.reusable, self.live.take()) {
-            if !live.0.is_closed() {
-                self.pool.checkin(&self.endpoint, live);
-            }
+        // A response without a body (HEAD, 204, 304) is reusable from its head on, and its
+        // body is dropped unpolled: the connection goes back from here.
+        if self.reusable && self.live.is_some() {
+            self.home(Instant::now());
         }
     }
 }
