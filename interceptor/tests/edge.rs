@@ -1115,6 +1115,8 @@ async fn a_response_that_arrives_in_pieces_is_taken_as_they_come() {
             .body(Full::<Bytes>::default())
             .unwrap();
         let reply = tokio::time::timeout(Duration::from_secs(5), async {
+            // The client connection takes the next request once it has seen the last one end.
+            send.ready().await.unwrap();
             let rsp = send.send_request(req).await.unwrap();
             let status = rsp.status();
             (status, rsp.into_body().collect().await.unwrap().to_bytes())
