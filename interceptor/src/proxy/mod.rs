@@ -918,7 +918,9 @@ impl Proxy {
                 // the same (`proxy_next_upstream error`). Go's transport sends again only what
                 // went out on a reused connection, which loses the second case: a burst of
                 // 10,000 released at once lost 144 that way under emulation.
-                let replay = (upgrade.is_none()
+                // A route's own pool keeps what it needs for this itself (see `Http1Pool::send`).
+                let replay = (matches!(upstream, Upstream::Legacy(_))
+                    && upgrade.is_none()
                     && http_body::Body::is_end_stream(req.body())
                     && idempotent(req.method()))
                 .then(|| Replay::of(&req));
@@ -967,12 +969,20 @@ impl Proxy {
                     let Some(result) = result else {
                         break Err(());
                     };
+                    // The pool's failure may carry the request to send again.
+                    let (result, again) = match result {
+                        Err(err) => {
+                            let (err, again) = err.take_again();
+                            (Err(err), again)
+                        }
+                        ok => (ok, None),
+                    };
                     match (result, first_failure.take()) {
                         // The upstream is gone (it closed because it exited): the first failure
                         // is the one to report.
                         (Err(SendError::Connect(_)), Some(first)) => break Ok(Err(first)),
                         (Err(err), None) if err.closed_before_response() => {
-                            match replay.take().and_then(|r| r.request()) {
+                            match again.or_else(|| replay.take().and_then(|r| r.request())) {
                                 Some(again) => {
                                     tracing::debug!(error = ?err, "upstream closed the connection before answering; sending again");
                                     attempt.set(upstream.send(&endpoint, again, None));
@@ -1000,7 +1010,9 @@ impl Proxy {
                     match &sent {
                         Ok(Ok((rsp, _))) => Ok(rsp.status()),
                         Ok(Err(SendError::Connect(_))) => Err("connect"),
-                        Ok(Err(SendError::Exchange(_))) => Err("exchange"),
+                        Ok(Err(SendError::Exchange(_) | SendError::Unanswered(..))) => {
+                            Err("exchange")
+                        }
                         Err(()) => Err("response_header_timeout"),
                     },
                 );
@@ -1030,7 +1042,7 @@ impl Proxy {
                         source,
                     });
                 }
-                Ok(Err(SendError::Exchange(source))) => {
+                Ok(Err(SendError::Exchange(source) | SendError::Unanswered(source, _))) => {
                     return Err(ProxyError::Upstream {
                         route: route.spec.id.clone(),
                         endpoint: endpoint.to_string(),

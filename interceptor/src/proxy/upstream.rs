@@ -217,20 +217,20 @@ pub(super) enum UriForm {
 /// A client's header values and path point into its connection's read buffer (hyper slices
 /// them out of it). A copy sharing them would keep that buffer from being reused while the
 /// request waits for its response, and hyper, reading on to notice the client leave, would
-/// allocate another one for every request in flight. So the head is written out as bytes (the
-/// URI, the method, then the headers as HTTP/1.1 fields) in one allocation, and read back with
-/// httparse only if the request is sent again.
+/// allocate another one for every request in flight. So the head is written out as an HTTP/1.1
+/// head in one allocation, and read back with httparse only if the request is sent again.
+///
+/// Only hyper-util's client (TLS, h2c, failover) needs one made for each request: a route's
+/// own pool keeps the head as hyper writes it (see [`SharedStream`]).
 pub(super) struct Replay {
     head: Box<[u8]>,
-    uri_len: u32,
-    method_len: u32,
-    headers: u32,
     version: Version,
 }
 
 impl Replay {
     /// A copy of `req`'s head.
     pub(super) fn of<B>(req: &Request<B>) -> Self {
+        const VERSION: &[u8] = b" HTTP/1.1\r\n";
         let fields: usize = req
             .headers()
             .iter()
@@ -239,14 +239,18 @@ impl Replay {
         let uri = req.uri();
         // The exact length, so that the boxed slice is the allocation made here, not a copy
         // shrunk to fit.
-        let len = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        let len = req.method().as_str().len()
+            + 1
+            + uri.scheme_str().map_or(0, |s| s.len() + 3)
             + uri.authority().map_or(0, |a| a.as_str().len())
             + uri.path().len()
             + uri.query().map_or(0, |q| q.len() + 1)
-            + req.method().as_str().len()
+            + VERSION.len()
             + fields
             + 2;
         let mut head = Vec::with_capacity(len);
+        head.extend_from_slice(req.method().as_str().as_bytes());
+        head.push(b' ');
         // The URI as `Uri`'s Display writes it, without the formatting machinery.
         if let Some(scheme) = uri.scheme() {
             head.extend_from_slice(scheme.as_str().as_bytes());
@@ -260,9 +264,7 @@ impl Replay {
             head.push(b'?');
             head.extend_from_slice(query.as_bytes());
         }
-        let uri_len = head.len();
-        head.extend_from_slice(req.method().as_str().as_bytes());
-        let method_len = head.len() - uri_len;
+        head.extend_from_slice(VERSION);
         for (name, value) in req.headers() {
             head.extend_from_slice(name.as_str().as_bytes());
             head.extend_from_slice(b": ");
@@ -275,12 +277,8 @@ impl Replay {
             head.capacity(),
             "a replay's length is counted exactly"
         );
-        let len = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         Self {
             head: head.into_boxed_slice(),
-            uri_len: len(uri_len),
-            method_len: len(method_len),
-            headers: len(req.headers().len()),
             version: req.version(),
         }
     }
@@ -288,31 +286,37 @@ impl Replay {
     /// The request again, without a body; `None` if its head does not read back (it was
     /// written from valid parts, so this would be a bug, and the first failure is reported).
     pub(super) fn request(&self) -> Option<Request<RequestBody>> {
-        let uri_end = usize::try_from(self.uri_len).ok()?;
-        let method_end = uri_end + usize::try_from(self.method_len).ok()?;
-        let uri = Uri::try_from(self.head.get(..uri_end)?).ok()?;
-        let method = Method::from_bytes(self.head.get(uri_end..method_end)?).ok()?;
-        let mut fields = vec![httparse::EMPTY_HEADER; usize::try_from(self.headers).ok()?];
-        let block = self.head.get(method_end..)?;
-        let httparse::Status::Complete((_, fields)) =
-            httparse::parse_headers(block, &mut fields).ok()?
-        else {
-            return None;
-        };
-        let mut req = Request::new(RequestBody::empty());
-        *req.method_mut() = method;
-        *req.uri_mut() = uri;
-        *req.version_mut() = self.version;
-        let headers = req.headers_mut();
-        headers.reserve(fields.len());
-        for field in fields {
-            headers.append(
-                http::HeaderName::from_bytes(field.name.as_bytes()).ok()?,
-                HeaderValue::from_bytes(field.value).ok()?,
-            );
-        }
-        Some(req)
+        read_back(&self.head, Some(self.version))
     }
+}
+
+/// The request an HTTP/1 request head (`head`) describes, without a body, in `version` or the
+/// head's own. `None` if it does not parse, or is not a whole head.
+fn read_back(head: &[u8], version: Option<Version>) -> Option<Request<RequestBody>> {
+    // A field per line at most.
+    let lines = head.iter().filter(|&&b| b == b'\n').count();
+    let mut fields = vec![httparse::EMPTY_HEADER; lines];
+    let mut parsed = httparse::Request::new(&mut fields);
+    let httparse::Status::Complete(_) = parsed.parse(head).ok()? else {
+        return None;
+    };
+    let mut req = Request::new(RequestBody::empty());
+    *req.method_mut() = Method::from_bytes(parsed.method?.as_bytes()).ok()?;
+    *req.uri_mut() = Uri::try_from(parsed.path?).ok()?;
+    *req.version_mut() = match (version, parsed.version?) {
+        (Some(version), _) => version,
+        (None, 0) => Version::HTTP_10,
+        (None, _) => Version::HTTP_11,
+    };
+    let headers = req.headers_mut();
+    headers.reserve(parsed.headers.len());
+    for field in parsed.headers.iter() {
+        headers.append(
+            http::HeaderName::from_bytes(field.name.as_bytes()).ok()?,
+            HeaderValue::from_bytes(field.value).ok()?,
+        );
+    }
+    Some(req)
 }
 
 /// Methods whose requests may be sent twice (RFC 9110 §9.2.2).
@@ -338,6 +342,9 @@ pub(super) fn pooled(protocol: UpstreamProtocol) -> hyper_util::client::legacy::
 pub(super) enum SendError {
     Connect(BoxError),
     Exchange(BoxError),
+    /// The connection closed before any response to a request that may be sent once more
+    /// (see [`Http1Pool::send`]): the failure, and the request again.
+    Unanswered(BoxError, Box<Request<RequestBody>>),
 }
 
 /// What an upstream client's failure carries.
@@ -352,10 +359,18 @@ impl SendError {
         }
     }
 
+    /// The failure as an `Exchange`, and the request to send once more if it came with one.
+    pub(super) fn take_again(self) -> (Self, Option<Request<RequestBody>>) {
+        match self {
+            Self::Unanswered(err, again) => (Self::Exchange(err), Some(*again)),
+            other => (other, None),
+        }
+    }
+
     /// Whether the connection closed before a response began (not a connect failure, and not
     /// a response that broke off).
     pub(super) fn closed_before_response(&self) -> bool {
-        let Self::Exchange(err) = self else {
+        let (Self::Exchange(err) | Self::Unanswered(err, _)) = self else {
             return false;
         };
         let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&**err);
@@ -426,6 +441,7 @@ const MAX_IDLE_PER_ENDPOINT: usize = 256;
 
 type Io = hyper_util::rt::TokioIo<SharedStream>;
 type Sender = hyper::client::conn::http1::SendRequest<RequestBody>;
+type TrySendError = hyper::client::conn::TrySendError<Request<RequestBody>>;
 type Conn = Pin<Box<hyper::client::conn::http1::Connection<Io, RequestBody>>>;
 
 /// The pool's map, by endpoint address. Its keys come from the provider, never from a client,
@@ -452,13 +468,33 @@ struct Idle {
     sender: Sender,
     conn: Conn,
     /// The connection's socket, to ask whether anything arrived while it sat idle.
-    socket: Arc<tokio::net::TcpStream>,
+    socket: Arc<Socket>,
     since: Instant,
 }
 
-/// A pooled connection's socket: hyper reads and writes it through this, and the pool keeps a
-/// second handle to look at its readiness without polling hyper's connection.
-struct SharedStream(Arc<tokio::net::TcpStream>);
+/// A pooled connection's socket: hyper reads and writes it through a [`SharedStream`], and
+/// the pool keeps a second handle to look at its readiness without polling hyper's connection.
+struct Socket {
+    stream: tokio::net::TcpStream,
+    /// The request handed to the connection next may be sent once more: its head is kept as
+    /// it is written. Set by the request's send, cleared by that write.
+    keep_head: std::sync::atomic::AtomicBool,
+}
+
+/// A pooled connection's socket as hyper reads and writes it.
+///
+/// It keeps the head of a request that may be sent once more, as it goes out: hyper writes a
+/// request head whole, in its first write, and a request without a body is nothing else. A
+/// copy of the head made for every request, in case the upstream closes the connection before
+/// answering, cost about 900 instructions per request (3% of a request's user-space work: a
+/// field at a time, and an allocation); this is one copy of bytes already laid out, into a
+/// buffer the connection keeps.
+/// The head is read back only if the request is sent again (see [`Http1Pool::send`]).
+struct SharedStream {
+    socket: Arc<Socket>,
+    /// The last head kept.
+    head: Vec<u8>,
+}
 
 impl tokio::io::AsyncRead for SharedStream {
     fn poll_read(
@@ -466,7 +502,7 @@ impl tokio::io::AsyncRead for SharedStream {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let stream = &self.0;
+        let stream = &self.socket.stream;
         loop {
             std::task::ready!(stream.poll_read_ready(cx))?;
             let want = buf.remaining();
@@ -506,9 +542,21 @@ impl tokio::io::AsyncWrite for SharedStream {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let this = self.get_mut();
+        // Only the task polling the connection sets the flag, just before the request is
+        // handed over, and nothing else reads it: ordering does not matter.
+        if this.socket.keep_head.load(Relaxed) {
+            this.socket.keep_head.store(false, Relaxed);
+            this.head.clear();
+            for buf in bufs {
+                this.head.extend_from_slice(buf);
+            }
+        }
+        let stream = &this.socket.stream;
         loop {
-            std::task::ready!(self.0.poll_write_ready(cx))?;
-            match self.0.try_write_vectored(bufs) {
+            std::task::ready!(stream.poll_write_ready(cx))?;
+            match stream.try_write_vectored(bufs) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 result => return Poll::Ready(result),
             }
@@ -525,8 +573,10 @@ impl tokio::io::AsyncWrite for SharedStream {
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         use std::os::fd::AsRawFd;
-        let shut =
-            nix::sys::socket::shutdown(self.0.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+        let shut = nix::sys::socket::shutdown(
+            self.socket.stream.as_raw_fd(),
+            nix::sys::socket::Shutdown::Write,
+        );
         Poll::Ready(match shut {
             Err(nix::errno::Errno::ENOTCONN) => Ok(()),
             other => other.map_err(std::io::Error::from),
@@ -573,7 +623,7 @@ impl Http1Pool {
             // Nothing arrived on the socket since hyper last read it (no bytes, no close) and
             // the connection takes a request: it is usable as it is. Otherwise it is polled,
             // which reads what came and tells.
-            let quiet = socket.poll_read_ready(cx).is_pending()
+            let quiet = socket.stream.poll_read_ready(cx).is_pending()
                 && matches!(sender.poll_ready(cx), Poll::Ready(Ok(())));
             let usable = quiet
                 || (conn.as_mut().poll(cx).is_pending()
@@ -632,8 +682,19 @@ impl Http1Pool {
         let io = tower::Service::call(&mut connector.clone(), uri)
             .await
             .map_err(SendError::Connect)?;
-        let socket = Arc::new(io.into_inner());
-        let io = hyper_util::rt::TokioIo::new(SharedStream(socket.clone()));
+        Self::handshake(io.into_inner()).await
+    }
+
+    /// A pooled connection over `stream`, connected.
+    async fn handshake(stream: tokio::net::TcpStream) -> Result<Live, SendError> {
+        let socket = Arc::new(Socket {
+            stream,
+            keep_head: false.into(),
+        });
+        let io = hyper_util::rt::TokioIo::new(SharedStream {
+            socket: socket.clone(),
+            head: Vec::new(),
+        });
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(io)
             .await
@@ -649,20 +710,25 @@ impl Http1Pool {
         endpoint: &'s http::uri::Authority,
         mut req: Request<RequestBody>,
         now: Option<Instant>,
-    ) -> PoolSend<'s, impl Future<Output = hyper::Result<hyper::Response<Incoming>>> + Send> {
+    ) -> PoolSend<'s, impl Future<Output = Result<hyper::Response<Incoming>, TrySendError>> + Send>
+    {
         // `client::conn` writes the URI as given, and the request line wants origin form: a
         // client's HTTP/1.1 request is in it already; an absolute-form one, or an HTTP/2 one
         // (whose URI carries `:scheme` and `:authority`), is put in it.
         if req.uri().scheme().is_some() || req.uri().authority().is_some() {
             *req.uri_mut() = Uri::from(path_of(req.uri()));
         }
-        let send = |sender: &mut Sender, req| sender.send_request(req);
+        let send = |sender: &mut Sender, req| sender.try_send_request(req);
         let bodiless = http_body::Body::is_end_stream(req.body());
+        // Sent once more if the connection closes before any response (see `Proxy::forward`):
+        // hyper hands back a request it never wrote, and the connection keeps the head of one
+        // it did.
+        let replayable = bodiless && idempotent(req.method());
         // The connection is taken now, so that the request goes straight to it: the future
         // never keeps the request itself, only hyper's send of it (or, while a new connection
         // is dialled, a box).
         let state = match self.checkout(endpoint, now.unwrap_or_else(Instant::now)) {
-            Some(idle) => SendState::sending(send, idle, req),
+            Some(idle) => SendState::sending(send, idle, req, replayable),
             None => {
                 let connector = connector.clone();
                 let endpoint = endpoint.clone();
@@ -679,6 +745,7 @@ impl Http1Pool {
             endpoint,
             send,
             bodiless,
+            replayable,
             sent: false,
             state,
         }
@@ -686,7 +753,7 @@ impl Http1Pool {
 }
 
 /// A pooled connection: its sender, the connection itself, and its socket.
-type Live = (Sender, Conn, Arc<tokio::net::TcpStream>);
+type Live = (Sender, Conn, Arc<Socket>);
 
 /// A connection being dialled.
 type Connecting = Pin<Box<dyn Future<Output = Result<Live, SendError>> + Send>>;
@@ -706,6 +773,8 @@ pin_project_lite::pin_project! {
         // The request has no body: once it is written, nothing but the response needs this
         // task woken (see `PoolSend::poll`).
         bodiless: bool,
+        // The request is sent once more if the connection closes before any response.
+        replayable: bool,
         // The connection has been polled since the request was handed to it.
         sent: bool,
         #[pin]
@@ -718,35 +787,42 @@ pin_project_lite::pin_project! {
     enum SendState<F> {
         /// No idle connection: a new one is being dialled.
         Dialling { req: Option<Box<Request<RequestBody>>>, connecting: Connecting },
-        /// The request is in the connection's hands; `conn` is `None` once it has closed.
+        /// The request is in the connection's hands, until it has `ended` (closed).
         Sending {
             #[pin]
             response: F,
             sender: Option<Sender>,
-            conn: Option<(Conn, Arc<tokio::net::TcpStream>)>,
+            conn: Option<(Conn, Arc<Socket>)>,
+            ended: bool,
         },
         Done,
     }
 }
 
 impl<F> SendState<F> {
-    /// `req` handed to the connection `(sender, conn, socket)`.
+    /// `req` handed to the connection `(sender, conn, socket)`; its head is kept as it is
+    /// written if it is `replayable`.
     fn sending(
         send: fn(&mut Sender, Request<RequestBody>) -> F,
         (mut sender, conn, socket): Live,
         req: Request<RequestBody>,
+        replayable: bool,
     ) -> Self {
+        socket
+            .keep_head
+            .store(replayable, std::sync::atomic::Ordering::Relaxed);
         Self::Sending {
             response: send(&mut sender, req),
             sender: Some(sender),
             conn: Some((conn, socket)),
+            ended: false,
         }
     }
 }
 
 impl<F> Future for PoolSend<'_, F>
 where
-    F: Future<Output = hyper::Result<hyper::Response<Incoming>>>,
+    F: Future<Output = Result<hyper::Response<Incoming>, TrySendError>>,
 {
     type Output = Result<(hyper::Response<Incoming>, Http1Conn), SendError>;
 
@@ -758,7 +834,7 @@ where
                     let connected = std::task::ready!(connecting.as_mut().poll(cx));
                     match (connected, req.take()) {
                         (Ok(connected), Some(req)) => {
-                            SendState::sending(*this.send, connected, *req)
+                            SendState::sending(*this.send, connected, *req, *this.replayable)
                         }
                         (Err(err), _) => {
                             this.state.set(SendState::Done);
@@ -771,6 +847,7 @@ where
                     mut response,
                     sender,
                     conn,
+                    ended,
                 } => {
                     // The connection first: it writes the request and reads the response head
                     // into the send's channel, so a head that has arrived is taken in this
@@ -795,18 +872,16 @@ where
                         &mut *cx
                     };
                     *this.sent = true;
-                    poll_conn(conn, first);
+                    poll_conn(conn, ended, first);
                     let rsp = match response.as_mut().poll(quiet) {
                         Poll::Ready(rsp) => rsp,
                         // With the connection gone, only the channel's end can wake this.
-                        Poll::Pending if conn.is_none() => {
-                            std::task::ready!(response.as_mut().poll(cx))
-                        }
+                        Poll::Pending if *ended => std::task::ready!(response.as_mut().poll(cx)),
                         Poll::Pending if *this.bodiless => {
-                            poll_conn(conn, cx);
+                            poll_conn(conn, ended, cx);
                             match response.as_mut().poll(quiet) {
                                 Poll::Ready(rsp) => rsp,
-                                Poll::Pending if conn.is_none() => {
+                                Poll::Pending if *ended => {
                                     std::task::ready!(response.as_mut().poll(cx))
                                 }
                                 Poll::Pending => return Poll::Pending,
@@ -814,12 +889,31 @@ where
                         }
                         Poll::Pending => return Poll::Pending,
                     };
+                    let rsp = match rsp {
+                        Ok(rsp) => rsp,
+                        Err(mut failed) => {
+                            let unsent = failed.take_message();
+                            let err = SendError::Exchange(Box::new(failed.into_error()));
+                            let again = if *this.replayable && err.closed_before_response() {
+                                unsent.or_else(|| conn.take().and_then(|(c, _)| kept_request(c)))
+                            } else {
+                                None
+                            };
+                            this.state.set(SendState::Done);
+                            return Poll::Ready(Err(match (err, again) {
+                                (SendError::Exchange(err), Some(again)) => {
+                                    SendError::Unanswered(err, Box::new(again))
+                                }
+                                (err, _) => err,
+                            }));
+                        }
+                    };
                     let live = sender
                         .take()
                         .zip(conn.take())
+                        .filter(|_| !*ended)
                         .map(|(sender, (conn, socket))| (sender, conn, socket));
                     this.state.set(SendState::Done);
-                    let rsp = rsp.map_err(|e| SendError::Exchange(Box::new(e)))?;
                     let reusable = http_body::Body::is_end_stream(rsp.body());
                     return Poll::Ready(Ok((
                         rsp,
@@ -839,14 +933,27 @@ where
     }
 }
 
-/// Polls a pooled connection while a request uses it, and forgets it once it has ended (the
-/// response, or why there is none, is final then).
-fn poll_conn(conn: &mut Option<(Conn, Arc<tokio::net::TcpStream>)>, cx: &mut Context<'_>) {
-    if let Some((c, _)) = conn.as_mut() {
-        if c.as_mut().poll(cx).is_ready() {
-            *conn = None;
-        }
+/// Polls a pooled connection while a request uses it, until it has ended (the response, or
+/// why there is none, is final then).
+fn poll_conn(conn: &mut Option<(Conn, Arc<Socket>)>, ended: &mut bool, cx: &mut Context<'_>) {
+    if let (Some((c, _)), false) = (conn.as_mut(), *ended) {
+        *ended = c.as_mut().poll(cx).is_ready();
     }
+}
+
+/// The request whose head `conn` kept as it wrote it (see [`SharedStream`]), read back; `None`
+/// if it was never written.
+fn kept_request(conn: Conn) -> Option<Request<RequestBody>> {
+    let stream = (*Pin::into_inner(conn)).into_parts().io.into_inner();
+    // Still set: the connection wrote nothing of this request (the head kept is an older one).
+    if stream
+        .socket
+        .keep_head
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        return None;
+    }
+    read_back(&stream.head, None)
 }
 
 /// What a [`PoolSend`] polled again after it finished answers (a bug in its caller).
@@ -982,6 +1089,60 @@ mod tests {
         assert_eq!(again.method().as_str(), "PURGE");
         assert_eq!(again.uri(), absolute.uri());
         assert!(again.headers().is_empty());
+    }
+
+    /// A connection the upstream closed before a request was handed to it: hyper writes none
+    /// of the request and hands it back, so a request that may be sent once more comes back
+    /// whole with the failure; one that may not (a POST) comes back as the failure alone.
+    #[tokio::test]
+    async fn a_request_never_written_comes_back_whole() {
+        use std::sync::Arc;
+
+        use super::{Http1Pool, PoolSend, SendError, SendState, Sender};
+        use crate::proxy::body::RequestBody;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pool = Arc::new(Http1Pool::default());
+        let endpoint: http::uri::Authority = addr.to_string().parse().unwrap();
+        for (method, replayable) in [(Method::GET, true), (Method::POST, false)] {
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            drop(listener.accept().await.unwrap());
+            // The close has arrived before the request is handed over.
+            stream.readable().await.unwrap();
+            let live = Http1Pool::handshake(stream).await.unwrap();
+            let mut req = Request::new(RequestBody::empty());
+            *req.method_mut() = method.clone();
+            *req.uri_mut() = http::Uri::from_static("/items?page=2");
+            req.headers_mut()
+                .insert("x-tag", HeaderValue::from_static("one"));
+            let send = |sender: &mut Sender, req| sender.try_send_request(req);
+            let sent = PoolSend {
+                pool: &pool,
+                endpoint: &endpoint,
+                send,
+                bodiless: true,
+                replayable,
+                sent: false,
+                state: SendState::sending(send, live, req, replayable),
+            }
+            .await;
+            match (sent, replayable) {
+                (Err(SendError::Unanswered(err, again)), true) => {
+                    assert!(
+                        SendError::Exchange(err).closed_before_response(),
+                        "{method}"
+                    );
+                    assert_eq!(again.method(), method);
+                    assert_eq!(again.uri(), "/items?page=2");
+                    assert_eq!(again.headers()["x-tag"], "one");
+                }
+                (Err(err @ SendError::Exchange(_)), false) => {
+                    assert!(err.closed_before_response(), "{method}: {err:?}");
+                }
+                (other, _) => panic!("{method}: {:?}", other.map(|(rsp, _)| rsp.status())),
+            }
+        }
     }
 
     #[test]
