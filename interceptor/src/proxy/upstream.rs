@@ -441,7 +441,6 @@ const MAX_IDLE_PER_ENDPOINT: usize = 256;
 
 type Io = hyper_util::rt::TokioIo<SharedStream>;
 type Sender = hyper::client::conn::http1::SendRequest<RequestBody>;
-type TrySendError = hyper::client::conn::TrySendError<Request<RequestBody>>;
 type Conn = Pin<Box<hyper::client::conn::http1::Connection<Io, RequestBody>>>;
 
 /// The pool's map, by endpoint address. Its keys come from the provider, never from a client,
@@ -494,6 +493,8 @@ struct SharedStream {
     socket: Arc<Socket>,
     /// The last head kept.
     head: Vec<u8>,
+    /// A read waited for the head to be written (see `poll_read`).
+    deferred: bool,
 }
 
 impl tokio::io::AsyncRead for SharedStream {
@@ -502,7 +503,25 @@ impl tokio::io::AsyncRead for SharedStream {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let stream = &self.socket.stream;
+        let this = self.get_mut();
+        let stream = &this.socket.stream;
+        // A head to keep is about to be written. On an idle connection hyper reads before it
+        // writes, to see whether the upstream closed it, and a close seen then would fail the
+        // request unwritten, with nothing kept to send again (hyper's send gives no request
+        // back). So that read waits, once, until the request is out; the socket still wakes
+        // the task, and a close already there is read right after the write.
+        if this
+            .socket
+            .keep_head
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && !this.deferred
+        {
+            this.deferred = true;
+            if stream.poll_read_ready(cx).is_ready() {
+                cx.waker().wake_by_ref();
+            }
+            return Poll::Pending;
+        }
         loop {
             std::task::ready!(stream.poll_read_ready(cx))?;
             let want = buf.remaining();
@@ -548,6 +567,7 @@ impl tokio::io::AsyncWrite for SharedStream {
         // handed over, and nothing else reads it: ordering does not matter.
         if this.socket.keep_head.load(Relaxed) {
             this.socket.keep_head.store(false, Relaxed);
+            this.deferred = false;
             this.head.clear();
             for buf in bufs {
                 this.head.extend_from_slice(buf);
@@ -694,6 +714,7 @@ impl Http1Pool {
         let io = hyper_util::rt::TokioIo::new(SharedStream {
             socket: socket.clone(),
             head: Vec::new(),
+            deferred: false,
         });
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(io)
@@ -710,19 +731,17 @@ impl Http1Pool {
         endpoint: &'s http::uri::Authority,
         mut req: Request<RequestBody>,
         now: Option<Instant>,
-    ) -> PoolSend<'s, impl Future<Output = Result<hyper::Response<Incoming>, TrySendError>> + Send>
-    {
+    ) -> PoolSend<'s, impl Future<Output = hyper::Result<hyper::Response<Incoming>>> + Send> {
         // `client::conn` writes the URI as given, and the request line wants origin form: a
         // client's HTTP/1.1 request is in it already; an absolute-form one, or an HTTP/2 one
         // (whose URI carries `:scheme` and `:authority`), is put in it.
         if req.uri().scheme().is_some() || req.uri().authority().is_some() {
             *req.uri_mut() = Uri::from(path_of(req.uri()));
         }
-        let send = |sender: &mut Sender, req| sender.try_send_request(req);
+        let send = |sender: &mut Sender, req| sender.send_request(req);
         let bodiless = http_body::Body::is_end_stream(req.body());
         // Sent once more if the connection closes before any response (see `Proxy::forward`):
-        // hyper hands back a request it never wrote, and the connection keeps the head of one
-        // it did.
+        // the connection keeps its head as it writes it.
         let replayable = bodiless && idempotent(req.method());
         // The connection is taken now, so that the request goes straight to it: the future
         // never keeps the request itself, only hyper's send of it (or, while a new connection
@@ -822,7 +841,7 @@ impl<F> SendState<F> {
 
 impl<F> Future for PoolSend<'_, F>
 where
-    F: Future<Output = Result<hyper::Response<Incoming>, TrySendError>>,
+    F: Future<Output = hyper::Result<hyper::Response<Incoming>>>,
 {
     type Output = Result<(hyper::Response<Incoming>, Http1Conn), SendError>;
 
@@ -891,11 +910,10 @@ where
                     };
                     let rsp = match rsp {
                         Ok(rsp) => rsp,
-                        Err(mut failed) => {
-                            let unsent = failed.take_message();
-                            let err = SendError::Exchange(Box::new(failed.into_error()));
+                        Err(failed) => {
+                            let err = SendError::Exchange(Box::new(failed));
                             let again = if *this.replayable && err.closed_before_response() {
-                                unsent.or_else(|| conn.take().and_then(|(c, _)| kept_request(c)))
+                                conn.take().and_then(|(c, _)| kept_request(c))
                             } else {
                                 None
                             };
@@ -1091,11 +1109,13 @@ mod tests {
         assert!(again.headers().is_empty());
     }
 
-    /// A connection the upstream closed before a request was handed to it: hyper writes none
-    /// of the request and hands it back, so a request that may be sent once more comes back
-    /// whole with the failure; one that may not (a POST) comes back as the failure alone.
+    /// A connection the upstream closed before a request was handed to it. Hyper would see
+    /// the close before writing and fail the request unwritten; a request that may be sent
+    /// once more is written first (its read waits for it), so it comes back whole with the
+    /// failure, read from the head the connection kept. One that may not (a POST) comes back
+    /// as the failure alone.
     #[tokio::test]
-    async fn a_request_never_written_comes_back_whole() {
+    async fn a_request_on_a_connection_closed_before_it_was_handed_over_comes_back_whole() {
         use std::sync::Arc;
 
         use super::{Http1Pool, PoolSend, SendError, SendState, Sender};
@@ -1116,7 +1136,7 @@ mod tests {
             *req.uri_mut() = http::Uri::from_static("/items?page=2");
             req.headers_mut()
                 .insert("x-tag", HeaderValue::from_static("one"));
-            let send = |sender: &mut Sender, req| sender.try_send_request(req);
+            let send = |sender: &mut Sender, req| sender.send_request(req);
             let sent = PoolSend {
                 pool: &pool,
                 endpoint: &endpoint,
