@@ -969,19 +969,13 @@ impl Proxy {
                     let Some(result) = result else {
                         break Err(());
                     };
-                    // The pool's failure may carry the request to send again.
-                    let (result, again) = match result {
-                        Err(err) => {
-                            let (err, again) = err.take_again();
-                            (Err(err), again)
-                        }
-                        ok => (ok, None),
-                    };
                     match (result, first_failure.take()) {
                         // The upstream is gone (it closed because it exited): the first failure
                         // is the one to report.
                         (Err(SendError::Connect(_)), Some(first)) => break Ok(Err(first)),
                         (Err(err), None) if err.closed_before_response() => {
+                            // The pool's failure carries the request to send again.
+                            let (err, again) = err.take_again();
                             match again.or_else(|| replay.take().and_then(|r| r.request())) {
                                 Some(again) => {
                                     tracing::debug!(error = ?err, "upstream closed the connection before answering; sending again");

@@ -892,20 +892,15 @@ where
                     };
                     *this.sent = true;
                     poll_conn(conn, ended, first);
-                    let rsp = match response.as_mut().poll(quiet) {
+                    let mut polled = response.as_mut().poll(quiet);
+                    if polled.is_pending() && !*ended && *this.bodiless {
+                        poll_conn(conn, ended, cx);
+                        polled = response.as_mut().poll(quiet);
+                    }
+                    let rsp = match polled {
                         Poll::Ready(rsp) => rsp,
                         // With the connection gone, only the channel's end can wake this.
                         Poll::Pending if *ended => std::task::ready!(response.as_mut().poll(cx)),
-                        Poll::Pending if *this.bodiless => {
-                            poll_conn(conn, ended, cx);
-                            match response.as_mut().poll(quiet) {
-                                Poll::Ready(rsp) => rsp,
-                                Poll::Pending if *ended => {
-                                    std::task::ready!(response.as_mut().poll(cx))
-                                }
-                                Poll::Pending => return Poll::Pending,
-                            }
-                        }
                         Poll::Pending => return Poll::Pending,
                     };
                     let rsp = match rsp {
