@@ -18,7 +18,11 @@
 #
 # The load generator (one thread) is pinned to core 0; the proxy and the backend share core 1,
 # each single-threaded. A proxy's CPU time per request comes from /proc around each run, in
-# all and split into user and system (kernel) time.
+# all and split into user and system (kernel) time. The backend's CPU time per request and its
+# wakeups per request (the times it went to sleep and was woken: voluntary context switches)
+# are read the same way: they tell how the proxy's writes are spread over the backend's runs on
+# the shared core (one request per wakeup, or many), which moves the throughput as much as the
+# proxy's own CPU does.
 # Installs nginx, golang-go and (for h2c) nghttp2-client with apt-get when missing (needs root).
 source "$(dirname "$0")/common.sh"
 
@@ -39,7 +43,7 @@ HYPER_PORT=$(free_port); DUTIES_PORT=$(free_port); NGINX_PORT=$(free_port); GO_P
 
 # The backend: Wakegate's example backend (hyper), one worker thread, on core 1.
 TOKIO_WORKER_THREADS=1 taskset -c 1 "$BIN/wakegate-interceptor" backend --port "$BACKEND_PORT" >/dev/null 2>&1 &
-PIDS+=($!)
+BACKEND_PID=$!; PIDS+=($BACKEND_PID)
 
 # Wakegate: one worker thread, like nginx's one worker, on core 1, an always-on upstream.
 cat > "$WORK/wakegate.yaml" <<YAML
@@ -97,11 +101,18 @@ port_of() { case $1 in direct) echo "$BACKEND_PORT";; wakegate) echo "$WG_PORT";
 pid_of() { case $1 in direct) echo "";; wakegate) echo "$WG_PID";; hyper) echo "$HYPER_PID";; duties) echo "$DUTIES_PID";; nginx) echo "$NGINX_WORKER";; go) echo "$GO_PID";; before) echo "$BEFORE_PID";; traced) echo "$TRACED_PID";; logged) echo "$LOGGED_PID";; esac; }
 # ticks PID: the process's user and system CPU time so far, in clock ticks.
 ticks() { [ -n "$1" ] && awk '{print $14, $15}' "/proc/$1/stat" || echo 0 0; }
+# backend: the backend's CPU ticks (user + system) and voluntary context switches so far, over
+# all its threads.
+backend() {
+    awk '{print $14 + $15}' "/proc/$BACKEND_PID/stat"
+    cat /proc/"$BACKEND_PID"/task/*/status | awk '/^voluntary_ctxt_switches/ {n += $2} END {print n}'
+}
 
 run() { # name output-file
     local name=$1 out=$2 port pid user_before sys_before user_after sys_after
     port=$(port_of "$name"); pid=$(pid_of "$name")
     read -r user_before sys_before <<<"$(ticks "$pid")"
+    local backend_before; backend_before=$(backend | tr '\n' ' ')
     if [ -n "$H2C" ]; then
         taskset -c 0 h2load -D "$SECONDS_PER_RUN" -c "$CONNECTIONS" -m 1 -t 1 \
             "http://127.0.0.1:$port$REQ_PATH" > "$out.h2load" 2>&1 || true
@@ -113,6 +124,7 @@ run() { # name output-file
     fi
     read -r user_after sys_after <<<"$(ticks "$pid")"
     echo "$(( user_after - user_before )) $(( sys_after - sys_before ))" > "$out.ticks"
+    echo "$backend_before $(backend | tr '\n' ' ')" > "$out.backend"
 }
 
 echo "==> $ROUNDS rounds of ${SECONDS_PER_RUN}s each, $CONNECTIONS connections, ${H2C:+h2c, }path $REQ_PATH: ${TARGETS[*]}" >&2
@@ -140,6 +152,8 @@ med = statistics.median
 def load(name, r):
     base = f"{work}/{name}-{r}"
     ticks = tuple(int(t) for t in open(base + ".ticks").read().split())  # user, system
+    b = [int(t) for t in open(base + ".backend").read().split()]  # ticks, wakeups; before, after
+    backend = (b[2] - b[0], b[3] - b[1])
     if h2c:
         text = open(base + ".h2load").read()
         rps = float(re.search(r"finished in [\d.]+s, ([\d.]+) req/s", text).group(1))
@@ -148,10 +162,10 @@ def load(name, r):
         lat = re.search(r"time for request:\s+([\d.]+)(us|ms)\s+([\d.]+)(us|ms)\s+([\d.]+)(us|ms)", text)
         to_ms = lambda v, u: float(v) / (1000 if u == "us" else 1)
         mean = to_ms(lat.group(5), lat.group(6)) if lat else float("nan")
-        return rps, mean, float("nan"), ticks, done, done - ok
+        return rps, mean, float("nan"), ticks, done, done - ok, backend
     j = json.load(open(base + ".json"))
     done = j["requests"]["sent"]
-    return j["throughput"], j["latency"]["p50"] / 1000, j["latency"]["p99"] / 1000, ticks, j["requests"]["ok"], j["requests"]["failed"]
+    return j["throughput"], j["latency"]["p50"] / 1000, j["latency"]["p99"] / 1000, ticks, j["requests"]["ok"], j["requests"]["failed"], backend
 
 rows = {}
 for name in targets:
@@ -162,14 +176,16 @@ for name in targets:
         "user": [x[3][0] * 1e6 / hz / max(x[4], 1) for x in runs],
         "sys": [x[3][1] * 1e6 / hz / max(x[4], 1) for x in runs],
         "failed": sum(x[5] for x in runs),
+        "backend": [x[6][0] * 1e6 / hz / max(x[4], 1) for x in runs],
+        "wakes": [x[6][1] / max(x[4], 1) for x in runs],
     }
 print(f"machine: {machine}")
 print(f"{rounds} rounds x {secs}s, {conns} connections, closed loop, {'h2c' if h2c else 'HTTP/1.1'} clients, path {path}; load on core 0, proxy + backend on core 1")
 lat = "mean ms" if h2c else "p50 ms"
-print(f"{'target':<10} {'req/s (median)':>15} {'min..max':>17} {lat:>8} {'p99 ms':>8} {'proxy CPU us/req':>17} {'user':>6} {'system':>6} {'failed':>7}")
+print(f"{'target':<10} {'req/s (median)':>15} {'min..max':>17} {lat:>8} {'p99 ms':>8} {'proxy CPU us/req':>17} {'user':>6} {'system':>6} {'failed':>7} {'backend us/req':>15} {'wakeups/req':>12}")
 for name, r in rows.items():
     cpu, user, system = (f"{med(r[k]):.1f}" if name != "direct" else "-" for k in ("cpu", "user", "sys"))
-    print(f"{name:<10} {med(r['rps']):>15.0f} {min(r['rps']):>8.0f}..{max(r['rps']):<8.0f} {med(r['p50']):>8.3f} {med(r['p99']):>8.3f} {cpu:>17} {user:>6} {system:>6} {r['failed']:>7}")
+    print(f"{name:<10} {med(r['rps']):>15.0f} {min(r['rps']):>8.0f}..{max(r['rps']):<8.0f} {med(r['p50']):>8.3f} {med(r['p99']):>8.3f} {cpu:>17} {user:>6} {system:>6} {r['failed']:>7} {med(r['backend']):>15.1f} {med(r['wakes']):>12.2f}")
 w = rows["wakegate"]
 for ref in [t for t in targets if t not in ("direct", "wakegate")]:
     ratios = [a / b for a, b in zip(w["rps"], rows[ref]["rps"])]
