@@ -102,17 +102,18 @@ pid_of() { case $1 in direct) echo "";; wakegate) echo "$WG_PID";; hyper) echo "
 # ticks PID: the process's user and system CPU time so far, in clock ticks.
 ticks() { [ -n "$1" ] && awk '{print $14, $15}' "/proc/$1/stat" || echo 0 0; }
 # backend: the backend's CPU ticks (user + system) and voluntary context switches so far, over
-# all its threads.
+# all its threads, on one line.
 backend() {
-    awk '{print $14 + $15}' "/proc/$BACKEND_PID/stat"
-    cat /proc/"$BACKEND_PID"/task/*/status | awk '/^voluntary_ctxt_switches/ {n += $2} END {print n}'
+    local user system
+    read -r user system <<<"$(ticks "$BACKEND_PID")"
+    echo "$(( user + system )) $(cat /proc/"$BACKEND_PID"/task/*/status | awk '/^voluntary_ctxt_switches/ {n += $2} END {print n}')"
 }
 
 run() { # name output-file
     local name=$1 out=$2 port pid user_before sys_before user_after sys_after
     port=$(port_of "$name"); pid=$(pid_of "$name")
     read -r user_before sys_before <<<"$(ticks "$pid")"
-    local backend_before; backend_before=$(backend | tr '\n' ' ')
+    local backend_before; backend_before=$(backend)
     if [ -n "$H2C" ]; then
         taskset -c 0 h2load -D "$SECONDS_PER_RUN" -c "$CONNECTIONS" -m 1 -t 1 \
             "http://127.0.0.1:$port$REQ_PATH" > "$out.h2load" 2>&1 || true
@@ -124,7 +125,7 @@ run() { # name output-file
     fi
     read -r user_after sys_after <<<"$(ticks "$pid")"
     echo "$(( user_after - user_before )) $(( sys_after - sys_before ))" > "$out.ticks"
-    echo "$backend_before $(backend | tr '\n' ' ')" > "$out.backend"
+    echo "$backend_before $(backend)" > "$out.backend"
 }
 
 echo "==> $ROUNDS rounds of ${SECONDS_PER_RUN}s each, $CONNECTIONS connections, ${H2C:+h2c, }path $REQ_PATH: ${TARGETS[*]}" >&2
