@@ -2,9 +2,9 @@
 # Memory per in-flight proxied request: N requests at once, each on its own keep-alive
 # connection, to an upstream that answers after a delay; each proxy's RSS is read while all N
 # are in flight (every upstream connection established), against its RSS before. Wakegate, the
-# minimal hyper proxy (bench/hyper-proxy), the same doing the edge's per-request duties, nginx
-# (1 worker) and Go's httputil.ReverseProxy are measured one after another in the same run, the
-# same way.
+# minimal hyper proxy (bench/hyper-proxy), the same on jemalloc, the allocator Wakegate ships
+# with ("hyper-jem"), the same doing the edge's per-request duties, nginx (1 worker) and Go's
+# httputil.ReverseProxy are measured one after another in the same run, the same way.
 #
 #   bench/inflight-memory.sh [N] [DELAY_MS]
 #
@@ -157,6 +157,12 @@ fi
 P=$(free_port)
 "$BIN/hyper-proxy" "127.0.0.1:$P" "127.0.0.1:$BACKEND" &
 PIDS+=($!); measure hyper "$P" $!
+
+# The same on jemalloc, the allocator Wakegate ships with: the floor with the allocator's
+# share taken out.
+P=$(free_port)
+"$BIN/hyper-proxy-jemalloc" "127.0.0.1:$P" "127.0.0.1:$BACKEND" &
+PIDS+=($!); measure hyper-jem "$P" $!
 
 # The same proxy doing the edge's per-request duties as well (see bench/hyper-proxy).
 P=$(free_port)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # User-space instructions per proxied request, counted by callgrind: Wakegate against the
-# minimal hyper proxy (bench/hyper-proxy), bare and doing the edge's per-request duties.
+# minimal hyper proxy (bench/hyper-proxy), bare (on glibc's allocator and on jemalloc, the one
+# Wakegate ships with) and doing the edge's per-request duties.
 # Instruction counts do not depend on what else the machine is doing, so a change of a few
 # percent shows where wall-clock runs are too noisy to.
 # They leave out the kernel (about two thirds of a request's CPU time on loopback) and weigh an
@@ -61,4 +62,5 @@ RESULT="$OUT/instructions.txt"
 count wakegate "$BIN/wakegate-interceptor" --config "$WORK/wakegate.yaml" --proxy-addr {} --admin-addr "127.0.0.1:$(free_port)"
 [ -z "${WAKEGATE_BEFORE:-}" ] || count before "$WAKEGATE_BEFORE" --config "$WORK/wakegate.yaml" --proxy-addr {} --admin-addr "127.0.0.1:$(free_port)"
 count hyper "$BIN/hyper-proxy" {} "127.0.0.1:$BACKEND"
+count hyper-jem "$BIN/hyper-proxy-jemalloc" {} "127.0.0.1:$BACKEND"
 count duties "$BIN/hyper-proxy" {} "127.0.0.1:$BACKEND" duties

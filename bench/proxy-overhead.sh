@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Proxy overhead on loopback: direct to the backend, through Wakegate, through the minimal
-# hyper proxy (bench/hyper-proxy, Wakegate's floor), through the same proxy doing the edge's
-# per-request duties as well ("duties": `hyper-proxy ... duties`), through nginx (1 worker, upstream
-# keepalive) and through Go's httputil.ReverseProxy (the add-on's engine), interleaved over
-# rounds in one run.
+# hyper proxy (bench/hyper-proxy, Wakegate's floor), through the same proxy on jemalloc, the
+# allocator Wakegate ships with ("hyper-jem": `hyper-proxy-jemalloc`), through the same proxy
+# doing the edge's per-request duties as well ("duties": `hyper-proxy ... duties`), through
+# nginx (1 worker, upstream keepalive) and through Go's httputil.ReverseProxy (the add-on's
+# engine), interleaved over rounds in one run.
 #
 #   bench/proxy-overhead.sh [ROUNDS] [SECONDS] [CONNECTIONS]
 #
@@ -39,7 +40,7 @@ build_references
 [ -z "$H2C" ] || install_pkg h2load nghttp2-client
 
 BACKEND_PORT=$(free_port); WG_PORT=$(free_port); WG_ADMIN=$(free_port)
-HYPER_PORT=$(free_port); DUTIES_PORT=$(free_port); NGINX_PORT=$(free_port); GO_PORT=$(free_port)
+HYPER_PORT=$(free_port); HYPERJ_PORT=$(free_port); DUTIES_PORT=$(free_port); NGINX_PORT=$(free_port); GO_PORT=$(free_port)
 
 # The backend: Wakegate's example backend (hyper), one worker thread, on core 1.
 TOKIO_WORKER_THREADS=1 taskset -c 1 "$BIN/wakegate-interceptor" backend --port "$BACKEND_PORT" >/dev/null 2>&1 &
@@ -57,6 +58,8 @@ WG_PID=$!; PIDS+=($WG_PID)
 
 TOKIO_WORKER_THREADS=1 taskset -c 1 "$BIN/hyper-proxy" "127.0.0.1:$HYPER_PORT" "127.0.0.1:$BACKEND_PORT" &
 HYPER_PID=$!; PIDS+=($HYPER_PID)
+TOKIO_WORKER_THREADS=1 taskset -c 1 "$BIN/hyper-proxy-jemalloc" "127.0.0.1:$HYPERJ_PORT" "127.0.0.1:$BACKEND_PORT" &
+HYPERJ_PID=$!; PIDS+=($HYPERJ_PID)
 TOKIO_WORKER_THREADS=1 taskset -c 1 "$BIN/hyper-proxy" "127.0.0.1:$DUTIES_PORT" "127.0.0.1:$BACKEND_PORT" duties &
 DUTIES_PID=$!; PIDS+=($DUTIES_PID)
 
@@ -65,7 +68,7 @@ taskset -c 1 nginx -c "$WORK/nginx/nginx.conf" &
 NGINX_MASTER=$!; PIDS+=($NGINX_MASTER)
 
 # The minimal hyper proxy serves HTTP/1.1 only: it is the floor for HTTP/1.1 clients.
-if [ -n "$H2C" ]; then TARGETS=(direct wakegate nginx); else TARGETS=(direct wakegate hyper duties nginx); fi
+if [ -n "$H2C" ]; then TARGETS=(direct wakegate nginx); else TARGETS=(direct wakegate hyper hyper-jem duties nginx); fi
 if [ -n "${BENCH_BEFORE:-}" ]; then
     BEFORE_PORT=$(free_port); BEFORE_ADMIN=$(free_port)
     TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 1 "$BENCH_BEFORE" --config "$WORK/wakegate.yaml" \
@@ -91,14 +94,14 @@ if [ -n "$GO_PROXY" ] && [ -z "$H2C" ]; then
     GO_PID=$!; PIDS+=($GO_PID); TARGETS+=(go)
 fi
 
-wait_port "$BACKEND_PORT"; wait_port "$WG_PORT"; wait_port "$HYPER_PORT"; wait_port "$DUTIES_PORT"; wait_port "$NGINX_PORT"
+wait_port "$BACKEND_PORT"; wait_port "$WG_PORT"; wait_port "$HYPER_PORT"; wait_port "$HYPERJ_PORT"; wait_port "$DUTIES_PORT"; wait_port "$NGINX_PORT"
 [ -z "${GO_PID:-}" ] || wait_port "$GO_PORT"
 [ -z "${BEFORE_PID:-}" ] || wait_port "$BEFORE_PORT"
 [ -z "${TRACED_PID:-}" ] || { wait_port "$SINK_PORT"; wait_port "$TRACED_PORT"; wait_port "$LOGGED_PORT"; }
 NGINX_WORKER=$(pgrep -P "$NGINX_MASTER" | head -1)
 
-port_of() { case $1 in direct) echo "$BACKEND_PORT";; wakegate) echo "$WG_PORT";; hyper) echo "$HYPER_PORT";; duties) echo "$DUTIES_PORT";; nginx) echo "$NGINX_PORT";; go) echo "$GO_PORT";; before) echo "$BEFORE_PORT";; traced) echo "$TRACED_PORT";; logged) echo "$LOGGED_PORT";; esac; }
-pid_of() { case $1 in direct) echo "";; wakegate) echo "$WG_PID";; hyper) echo "$HYPER_PID";; duties) echo "$DUTIES_PID";; nginx) echo "$NGINX_WORKER";; go) echo "$GO_PID";; before) echo "$BEFORE_PID";; traced) echo "$TRACED_PID";; logged) echo "$LOGGED_PID";; esac; }
+port_of() { case $1 in direct) echo "$BACKEND_PORT";; wakegate) echo "$WG_PORT";; hyper) echo "$HYPER_PORT";; hyper-jem) echo "$HYPERJ_PORT";; duties) echo "$DUTIES_PORT";; nginx) echo "$NGINX_PORT";; go) echo "$GO_PORT";; before) echo "$BEFORE_PORT";; traced) echo "$TRACED_PORT";; logged) echo "$LOGGED_PORT";; esac; }
+pid_of() { case $1 in direct) echo "";; wakegate) echo "$WG_PID";; hyper) echo "$HYPER_PID";; hyper-jem) echo "$HYPERJ_PID";; duties) echo "$DUTIES_PID";; nginx) echo "$NGINX_WORKER";; go) echo "$GO_PID";; before) echo "$BEFORE_PID";; traced) echo "$TRACED_PID";; logged) echo "$LOGGED_PID";; esac; }
 # ticks PID: the process's user and system CPU time so far, in clock ticks.
 ticks() { [ -n "$1" ] && awk '{print $14, $15}' "/proc/$1/stat" || echo 0 0; }
 # backend: the backend's CPU ticks (user + system) and voluntary context switches so far, over

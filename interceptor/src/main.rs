@@ -9,6 +9,14 @@ use wakegate_interceptor::cli::{Cli, Command};
 use wakegate_interceptor::{backend, jobs};
 use wakegate_telemetry::Telemetry;
 
+/// jemalloc, not the C library's allocator. A proxied request holds several buffers of 8 KiB
+/// (hyper's, per connection) of which it writes a few hundred bytes: glibc's allocator writes a
+/// header before each block and the next block's header after it, so every buffer costs
+/// resident pages, where jemalloc keeps its records apart and untouched pages stay unmapped.
+/// It is also cheaper per allocation. Figures: docs/benchmarks.md, section 00000000000000000.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
