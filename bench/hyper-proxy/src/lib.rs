@@ -14,7 +14,9 @@
 //! ends). It sets no timers: so it is a lower bound of what those duties cost, and the rest of
 //! Wakegate's cost over it is Wakegate's own machinery (pool, parking, deadlines, layering).
 //!
-//!     hyper-proxy LISTEN_ADDR UPSTREAM_ADDR [duties]
+//! ```text
+//! hyper-proxy LISTEN_ADDR UPSTREAM_ADDR [duties]
+//! ```
 //!
 //! Two binaries run it: `hyper-proxy` on the system allocator (glibc's), the floor as the
 //! benchmarks define it, and `hyper-proxy-jemalloc` on jemalloc, the allocator Wakegate ships
