@@ -9,6 +9,9 @@
 #
 # Builds both proxies with symbols (the shipped profile, unstripped, line tables) into
 # $CARGO_TARGET_DIR/heap-profile, and installs heaptrack with apt-get when missing (needs root).
+# heaptrack sees only the C library's allocator, so Wakegate is built here without its
+# `jemalloc` feature: the sites and sizes are the shipped binary's, and how many pages they
+# touch is bench/inflight-memory.sh's to measure.
 source "$(dirname "$0")/common.sh"
 
 N="${1:-2000}"
@@ -22,7 +25,8 @@ PROFILE_DIR="$CARGO_TARGET_DIR/heap-profile"
 echo "==> building both proxies with symbols into $PROFILE_DIR" >&2
 (cd "$ROOT" && CARGO_TARGET_DIR="$PROFILE_DIR" CARGO_PROFILE_RELEASE_STRIP=none \
     CARGO_PROFILE_RELEASE_DEBUG=line-tables-only WAKEGATE_LINK_ORDER=0 \
-    cargo build --release --locked -p wakegate-interceptor -p wakegate-bench-hyper-proxy >&2)
+    cargo build --release --locked --no-default-features -p wakegate-interceptor \
+        -p wakegate-bench-hyper-proxy >&2)
 SYM="$PROFILE_DIR/release"
 
 BACKEND=$(free_port)

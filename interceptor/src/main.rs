@@ -14,6 +14,8 @@ use wakegate_telemetry::Telemetry;
 /// header before each block and the next block's header after it, so every buffer costs
 /// resident pages, where jemalloc keeps its records apart and untouched pages stay unmapped.
 /// It is also cheaper per allocation. Figures: docs/benchmarks.md, section 00000000000000000.
+/// (Built without the `jemalloc` feature, the binary uses the C library's allocator.)
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
