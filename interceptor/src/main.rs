@@ -34,6 +34,9 @@ fn main() -> ExitCode {
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // A worker thread out of work gives the upstream connections it kept back to their
+        // pools, for the other threads.
+        .on_thread_park(wakegate_interceptor::proxy::give_back_thread_cache)
         .build()
     {
         Ok(rt) => rt,

@@ -37,6 +37,7 @@ pub(crate) use self::headers::client_value;
 use self::hold::{round_to_ms, Acquired};
 use self::observe::{Observed, RequestTrace};
 use self::session::{pinned_endpoint, session_cookie};
+pub use self::upstream::give_back_thread_cache;
 use self::upstream::{
     idempotent, upstream_request, ClientKey, Http1Conn, Http1Pool, Replay, SendError, Upstream,
     UpstreamClient, UriForm,

@@ -604,6 +604,146 @@ impl tokio::io::AsyncWrite for SharedStream {
     }
 }
 
+/// What an idle connection is worth to a request about to use it.
+enum Revived {
+    Usable(Live),
+    /// Idle for the idle timeout or longer.
+    Expired,
+    /// Closed, or not ready for a request.
+    Unusable,
+}
+
+/// `idle` as of `now`: usable, expired, or not usable. It is polled once: that notices a close
+/// the upstream sent while it sat idle, and finishes the previous exchange's bookkeeping so
+/// that it is ready.
+///
+/// Polled with a waker that does nothing: the request that takes the connection sends on it
+/// and polls it with its own context at once, and a real waker registered here would only be
+/// woken by that send, for a poll with nothing to do.
+#[inline]
+fn revive(idle: Idle, now: Instant, endpoint: &http::uri::Authority) -> Revived {
+    let Idle {
+        mut sender,
+        mut conn,
+        socket,
+        since,
+    } = idle;
+    if now.saturating_duration_since(since) >= IDLE_TIMEOUT {
+        return Revived::Expired;
+    }
+    let cx = &mut Context::from_waker(std::task::Waker::noop());
+    // Nothing arrived on the socket since hyper last read it (no bytes, no close) and the
+    // connection takes a request: it is usable as it is. Otherwise it is polled, which reads
+    // what came and tells.
+    let quiet = socket.stream.poll_read_ready(cx).is_pending()
+        && matches!(sender.poll_ready(cx), Poll::Ready(Ok(())));
+    let usable = quiet
+        || (conn.as_mut().poll(cx).is_pending()
+            && matches!(sender.poll_ready(cx), Poll::Ready(Ok(()))));
+    if usable {
+        return Revived::Usable((sender, conn, socket));
+    }
+    tracing::debug!(%endpoint, closed = sender.is_closed(), "idle upstream connection unusable");
+    Revived::Unusable
+}
+
+/// Where a connection goes back to: its route's pool, under its endpoint.
+struct Home {
+    pool: Arc<Http1Pool>,
+    endpoint: http::uri::Authority,
+}
+
+/// A worker thread's most recent connections back from responses, kept out of their pools for
+/// the thread's next requests.
+///
+/// Under load a route's pool empties and refills with every request: a connection goes back
+/// when a response ends, and a request on the same thread soon takes it again. Kept here, it is
+/// taken without the pool's lock, which every worker thread shares, and without looking its
+/// endpoint up in the pool's map, twice per request: like an allocator's per-thread cache in
+/// front of its shared arenas. A request takes the newest kept for its route and endpoint (the
+/// endpoint is still chosen by the route's balancing first); with none, it goes to the pool.
+/// A thread keeps [`HOT_PER_THREAD`] at most, the oldest going back to its pool when another
+/// comes, and gives all of them back whenever it runs out of work ([`give_back_thread_cache`],
+/// run as the runtime parks the thread). So a thread with nothing to do keeps none, and the
+/// pool's idle timeout and sweep see every idle connection as before; one taken from here is
+/// checked as a pooled one is (the idle timeout, a close).
+struct Hot {
+    home: Home,
+    idle: Idle,
+}
+
+/// Connections a worker thread keeps out of their pools at most (see [`Hot`]).
+const HOT_PER_THREAD: usize = 16;
+
+thread_local! {
+    static HOT: std::cell::RefCell<std::collections::VecDeque<Hot>> =
+        const { std::cell::RefCell::new(std::collections::VecDeque::new()) };
+}
+
+impl Hot {
+    /// The newest connection this thread keeps that is `pool`'s to `endpoint`.
+    fn take(pool: &Arc<Http1Pool>, endpoint: &http::uri::Authority) -> Option<Idle> {
+        HOT.try_with(|kept| {
+            let mut kept = kept.try_borrow_mut().ok()?;
+            let goes = |hot: &Hot| {
+                Arc::ptr_eq(&hot.home.pool, pool) && hot.home.endpoint.as_str() == endpoint.as_str()
+            };
+            // Usually the newest: a thread serving one route takes back what it just gave.
+            if kept.back().is_some_and(goes) {
+                return kept.pop_back().map(|hot| hot.idle);
+            }
+            let at = kept.iter().rposition(goes)?;
+            kept.remove(at).map(|hot| hot.idle)
+        })
+        .ok()
+        .flatten()
+    }
+
+    /// Keeps this connection for the thread's next requests; with [`HOT_PER_THREAD`] kept
+    /// already, the oldest goes back to its pool, as of `now`. Without a cache (the thread is
+    /// ending) this one goes there.
+    fn keep(self, now: Instant) {
+        let mut back = Some(self);
+        let _ = HOT.try_with(|kept| {
+            if let Ok(mut kept) = kept.try_borrow_mut() {
+                if let Some(hot) = back.take() {
+                    kept.push_back(hot);
+                }
+                if kept.len() > HOT_PER_THREAD {
+                    back = kept.pop_front();
+                }
+            }
+        });
+        if let Some(hot) = back {
+            hot.go_back(now);
+        }
+    }
+
+    fn go_back(self, now: Instant) {
+        let Hot { home, idle } = self;
+        home.pool.checkin(&home.endpoint, idle, now);
+    }
+}
+
+/// Gives every upstream connection this thread keeps out of its pool (see [`Hot`]) back to its
+/// pool. The interceptor's runtime runs it each time a worker thread runs out of work, before
+/// the thread parks.
+pub fn give_back_thread_cache() {
+    let _ = HOT.try_with(|kept| {
+        // Given back in place: the cache keeps its allocation for the thread's next requests.
+        let Ok(mut kept) = kept.try_borrow_mut() else {
+            return;
+        };
+        if kept.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        while let Some(hot) = kept.pop_front() {
+            hot.go_back(now);
+        }
+    });
+}
+
 impl Http1Pool {
     fn lock(&self) -> std::sync::MutexGuard<'_, IdleMap> {
         self.idle
@@ -611,71 +751,54 @@ impl Http1Pool {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The most recently used idle connection to `endpoint` that is still usable. Each one is
-    /// polled once: it notices a close the upstream sent while it sat idle, and finishes the
-    /// previous exchange's bookkeeping so that it is ready.
-    ///
-    /// Polled with a waker that does nothing: the request that takes the connection sends on it
-    /// and polls it with its own context at once, and a real waker registered here would only
-    /// be woken by that send, for a poll with nothing to do.
+    /// The most recently used idle connection to `endpoint` that is still usable.
     fn checkout(&self, endpoint: &http::uri::Authority, now: Instant) -> Option<Live> {
-        let cx = &mut Context::from_waker(std::task::Waker::noop());
         loop {
-            let Idle {
-                mut sender,
-                mut conn,
-                socket,
-                since,
-            } = {
+            let idle = {
                 // An emptied list stays, with its allocation, for the connection to come back
                 // to: under load a route's pool empties and refills with every request. The
                 // sweep removes lists left empty.
                 let mut idle = self.lock();
                 idle.get_mut(endpoint.as_str())?.pop()?
             };
-            if now.saturating_duration_since(since) >= IDLE_TIMEOUT {
-                // The rest are older still.
-                if let Some(list) = self.lock().get_mut(endpoint.as_str()) {
-                    list.clear();
+            match revive(idle, now, endpoint) {
+                Revived::Usable(live) => return Some(live),
+                Revived::Expired => {
+                    // The rest are older still.
+                    if let Some(list) = self.lock().get_mut(endpoint.as_str()) {
+                        list.clear();
+                    }
+                    return None;
                 }
-                return None;
+                Revived::Unusable => {}
             }
-            // Nothing arrived on the socket since hyper last read it (no bytes, no close) and
-            // the connection takes a request: it is usable as it is. Otherwise it is polled,
-            // which reads what came and tells.
-            let quiet = socket.stream.poll_read_ready(cx).is_pending()
-                && matches!(sender.poll_ready(cx), Poll::Ready(Ok(())));
-            let usable = quiet
-                || (conn.as_mut().poll(cx).is_pending()
-                    && matches!(sender.poll_ready(cx), Poll::Ready(Ok(()))));
-            if usable {
-                return Some((sender, conn, socket));
-            }
-            tracing::debug!(%endpoint, closed = sender.is_closed(), "idle upstream connection unusable");
         }
     }
 
-    /// Takes back a connection that is idle as of `now`.
-    fn checkin(&self, endpoint: &http::uri::Authority, (sender, conn, socket): Live, now: Instant) {
-        let mut idle = self.lock();
+    /// Takes back `idle`, a connection idle since its own `since`, as of `now`.
+    fn checkin(&self, endpoint: &http::uri::Authority, idle: Idle, now: Instant) {
+        let mut pool = self.lock();
         // Looked up by reference first: the key is made only for an endpoint new to the pool.
-        let list = match idle.get_mut(endpoint.as_str()) {
+        let list = match pool.get_mut(endpoint.as_str()) {
             Some(list) => list,
-            None => idle.entry(endpoint.as_str().into()).or_default(),
+            None => pool.entry(endpoint.as_str().into()).or_default(),
         };
         if list
             .first()
-            .is_some_and(|oldest| now.duration_since(oldest.since) >= IDLE_TIMEOUT)
+            .is_some_and(|oldest| now.saturating_duration_since(oldest.since) >= IDLE_TIMEOUT)
         {
-            list.retain(|c| now.duration_since(c.since) < IDLE_TIMEOUT);
+            list.retain(|c| now.saturating_duration_since(c.since) < IDLE_TIMEOUT);
         }
         if list.len() < MAX_IDLE_PER_ENDPOINT {
-            list.push(Idle {
-                sender,
-                conn,
-                socket,
-                since: now,
-            });
+            // In the order they went idle (checkout takes the newest and, finding it expired,
+            // drops the rest): one that waited in a thread's slot (see [`Hot`]) may be older
+            // than the last one in.
+            if list.last().is_none_or(|newest| newest.since <= idle.since) {
+                list.push(idle);
+            } else {
+                let at = list.partition_point(|c| c.since <= idle.since);
+                list.insert(at, idle);
+            }
         }
     }
 
@@ -724,7 +847,9 @@ impl Http1Pool {
     }
 
     /// Sends `req` on an idle connection to `endpoint`, or a new one, driving the connection
-    /// until the response head arrives. `now`: the time, if the caller has just read it.
+    /// until the response head arrives: this thread's last one back if it is this pool's to
+    /// `endpoint` (see [`Hot`]), else one of the pool's. `now`: the time, if the caller has
+    /// just read it.
     fn send<'s>(
         self: &'s Arc<Self>,
         connector: &'s RetryingConnector,
@@ -746,7 +871,12 @@ impl Http1Pool {
         // The connection is taken now, so that the request goes straight to it: the future
         // never keeps the request itself, only hyper's send of it (or, while a new connection
         // is dialled, a box).
-        let state = match self.checkout(endpoint, now.unwrap_or_else(Instant::now)) {
+        let now = now.unwrap_or_else(Instant::now);
+        let hot = Hot::take(self, endpoint).and_then(|idle| match revive(idle, now, endpoint) {
+            Revived::Usable(live) => Some(live),
+            Revived::Expired | Revived::Unusable => None,
+        });
+        let state = match hot.or_else(|| self.checkout(endpoint, now)) {
             Some(idle) => SendState::sending(send, idle, req, replayable),
             None => {
                 let connector = connector.clone();
@@ -932,8 +1062,10 @@ where
                         rsp,
                         Http1Conn {
                             live,
-                            pool: this.pool.clone(),
-                            endpoint: this.endpoint.clone(),
+                            home: Some(Home {
+                                pool: this.pool.clone(),
+                                endpoint: this.endpoint.clone(),
+                            }),
                             reusable,
                             bodiless: *this.bodiless,
                         },
@@ -979,8 +1111,8 @@ fn polled_after_completion() -> SendError {
 pub struct Http1Conn {
     /// `None` once the connection has closed.
     live: Option<Live>,
-    pool: Arc<Http1Pool>,
-    endpoint: http::uri::Authority,
+    /// Where it goes back to: `None` once it has.
+    home: Option<Home>,
     reusable: bool,
     /// The request had no body: the connection only reads (see [`Http1Conn::poll_body`]).
     bodiless: bool,
@@ -1035,8 +1167,15 @@ impl Http1Conn {
 
     fn home(&mut self, now: Instant) {
         if let (true, Some(live)) = (self.reusable, self.live.take()) {
-            if !live.0.is_closed() {
-                self.pool.checkin(&self.endpoint, live, now);
+            if let (false, Some(home)) = (live.0.is_closed(), self.home.take()) {
+                let (sender, conn, socket) = live;
+                let idle = Idle {
+                    sender,
+                    conn,
+                    socket,
+                    since: now,
+                };
+                Hot { home, idle }.keep(now);
             }
         }
     }
@@ -1171,5 +1310,157 @@ mod tests {
         // read the next bytes into it instead of allocating another.
         assert!(buffer.is_unique());
         assert!(replay.request().is_some());
+    }
+
+    /// A listening upstream, and its address as an endpoint.
+    async fn upstream() -> (tokio::net::TcpListener, http::uri::Authority) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = listener.local_addr().unwrap().to_string().parse().unwrap();
+        (listener, endpoint)
+    }
+
+    /// A live pooled connection to `listener`'s address; the upstream's side is kept open in
+    /// `held`.
+    async fn live(
+        listener: &tokio::net::TcpListener,
+        held: &mut Vec<tokio::net::TcpStream>,
+    ) -> super::Live {
+        let stream = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        held.push(listener.accept().await.unwrap().0);
+        super::Http1Pool::handshake(stream).await.unwrap()
+    }
+
+    /// `live` as idle since `since`, going back to `pool` under `endpoint`.
+    fn hot(
+        pool: &std::sync::Arc<super::Http1Pool>,
+        endpoint: &http::uri::Authority,
+        (sender, conn, socket): super::Live,
+        since: tokio::time::Instant,
+    ) -> super::Hot {
+        super::Hot {
+            home: super::Home {
+                pool: pool.clone(),
+                endpoint: endpoint.clone(),
+            },
+            idle: super::Idle {
+                sender,
+                conn,
+                socket,
+                since,
+            },
+        }
+    }
+
+    fn pooled(
+        pool: &super::Http1Pool,
+        endpoint: &http::uri::Authority,
+    ) -> Vec<*const super::Socket> {
+        pool.lock()
+            .get(endpoint.as_str())
+            .map_or_else(Vec::new, |list| {
+                list.iter()
+                    .map(|idle| std::sync::Arc::as_ptr(&idle.socket))
+                    .collect()
+            })
+    }
+
+    /// A thread's connections back stay out of their pool, for the thread's next requests to
+    /// the same route and endpoint, newest first; past the cap the oldest goes back to its
+    /// pool, and all go back when the thread runs out of work. (A current-thread runtime:
+    /// every step runs on this thread.)
+    #[tokio::test]
+    async fn a_threads_connections_back_are_taken_by_its_next_requests_there() {
+        use std::sync::Arc;
+
+        use super::{give_back_thread_cache, revive, Hot, Http1Pool, Revived, HOT_PER_THREAD};
+
+        let (upstream, endpoint) = upstream().await;
+        let mut held = Vec::new();
+        let elsewhere: http::uri::Authority = "127.0.0.1:9".parse().unwrap();
+        let (pool, other_pool) = (
+            Arc::new(Http1Pool::default()),
+            Arc::new(Http1Pool::default()),
+        );
+        let now = tokio::time::Instant::now();
+
+        let first = live(&upstream, &mut held).await;
+        let first_socket = Arc::as_ptr(&first.2);
+        hot(&pool, &endpoint, first, now).keep(now);
+        assert!(
+            pooled(&pool, &endpoint).is_empty(),
+            "kept by the thread, not pooled"
+        );
+        // Another route's pool, or another endpoint, does not get it.
+        assert!(Hot::take(&other_pool, &endpoint).is_none());
+        assert!(Hot::take(&pool, &elsewhere).is_none());
+        // The route's next request to the endpoint does, usable as it is.
+        let idle = Hot::take(&pool, &endpoint).unwrap();
+        let Revived::Usable(first) = revive(idle, now, &endpoint) else {
+            panic!("a connection back a moment ago is usable");
+        };
+        assert_eq!(Arc::as_ptr(&first.2), first_socket);
+        assert!(Hot::take(&pool, &endpoint).is_none(), "taken once");
+
+        // Newest first, past another endpoint's.
+        hot(&pool, &endpoint, first, now).keep(now);
+        let second = live(&upstream, &mut held).await;
+        let second_socket = Arc::as_ptr(&second.2);
+        hot(&pool, &endpoint, second, now).keep(now);
+        let third = live(&upstream, &mut held).await;
+        hot(&pool, &elsewhere, third, now).keep(now);
+        let newest = Hot::take(&pool, &endpoint).unwrap();
+        assert_eq!(Arc::as_ptr(&newest.socket), second_socket);
+        drop(newest);
+
+        // Past the cap, the oldest goes back to its pool.
+        let mut sockets = Vec::new();
+        for _ in 0..HOT_PER_THREAD {
+            let conn = live(&upstream, &mut held).await;
+            sockets.push(Arc::as_ptr(&conn.2));
+            hot(&pool, &endpoint, conn, now).keep(now);
+        }
+        assert_eq!(pooled(&pool, &endpoint), [first_socket]);
+        // Out of work: every one goes back, in the order they came.
+        give_back_thread_cache();
+        let mut all = vec![first_socket];
+        all.extend(&sockets);
+        assert_eq!(pooled(&pool, &endpoint), all);
+        assert_eq!(pooled(&pool, &elsewhere).len(), 1);
+        assert!(Hot::take(&pool, &endpoint).is_none());
+    }
+
+    /// A connection kept long by its thread goes back in the order connections went idle, so
+    /// that the pool still finds its expired ones together, behind the newest; and one kept
+    /// past the idle timeout is not used.
+    #[tokio::test]
+    async fn a_connection_kept_long_goes_back_in_idle_order_and_expires() {
+        use std::sync::Arc;
+        use std::time::Duration;
+
+        use super::{give_back_thread_cache, revive, Hot, Http1Pool, Revived, IDLE_TIMEOUT};
+
+        let (upstream, endpoint) = upstream().await;
+        let mut held = Vec::new();
+        let pool = Arc::new(Http1Pool::default());
+        let now = tokio::time::Instant::now();
+        let old = live(&upstream, &mut held).await;
+        let old_socket = Arc::as_ptr(&old.2);
+        hot(&pool, &endpoint, old, now).keep(now);
+        let later = now + Duration::from_secs(5);
+        let fresh = live(&upstream, &mut held).await;
+        let fresh_socket = Arc::as_ptr(&fresh.2);
+        pool.checkin(&endpoint, hot(&pool, &endpoint, fresh, later).idle, later);
+        give_back_thread_cache();
+        assert_eq!(pooled(&pool, &endpoint), [old_socket, fresh_socket]);
+
+        let old = pool.lock().get_mut(endpoint.as_str()).unwrap().remove(0);
+        hot(&pool, &endpoint, (old.sender, old.conn, old.socket), now).keep(now);
+        let idle = Hot::take(&pool, &endpoint).unwrap();
+        assert!(matches!(
+            revive(idle, now + IDLE_TIMEOUT, &endpoint),
+            Revived::Expired
+        ));
     }
 }
