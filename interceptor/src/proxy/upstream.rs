@@ -791,7 +791,7 @@ impl Http1Pool {
         }
         if list.len() < MAX_IDLE_PER_ENDPOINT {
             // In the order they went idle (checkout takes the newest and, finding it expired,
-            // drops the rest): one that waited in a thread's slot (see [`Hot`]) may be older
+            // drops the rest): one that waited in a thread's cache (see `Hot`) may be older
             // than the last one in.
             if list.last().is_none_or(|newest| newest.since <= idle.since) {
                 list.push(idle);
