@@ -725,9 +725,10 @@ impl Hot {
     }
 }
 
-/// Gives every upstream connection this thread keeps out of its pool (see [`Hot`]) back to its
-/// pool. The interceptor's runtime runs it each time a worker thread runs out of work, before
-/// the thread parks.
+/// Gives every upstream connection this thread keeps out of its pool (a per-thread cache in
+/// front of each route's HTTP/1 pool, for the thread's next requests) back to its pool. The
+/// interceptor's runtime runs it each time a worker thread runs out of work, before the thread
+/// parks.
 pub fn give_back_thread_cache() {
     let _ = HOT.try_with(|kept| {
         // Given back in place: the cache keeps its allocation for the thread's next requests.
