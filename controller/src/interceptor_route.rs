@@ -133,6 +133,7 @@ async fn apply(obj: &InterceptorRoute, ctx: &Context) -> Result<Action, Error> {
             .as_ref()
             .map(|t| SystemTime::from(t.0)),
         other_owner,
+        seen: crate::routes::seen(obj.meta()),
         spec,
     });
     write_status(ctx, obj, conditions).await?;

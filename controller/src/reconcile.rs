@@ -153,6 +153,7 @@ async fn apply(obj: &HTTPScaledObject, ctx: &Context) -> Result<Action, Error> {
             .as_ref()
             .map(|t| SystemTime::from(t.0)),
         other_owner,
+        seen: crate::routes::seen(obj.meta()),
         spec: spec.clone(),
     };
     if ctx.routes.shadowed(&route) {

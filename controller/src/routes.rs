@@ -32,6 +32,26 @@ pub struct RouteEntry {
     /// Another owner of the workload's replicas (an HPA or a ScaledObject), if any: the
     /// standalone scaler leaves such workloads alone.
     pub other_owner: Option<String>,
+    /// The object's uid and `metadata.generation` this entry was made from (see [`seen`]).
+    pub seen: Option<(String, i64)>,
+}
+
+/// The uid and generation of an object, for ordering the entries made from it: the API server
+/// bumps `metadata.generation` on every change of the spec, and a reconcile that took a while
+/// must not write an older spec over a newer one the watch has already put in (KEDA would see
+/// the target go back, then forward again).
+pub fn seen(meta: &kube::api::ObjectMeta) -> Option<(String, i64)> {
+    Some((meta.uid.clone()?, meta.generation?))
+}
+
+/// Whether `entry` was made from an older generation of the object `known` was made from.
+fn older(known: Option<&RouteEntry>, entry: &RouteEntry) -> bool {
+    match (known.and_then(|k| k.seen.as_ref()), entry.seen.as_ref()) {
+        (Some((known_uid, known_gen)), Some((uid, generation))) => {
+            uid == known_uid && generation < known_gen
+        }
+        _ => false,
+    }
 }
 
 /// Both kinds' entries for one `namespace/name`.
@@ -74,12 +94,16 @@ impl Routes {
         self.1.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    /// Adds or replaces a route.
+    /// Adds or replaces a route, unless the entry in place was made from a newer generation
+    /// of the same object (a reconcile finishing after the watch saw the next change).
     pub fn upsert(&self, entry: RouteEntry) {
         let key = format!("{}/{}", entry.namespace, entry.name);
         let mut routes = self.0.write().unwrap_or_else(|e| e.into_inner());
         let kind = entry.spec.kind;
         let slot = routes.entry(key).or_default().of(kind);
+        if older(slot.as_ref(), &entry) {
+            return;
+        }
         let same = slot.as_ref() == Some(&entry);
         *slot = Some(entry);
         drop(routes);
@@ -94,6 +118,9 @@ impl Routes {
         let mut routes = self.0.write().unwrap_or_else(|e| e.into_inner());
         let kind = entry.spec.kind;
         let slot = routes.entry(key).or_default().of(kind);
+        if older(slot.as_ref(), &entry) {
+            return;
+        }
         if let Some(known) = slot {
             entry.other_owner.clone_from(&known.other_owner);
         }
@@ -180,6 +207,7 @@ pub fn entry<O: RouteObject>(obj: &O) -> Option<RouteEntry> {
             .as_ref()
             .map(|t| SystemTime::from(t.0)),
         other_owner: None,
+        seen: seen(meta),
     })
 }
 
@@ -217,5 +245,57 @@ pub async fn follow<O: RouteObject>(api: Api<O>, routes: Arc<Routes>, stop: Canc
             },
             Some(Ok(watcher::Event::Delete(obj))) => routes.remove(&key(&obj), kind),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use serde_json::json;
+    use wakegate_crds::InterceptorRoute;
+
+    use super::{entry, RouteEntry, Routes};
+
+    /// The entry an InterceptorRoute `shop` with `uid` at `generation` makes, asking for
+    /// `concurrency` requests per replica.
+    fn shop(uid: &str, generation: i64, concurrency: i64) -> RouteEntry {
+        let obj: InterceptorRoute = serde_json::from_value(json!({
+            "apiVersion": "http.keda.sh/v1beta1", "kind": "InterceptorRoute",
+            "metadata": {"name": "shop", "namespace": "apps", "uid": uid, "generation": generation},
+            "spec": {
+                "target": {"service": "shop", "port": 8080},
+                "rules": [{"hosts": ["shop.example"]}],
+                "scalingMetric": {"concurrency": {"targetValue": concurrency}}
+            }
+        }))
+        .unwrap();
+        entry(&obj).unwrap()
+    }
+
+    /// A reconcile that finishes after the watch put in the object's next generation does not
+    /// write its older spec back over it (the stream of metric specs would go 10, 25, 10, 25);
+    /// a newer generation, or an object of the same name made again (another uid, its
+    /// generation back at 1), does replace it.
+    #[test]
+    fn an_older_generation_of_the_same_object_does_not_replace_a_newer_one() {
+        let routes = Routes::default();
+        let changes = routes.changes();
+        let (v1, v2) = (shop("uid-a", 1, 10), shop("uid-a", 2, 25));
+        routes.upsert(v1.clone());
+        routes.upsert_watched(v2.clone());
+        let version = *changes.borrow();
+        routes.upsert(v1.clone());
+        assert_eq!(routes.get("apps/shop"), Some(v2.clone()));
+        assert_eq!(*changes.borrow(), version, "no change announced");
+        routes.upsert_watched(v1);
+        assert_eq!(routes.get("apps/shop"), Some(v2.clone()));
+
+        let v3 = shop("uid-a", 3, 30);
+        routes.upsert(v3.clone());
+        assert_eq!(routes.get("apps/shop"), Some(v3));
+        let remade = shop("uid-b", 1, 5);
+        routes.upsert(remade.clone());
+        assert_eq!(routes.get("apps/shop"), Some(remade));
     }
 }
