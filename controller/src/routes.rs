@@ -97,23 +97,16 @@ impl Routes {
     /// Adds or replaces a route, unless the entry in place was made from a newer generation
     /// of the same object (a reconcile finishing after the watch saw the next change).
     pub fn upsert(&self, entry: RouteEntry) {
-        let key = format!("{}/{}", entry.namespace, entry.name);
-        let mut routes = self.0.write().unwrap_or_else(|e| e.into_inner());
-        let kind = entry.spec.kind;
-        let slot = routes.entry(key).or_default().of(kind);
-        if older(slot.as_ref(), &entry) {
-            return;
-        }
-        let same = slot.as_ref() == Some(&entry);
-        *slot = Some(entry);
-        drop(routes);
-        if !same {
-            self.changed();
-        }
+        self.put(entry, false);
     }
 
     /// Adds or replaces a route from the watch, keeping the other owner a reconcile found.
-    fn upsert_watched(&self, mut entry: RouteEntry) {
+    fn upsert_watched(&self, entry: RouteEntry) {
+        self.put(entry, true);
+    }
+
+    /// [`Routes::upsert`]; `keep_other_owner`: the entry in place keeps the other owner it has.
+    fn put(&self, mut entry: RouteEntry, keep_other_owner: bool) {
         let key = format!("{}/{}", entry.namespace, entry.name);
         let mut routes = self.0.write().unwrap_or_else(|e| e.into_inner());
         let kind = entry.spec.kind;
@@ -121,7 +114,7 @@ impl Routes {
         if older(slot.as_ref(), &entry) {
             return;
         }
-        if let Some(known) = slot {
+        if let (true, Some(known)) = (keep_other_owner, slot.as_ref()) {
             entry.other_owner.clone_from(&known.other_owner);
         }
         let same = slot.as_ref() == Some(&entry);

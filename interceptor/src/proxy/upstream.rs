@@ -752,8 +752,14 @@ impl Http1Pool {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The most recently used idle connection to `endpoint` that is still usable.
-    fn checkout(&self, endpoint: &http::uri::Authority, now: Instant) -> Option<Live> {
+    /// The most recently used idle connection to `endpoint` that is still usable: this
+    /// thread's own (see [`Hot`]), else the pool's.
+    fn checkout(self: &Arc<Self>, endpoint: &http::uri::Authority, now: Instant) -> Option<Live> {
+        if let Some(Revived::Usable(live)) =
+            Hot::take(self, endpoint).map(|idle| revive(idle, now, endpoint))
+        {
+            return Some(live);
+        }
         loop {
             let idle = {
                 // An emptied list stays, with its allocation, for the connection to come back
@@ -848,9 +854,7 @@ impl Http1Pool {
     }
 
     /// Sends `req` on an idle connection to `endpoint`, or a new one, driving the connection
-    /// until the response head arrives: this thread's last one back if it is this pool's to
-    /// `endpoint` (see [`Hot`]), else one of the pool's. `now`: the time, if the caller has
-    /// just read it.
+    /// until the response head arrives. `now`: the time, if the caller has just read it.
     fn send<'s>(
         self: &'s Arc<Self>,
         connector: &'s RetryingConnector,
@@ -872,12 +876,7 @@ impl Http1Pool {
         // The connection is taken now, so that the request goes straight to it: the future
         // never keeps the request itself, only hyper's send of it (or, while a new connection
         // is dialled, a box).
-        let now = now.unwrap_or_else(Instant::now);
-        let hot = Hot::take(self, endpoint).and_then(|idle| match revive(idle, now, endpoint) {
-            Revived::Usable(live) => Some(live),
-            Revived::Expired | Revived::Unusable => None,
-        });
-        let state = match hot.or_else(|| self.checkout(endpoint, now)) {
+        let state = match self.checkout(endpoint, now.unwrap_or_else(Instant::now)) {
             Some(idle) => SendState::sending(send, idle, req, replayable),
             None => {
                 let connector = connector.clone();
