@@ -7,6 +7,14 @@
 # They leave out the kernel (about two thirds of a request's CPU time on loopback) and weigh an
 # atomic or a cache miss like any other instruction: they complement bench/proxy-overhead.sh.
 #
+# Two more columns tell how much code a request runs, which instruction counts do not: a
+# request that runs 1,000 instructions of straight-line code costs more than one that runs a
+# 100-instruction loop ten times, once the code no longer fits the CPU's instruction cache.
+#   hot code KiB   the 64-byte lines of machine code that run at least once every two requests
+#   L1i miss/req   misses of callgrind's simulated 32 KiB, 8-way L1 instruction cache (the proxy
+#                  alone: the kernel's code and the backend's, which share the core in
+#                  bench/proxy-overhead.sh, evict more)
+#
 #   bench/instructions.sh [REQUESTS]     (default 20000; WAKEGATE_BEFORE=PATH also counts that build)
 #
 # Each proxy runs under callgrind with one worker thread. 2,000 requests warm it up (pools,
@@ -40,7 +48,7 @@ count() { # name command...
     out="$WORK/$name.callgrind"
     # The proxy's address is the command's {} argument.
     local cmd=("${@//\{\}/127.0.0.1:$port}")
-    TOKIO_WORKER_THREADS=1 RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" \
+    TOKIO_WORKER_THREADS=1 RUST_LOG=warn valgrind --tool=callgrind --cache-sim=yes --dump-instr=yes --callgrind-out-file="$out" \
         "${cmd[@]}" >"$WORK/$name.log" 2>&1 &
     vg=$!; PIDS+=($vg)
     for _ in $(seq 1 6000); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.01; done
@@ -51,10 +59,41 @@ count() { # name command...
     # The dump is written by the profiled process: wait for it.
     for _ in $(seq 1 500); do [ -s "$out.1" ] && break; sleep 0.01; done
     { kill -9 "$vg" && wait "$vg"; } 2>/dev/null || true
-    total=$(awk '/^(summary|totals):/{print $2; exit}' "$out.1")
     ok=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['requests']['ok'])" "$WORK/$name.json")
-    awk -v n="$name" -v t="$total" -v ok="$ok" 'BEGIN {
-        printf "%-9s %7d requests  %12d instructions  %7.0f per request\n", n, ok, t, t / ok }' | tee -a "$RESULT"
+    python3 - "$out.1" "$name" "$ok" <<'PY' | tee -a "$RESULT"
+import sys
+path, name, ok = sys.argv[1], sys.argv[2], int(sys.argv[3])
+events, totals, hot = [], None, {}  # hot: runs per instruction address
+addr, after_call = 0, False
+with open(path) as f:
+    for line in f:
+        if line.startswith("events:"):
+            events = line.split()[1:]
+        elif line.startswith(("summary:", "totals:")) and totals is None:
+            totals = [int(v) for v in line.split()[1:]]
+        elif line.startswith("calls="):
+            after_call = True  # the next cost line is the call's inclusive cost: skipped
+        elif line[:1] in "0123456789+-*":
+            # A cost line: instruction address (absolute, or relative to the last), source
+            # line, then the events, Ir first.
+            parts = line.split()
+            a = parts[0]
+            if a.startswith("0x"):
+                addr = int(a, 16)
+            elif a[0] in "+-" and len(a) > 1:
+                addr += int(a, 16) if a[0] == "+" else -int(a[1:], 16)
+            if after_call:
+                after_call = False
+                continue
+            if len(parts) > 2 and parts[2].isdigit():
+                hot[addr] = hot.get(addr, 0) + int(parts[2])
+ir = totals[events.index("Ir")]
+i1 = totals[events.index("I1mr")] if "I1mr" in events else 0
+# A line is hot if one of its instructions ran at least once every two requests on average.
+hot_kib = len({a >> 6 for a, n in hot.items() if n >= ok / 2}) * 64 / 1024
+print(f"{name:<9} {ok:7d} requests  {ir:12d} instructions  {ir / ok:7.0f} per request"
+      f"  hot code {hot_kib:5.1f} KiB  L1i miss/req {i1 / ok:6.0f}")
+PY
 }
 
 RESULT="$OUT/instructions.txt"
