@@ -64,10 +64,12 @@ count() { # name command...
 import sys
 path, name, ok = sys.argv[1], sys.argv[2], int(sys.argv[3])
 events, totals, hot = [], None, {}  # hot: runs per instruction address
-addr, after_call = 0, False
+addr, after_call, positions = 0, False, 2
 with open(path) as f:
     for line in f:
-        if line.startswith("events:"):
+        if line.startswith("positions:"):
+            positions = len(line.split()) - 1  # `instr line`: the address, then the line
+        elif line.startswith("events:"):
             events = line.split()[1:]
         elif line.startswith(("summary:", "totals:")) and totals is None:
             totals = [int(v) for v in line.split()[1:]]
@@ -77,6 +79,7 @@ with open(path) as f:
             # A cost line: instruction address (absolute, or relative to the last), source
             # line, then the events, Ir first.
             parts = line.split()
+            ir_at = positions
             a = parts[0]
             if a.startswith("0x"):
                 addr = int(a, 16)
@@ -85,8 +88,8 @@ with open(path) as f:
             if after_call:
                 after_call = False
                 continue
-            if len(parts) > 2 and parts[2].isdigit():
-                hot[addr] = hot.get(addr, 0) + int(parts[2])
+            if len(parts) > ir_at and parts[ir_at].isdigit():
+                hot[addr] = hot.get(addr, 0) + int(parts[ir_at])
 ir = totals[events.index("Ir")]
 i1 = totals[events.index("I1mr")] if "I1mr" in events else 0
 # A line is hot if one of its instructions ran at least once every two requests on average.
