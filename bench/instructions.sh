@@ -79,7 +79,6 @@ with open(path) as f:
             # A cost line: instruction address (absolute, or relative to the last), source
             # line, then the events, Ir first.
             parts = line.split()
-            ir_at = positions
             a = parts[0]
             if a.startswith("0x"):
                 addr = int(a, 16)
@@ -88,10 +87,10 @@ with open(path) as f:
             if after_call:
                 after_call = False
                 continue
-            if len(parts) > ir_at and parts[ir_at].isdigit():
-                hot[addr] = hot.get(addr, 0) + int(parts[ir_at])
+            if len(parts) > positions and parts[positions].isdigit():
+                hot[addr] = hot.get(addr, 0) + int(parts[positions])
 ir = totals[events.index("Ir")]
-i1 = totals[events.index("I1mr")] if "I1mr" in events else 0
+i1 = totals[events.index("I1mr")]
 # A line is hot if one of its instructions ran at least once every two requests on average.
 hot_kib = len({a >> 6 for a, n in hot.items() if n >= ok / 2}) * 64 / 1024
 print(f"{name:<9} {ok:7d} requests  {ir:12d} instructions  {ir / ok:7.0f} per request"
